@@ -1,0 +1,186 @@
+"""Every config field of tmlx, defined and documented once.
+
+Presets (`experiments/*.py`) start from `get_config()` here and only override values; adding a
+key in a preset is an error (a test checks it), and so is overriding an unknown key from the
+command line (the config is locked).
+"""
+
+import ml_collections as mlc
+
+# Logical axis → mesh axes. Parameters and activations carry the logical names; this table is
+# the only place that maps them onto the mesh (`tmlx.sharding`). A mesh axis appears at most once
+# per array; if two dimensions of one array claim the same mesh axis, the later one is replicated.
+DEFAULT_RULES = (
+    # activations
+    ("batch", ("data", "fsdp", "expert")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_expert", "expert"),
+    # parameters
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("stem", None),
+)
+
+
+def get_config(arg=None):
+  del arg  # base has no variants
+  c = mlc.ConfigDict()
+  # Seed of parameter initialization, data order and every loss-side random draw.
+  c.seed = 0
+
+  c.model = m = mlc.ConfigDict()
+  # Vocabulary size; ids ≥ this are rejected by the data contract check.
+  m.vocab_size = 320
+  # Width of the residual stream (D).
+  m.d_model = 128
+  # Number of decoder blocks (scanned: compile time is independent of it).
+  m.num_layers = 4
+  # Query heads (N) and key/value heads (K); N must be a multiple of K (GQA).
+  m.num_heads = 4
+  m.num_kv_heads = 2
+  # Size of each attention head (H).
+  m.head_dim = 32
+  # RoPE base frequency, applied over `positions` (the position within the segment).
+  m.rope_theta = 10_000.0
+  # RMSNorm on queries and keys before RoPE.
+  m.qk_norm = True
+  # Epsilon of every RMSNorm / LayerNorm.
+  m.norm_eps = 1e-6
+  # dMel frames per audio position (F): 4 frames of 12.5 ms = 50 ms, 4 positions per micro-turn.
+  m.frames_per_position = 4
+  # Width of the hMLP stem's first two stages (c); 0 means min(d_model // 4, 1024).
+  m.stem_width = 0
+  # Size of the learned row / column embeddings of the patch grid (frames up to this many patches).
+  m.max_grid_rows = 8
+  m.max_grid_cols = 8
+  # Untied text unembedding (a separate [D, V] matrix) when false: the embedding is reused.
+  m.tie_embeddings = False
+  # Parameter dtype (optimizer state follows it) and the dtype of matmuls and activations.
+  m.param_dtype = "float32"
+  m.compute_dtype = "bfloat16"
+  # Rematerialization of each scanned block: 'none', 'full' or 'dots' (save matmul outputs).
+  m.remat = "none"
+
+  m.moe = mlc.ConfigDict()
+  # Routed experts (E); must be divisible by the mesh's expert axis.
+  m.moe.num_experts = 8
+  # Experts each token is routed to (top-k).
+  m.moe.num_experts_per_tok = 2
+  # Always-on shared experts (each of size d_ff), added to the routed output.
+  m.moe.num_shared_experts = 1
+  # Hidden size of one SwiGLU expert (F).
+  m.moe.d_ff = 128
+  # Expert capacity per batch row = capacity_factor · S · k / E; ≤ 0 means dropless.
+  m.moe.capacity_factor = 2.0
+  # Renormalize the top-k router weights to sum to 1.
+  m.moe.renormalize = True
+  # Weights of the load-balancing loss and of the router z-loss.
+  m.moe.load_balance_weight = 0.01
+  m.moe.z_loss_weight = 0.001
+  # Fraction of dropped routed assignments above which the train loop logs a warning.
+  m.moe.drop_warn_fraction = 0.05
+
+  m.flow = mlc.ConfigDict()
+  # Width (w) and residual depth of the flow-matching head.
+  m.flow.width = 128
+  m.flow.depth = 2
+  # Draws of (t, x0) per AUDIO_OUT target.
+  m.flow.num_draws = 4
+  # Distribution of the flow time t: 'logit_normal' or 'uniform'.
+  m.flow.t_sampling = "logit_normal"
+  # σ_min of the optimal-transport path.
+  m.flow.sigma_min = 1e-4
+
+  c.loss = mlc.ConfigDict()
+  # Weights of the text cross-entropy and of the flow-matching loss in the total loss.
+  c.loss.text_weight = 1.0
+  c.loss.flow_weight = 1.0
+  # Weight of an `<eot>` target in a micro-turn where the model says nothing.
+  c.loss.silent_eot_weight = 1.0
+  # Static bounds on targets per row, as fractions of seq_len (logits are computed only there).
+  # Targets past the bound are counted in the `*_targets_overflow` metrics and warned about.
+  c.loss.max_text_target_fraction = 0.5
+  c.loss.max_audio_target_fraction = 0.5
+
+  c.mesh = mlc.ConfigDict()
+  # Mesh axis sizes; their product must equal the device count; one may be -1 (fills the rest).
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.expert = 1
+  c.mesh.tensor = 1
+  # Logical-axis rules (see DEFAULT_RULES).
+  c.mesh.rules = DEFAULT_RULES
+
+  c.data = mlc.ConfigDict()
+  # Row source: 'synthetic' (learnable synthetic conversations).
+  c.data.source = "synthetic"
+  # Positions per row (S) and rows per global batch (B).
+  c.data.seq_len = 256
+  c.data.global_batch_size = 8
+  # Video patches a row can hold (P_max) and the size of one video frame in pixels.
+  c.data.max_patches = 16
+  c.data.frame_height = 80
+  c.data.frame_width = 80
+  # Most text tokens the model writes in one micro-turn before `<eot>` (K_max).
+  c.data.k_max = 8
+  # Grain read threads and prefetched batches.
+  c.data.num_threads = 2
+  c.data.prefetch = 4
+  c.data.synthetic = mlc.ConfigDict()
+  # Words the synthetic user can say (word 0 is silence).
+  c.data.synthetic.num_words = 12
+  # Micro-turns per packed episode window.
+  c.data.synthetic.min_window = 4
+  c.data.synthetic.max_window = 16
+  # Probability that a micro-turn has a video frame / a typed user text span.
+  c.data.synthetic.video_prob = 0.3
+  c.data.synthetic.typed_text_prob = 0.1
+
+  c.optimizer = mlc.ConfigDict()
+  # Peak learning rate, linear warmup steps, and the final fraction of it after cosine decay.
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 20
+  c.optimizer.final_lr_fraction = 0.1
+  # AdamW moments, epsilon and decoupled weight decay (not applied to norms and biases).
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  # Global-norm gradient clipping threshold (≤ 0 disables).
+  c.optimizer.clip_norm = 1.0
+  # Micro-batches accumulated per step; the global batch must be divisible by it.
+  c.optimizer.grad_accum_steps = 1
+
+  c.train = mlc.ConfigDict()
+  # Total optimizer steps (also the length of the learning-rate schedule).
+  c.train.num_steps = 300
+  # Check every batch against the packed-batch contract on the host before it is sharded.
+  c.train.check_batches = True
+
+  c.checkpoint = mlc.ConfigDict()
+  # Save every this many steps (and at the last step); 0 disables checkpoints.
+  c.checkpoint.every = 100
+  # Keep the latest this many checkpoints.
+  c.checkpoint.keep = 3
+  # Write checkpoints in a background thread while training goes on.
+  c.checkpoint.async_save = True
+
+  c.logging = mlc.ConfigDict()
+  # Log metrics (JSONL, TensorBoard, progress line) every this many steps.
+  c.logging.every = 10
+  # Also write TensorBoard event files.
+  c.logging.tensorboard = True
+
+  c.runtime = mlc.ConfigDict()
+  # Fake CPU devices to create (applied by tmlx.main before JAX starts); 0 leaves the default.
+  c.runtime.cpu_devices = 0
+  return c

@@ -1,0 +1,23 @@
+"""The tiny interaction model (MODEL_SPEC.md §7) on 8 fake CPU devices, mesh data=2 x expert=4.
+
+Run:  python -m tmlx.main --config=experiments/tiny.py --workdir=/tmp/tmlx_tiny
+Smaller, for tests:  --config=experiments/tiny.py:tiny
+"""
+
+from experiments import base
+
+
+def get_config(arg=None):
+  c = base.get_config()
+  c.mesh.data = 2
+  c.mesh.expert = 4
+  c.runtime.cpu_devices = 8
+  if arg == "tiny":
+    c.model.num_layers = 2
+    c.data.seq_len = 128
+    c.train.num_steps = 2
+    c.logging.every = 1
+    c.checkpoint.every = 2
+  elif arg:
+    raise ValueError(f"experiments/tiny.py: unknown argument {arg!r} (expected 'tiny' or none)")
+  return c

@@ -1,0 +1,77 @@
+"""The full 276B-parameter, 12B-active interaction model (MODEL_SPEC.md §7).
+
+Pod run (256 devices):  python -m tmlx.main --config=experiments/tml_interaction_small.py \\
+    --workdir=gs://BUCKET/tml_small
+CPU variant with the same structure (8 fake devices):
+    python -m tmlx.main --config=experiments/tml_interaction_small.py:tiny --workdir=/tmp/tml_tiny
+"""
+
+from experiments import base
+
+
+def get_config(arg=None):
+  c = base.get_config()
+  m = c.model
+  m.vocab_size = 131_072
+  m.d_model = 4096
+  m.num_layers = 56
+  m.num_heads = 32
+  m.num_kv_heads = 8
+  m.head_dim = 128
+  m.rope_theta = 1e6
+  m.stem_width = 1024
+  m.remat = "full"
+  m.moe.num_experts = 256
+  m.moe.num_experts_per_tok = 6
+  m.moe.num_shared_experts = 2
+  m.moe.d_ff = 1536
+  m.moe.capacity_factor = 1.25
+  m.flow.width = 1536
+  m.flow.depth = 8
+  c.data.seq_len = 8192
+  c.data.global_batch_size = 256
+  c.data.max_patches = 2048
+  c.data.frame_height = 240
+  c.data.frame_width = 320
+  c.data.k_max = 16
+  c.optimizer.learning_rate = 3e-4
+  c.optimizer.warmup_steps = 2000
+  c.train.num_steps = 500_000
+  c.checkpoint.every = 1000
+  c.logging.every = 50
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.expert = 16
+  c.mesh.tensor = 4
+  if arg == "tiny":
+    # Same structure (GQA 4:1, top-6 of many experts, 2 shared, untied vocab), CPU-sized.
+    m.vocab_size = 320
+    m.d_model = 128
+    m.num_layers = 2
+    m.num_heads = 8
+    m.num_kv_heads = 2
+    m.head_dim = 16
+    m.stem_width = 32
+    m.remat = "full"
+    m.moe.num_experts = 16
+    m.moe.d_ff = 64
+    m.flow.width = 64
+    m.flow.depth = 2
+    c.data.seq_len = 256
+    c.data.global_batch_size = 8
+    c.data.max_patches = 48
+    c.data.k_max = 8
+    c.optimizer.grad_accum_steps = 2
+    c.optimizer.warmup_steps = 1
+    c.train.num_steps = 2
+    c.checkpoint.every = 2
+    c.logging.every = 1
+    c.mesh.data = 1
+    c.mesh.fsdp = 2
+    c.mesh.expert = 2
+    c.mesh.tensor = 2
+    c.runtime.cpu_devices = 8
+  elif arg:
+    raise ValueError(
+        f"experiments/tml_interaction_small.py: unknown argument {arg!r} (expected 'tiny' or none)")
+  return c

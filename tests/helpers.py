@@ -1,0 +1,38 @@
+"""Shared test helpers: tiny configs and synthetic batches."""
+
+import importlib
+
+import jax.numpy as jnp
+import numpy as np
+
+import data_pipelines
+from tmlx.nn.model import ModelConfig
+from tmlx.train import new_model
+
+
+def tiny_config(arg=None):
+  return importlib.import_module("experiments.tiny").get_config(arg)
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+  c = tiny_config("tiny")
+  c.model.compute_dtype = "float32"
+  for k, v in overrides.items():
+    node = c.model
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return ModelConfig.from_config(c.model)
+
+
+def synthetic_batch(config, step: int = 0, rows: int | None = None) -> dict:
+  """A host batch of `rows` rows from the configured synthetic source, as jnp arrays."""
+  source = data_pipelines.make_source(config)
+  rows = rows or config.data.global_batch_size
+  per_row = [source.row(step, r) for r in range(rows)]
+  return {k: jnp.asarray(np.stack([r[k] for r in per_row])) for k in per_row[0]}
+
+
+def tiny_model(seed: int = 0, **overrides):
+  return new_model(tiny_model_config(**overrides), seed)

@@ -1,0 +1,59 @@
+"""Entry point: `python -m tmlx.main --config=experiments/tiny.py --workdir=/tmp/run`.
+
+Overrides go through the locked config: `--config.data.seq_len=512`; a misspelled key fails.
+This is the only module of tmlx that reads flags.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment file, e.g. experiments/tiny.py (or experiments/tiny.py:tiny).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keeps INFO chatter of Orbax's internals out of the training log (warnings still pass)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  config = _CONFIG.value
+  # Before JAX creates its CPU backend: fake CPU devices for single-machine runs.
+  if config.runtime.cpu_devices > 0:
+    import jax
+    jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
+
+  from tmlx import config as config_lib
+  from tmlx import train
+
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    logging.error("%s", e)
+    sys.exit(f"invalid config: {e}")
+  logging.info("workdir %s", os.path.abspath(_WORKDIR.value))
+  metrics = train.run(config, _WORKDIR.value)
+  if metrics:
+    logging.info("final: %s", {k: round(v, 5) for k, v in metrics.items()})
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

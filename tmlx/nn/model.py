@@ -1,0 +1,145 @@
+"""InteractionModel: input stems → scanned decoder stack → text and flow heads (MODEL_SPEC.md §2-§6).
+
+Dimensions: B batch, S sequence, D model, V vocab, P patches, F dMel frames per position,
+M mel channels (80), L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from data_pipelines.contract import NUM_KINDS, Kind
+from tmlx import sharding
+from tmlx.nn.attention import Attention, attention_mask, rope_angles
+from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, param, scan_modules, stack_modules
+from tmlx.nn.embed import NUM_MELS, DmelBagEmbed, HMLPStem, TextEmbed
+from tmlx.nn.flow_head import FlowConfig, FlowHead
+from tmlx.nn.moe import MoE, MoEConfig, MoEStats
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": "full",
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static model hyperparameters (built from `config.model`)."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  qk_norm: bool
+  norm_eps: float
+  frames_per_position: int
+  stem_width: int
+  max_grid_rows: int
+  max_grid_cols: int
+  tie_embeddings: bool
+  param_dtype: str
+  compute_dtype: str
+  remat: str
+  moe: MoEConfig
+  flow: FlowConfig
+
+  @classmethod
+  def from_config(cls, c: Any) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(cls)} - {"moe", "flow"}
+    moe = {f.name: c.moe[f.name] for f in dataclasses.fields(MoEConfig)}
+    flow = {f.name: c.flow[f.name] for f in dataclasses.fields(FlowConfig)}
+    return cls(**{k: c[k] for k in fields}, moe=MoEConfig(**moe), flow=FlowConfig(**flow))
+
+  @property
+  def dtypes(self) -> Dtypes:
+    return Dtypes(param=DTYPES[self.param_dtype], compute=DTYPES[self.compute_dtype])
+
+  @property
+  def mel_dim(self) -> int:
+    return self.frames_per_position * NUM_MELS
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  hidden: jax.Array  # [B, S, D] final-normed hidden states
+  moe: MoEStats  # per-layer statistics, each leaf with a leading L axis
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + Attn(Norm(x)), then + MoE(Norm(·))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = cfg.dtypes
+    self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, dtypes=dt, eps=cfg.norm_eps)
+    self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                          qk_norm=cfg.qk_norm, eps=cfg.norm_eps, rngs=rngs, dtypes=dt)
+    self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, dtypes=dt, eps=cfg.norm_eps)
+    self.moe = MoE(cfg.d_model, cfg.moe, rngs=rngs, dtypes=dt)
+
+  def __call__(self, x, mask, rope, token_mask):
+    x = x + self.attn(self.attn_norm(x), mask, rope)
+    y, stats = self.moe(self.mlp_norm(x), token_mask)
+    x = sharding.constrain(x + y, ("batch", "act_seq", "act_embed"))
+    return x, stats
+
+
+class InteractionModel(nnx.Module):
+  """The packed batch (`data_pipelines.contract`) → final hidden states and router statistics."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dt, d = cfg.dtypes, cfg.d_model
+    self.text_embed = TextEmbed(cfg.vocab_size, d, rngs=rngs, dtypes=dt)
+    self.dmel_embed = DmelBagEmbed(cfg.frames_per_position, d, rngs=rngs, dtypes=dt, eps=cfg.norm_eps)
+    width = cfg.stem_width or min(d // 4, 1024)
+    self.video_stem = HMLPStem(d, width, cfg.max_grid_rows, cfg.max_grid_cols, rngs=rngs, dtypes=dt,
+                               eps=cfg.norm_eps)
+    self.kind_embed = param(rngs, fan_in_init(0), (NUM_KINDS, d), (None, "embed"), dt.param)
+    self.blocks = stack_modules(lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs)
+    self.final_norm = RMSNorm(d, rngs=rngs, dtypes=dt, eps=cfg.norm_eps)
+    if not cfg.tie_embeddings:
+      self.unembed = param(rngs, fan_in_init(), (d, cfg.vocab_size), ("embed", "vocab"), dt.param)
+    self.flow_head = FlowHead(d, cfg.mel_dim, cfg.flow, rngs=rngs, dtypes=dt)
+
+  def embed(self, batch: dict[str, jax.Array]) -> jax.Array:
+    """Input embedding of every position: kind + (text | dMel bag | video patch) [B, S, D]."""
+    kind = batch["kind"].astype(jnp.int32)
+    x = jnp.take(self.kind_embed[...], kind, axis=0).astype(self.cfg.dtypes.compute)
+    is_text = (kind == Kind.MT) | (kind == Kind.TEXT_IN) | (kind == Kind.TEXT_OUT)
+    is_audio = (kind == Kind.AUDIO_IN) | (kind == Kind.AUDIO_OUT)
+    x = x + jnp.where(is_text[..., None], self.text_embed(batch["tokens"]), 0)
+    x = x + jnp.where(is_audio[..., None], self.dmel_embed(batch["dmel"]), 0)
+    patches = self.video_stem(batch["patches"], batch["patch_rowcol"])  # [B, P, D]
+    idx = jnp.maximum(batch["patch_index"], 0)[..., None]
+    x = x + jnp.where((kind == Kind.PATCH)[..., None], jnp.take_along_axis(patches, idx, axis=1), 0)
+    return sharding.constrain(x, ("batch", "act_seq", "act_embed"))
+
+  def __call__(self, batch: dict[str, jax.Array]) -> ModelOutput:
+    cfg = self.cfg
+    x = self.embed(batch)
+    seg = batch["segment_ids"]
+    mask = attention_mask(seg)
+    rope = rope_angles(batch["positions"], cfg.head_dim, cfg.rope_theta)
+    token_mask = seg > 0
+    x, stats = scan_modules(
+        self.blocks, lambda blk, c: blk(c, mask, rope, token_mask), x,
+        remat_policy=REMAT_POLICIES[cfg.remat])
+    return ModelOutput(hidden=self.final_norm(x), moe=stats)
+
+  def text_logits(self, hidden: jax.Array) -> jax.Array:
+    """Final hidden states [..., D] → fp32 logits [..., V]."""
+    dt = self.cfg.dtypes.compute
+    w = self.text_embed.table[...].T if self.cfg.tie_embeddings else self.unembed[...]
+    return jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt),
+                      preferred_element_type=jnp.float32)

@@ -1,0 +1,172 @@
+"""Mesh construction, logical-axis rules and state shardings.
+
+Modules name the dimensions of their parameters and activations with logical axes ('embed',
+'expert', 'batch', ...). The rules table of the config (`experiments/base.py: DEFAULT_RULES`) maps
+each logical axis to mesh axes; nothing else in tmlx knows the mesh layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+Rules = Mapping[str, tuple[str, ...]]
+
+
+class ShardingError(ValueError):
+  """A mesh or rules table that cannot shard the model as asked."""
+
+
+def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """Axis sizes from `config.mesh`, with one -1 filled so that the product is `num_devices`."""
+  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+  fill = [a for a, n in sizes.items() if n == -1]
+  bad = [a for a, n in sizes.items() if n == 0 or n < -1]
+  if bad:
+    raise ShardingError(f"config.mesh.{bad[0]}={sizes[bad[0]]}: axis sizes must be ≥ 1 or -1 (fill)")
+  if len(fill) > 1:
+    raise ShardingError(f"config.mesh: only one axis may be -1, got {fill}")
+  known = math.prod(n for n in sizes.values() if n != -1)
+  if fill:
+    if num_devices % known:
+      raise ShardingError(
+          f"config.mesh: {num_devices} devices cannot fill axis {fill[0]!r}: the other axes "
+          f"multiply to {known}, which does not divide {num_devices}")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise ShardingError(
+        f"config.mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())} but there are "
+        f"{num_devices} devices; make the product equal the device count (or set one axis to -1)")
+  return sizes
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over `devices` (default: all) with the axes of MESH_AXES, in GSPMD (Auto) mode."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(mesh_config, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+                       devices=devices)
+
+
+def rules_table(rules: Sequence[tuple[str, str | Sequence[str] | None]]) -> dict[str, tuple[str, ...]]:
+  """Config rules → {logical: mesh axes}; checks names and that no logical axis repeats."""
+  table: dict[str, tuple[str, ...]] = {}
+  for i, rule in enumerate(rules):
+    if len(rule) != 2:
+      raise ShardingError(f"config.mesh.rules[{i}]={rule!r}: each rule is (logical, mesh axes)")
+    name, axes = rule
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if name in table:
+      raise ShardingError(f"config.mesh.rules: logical axis {name!r} appears twice")
+    unknown = [a for a in axes if a not in MESH_AXES]
+    if unknown:
+      raise ShardingError(f"config.mesh.rules[{i}] ({name!r}): unknown mesh axes {unknown}; known {MESH_AXES}")
+    table[name] = axes
+  return table
+
+
+def logical_to_spec(names: Sequence[str | None], table: Rules) -> PartitionSpec:
+  """Logical dimension names → PartitionSpec; a mesh axis already used is not reused."""
+  used: set[str] = set()
+  out = []
+  for name in names:
+    if name is None:
+      out.append(None)
+      continue
+    if name not in table:
+      raise ShardingError(f"logical axis {name!r} has no rule in config.mesh.rules")
+    axes = tuple(a for a in table[name] if a not in used)
+    used.update(axes)
+    out.append(axes if len(axes) > 1 else axes[0] if axes else None)
+  return PartitionSpec(*out)
+
+
+def _check_divisible(path: str, shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> None:
+  for dim, axes in zip(shape, spec):
+    if axes is None:
+      continue
+    axes = (axes,) if isinstance(axes, str) else axes
+    n = math.prod(mesh.shape[a] for a in axes)
+    if dim % n:
+      raise ShardingError(
+          f"{path}: dimension of size {dim} cannot be split over mesh axes {axes} ({n} devices); "
+          "change the model size, the mesh, or the rule in config.mesh.rules")
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh, table: Rules):
+  """NamedShardings for every variable of an abstract NNX state, from its logical names.
+
+  Returns a pure dict mirroring `nnx.to_pure_dict(abstract_state)`.
+  """
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
+  shapes = nnx.to_pure_dict(abstract_state)
+
+  def one(path, names, shape_dtype):
+    spec = logical_to_spec(tuple(names), table)
+    _check_divisible(jax.tree_util.keystr(path), shape_dtype.shape, spec, mesh)
+    return NamedSharding(mesh, spec)
+
+  return jax.tree.map_with_path(
+      one, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+# Activation constraints: active only inside `use_mesh_rules` (i.e. while tracing the train step).
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "tmlx_mesh_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh_rules(mesh: Mesh, table: Rules) -> Iterator[None]:
+  token = _CONTEXT.set((mesh, table))
+  try:
+    yield
+  finally:
+    _CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Constrains an activation's sharding by logical names; a no-op outside `use_mesh_rules`."""
+  ctx = _CONTEXT.get()
+  if ctx is None:
+    return x
+  mesh, table = ctx
+  spec = logical_to_spec(names, table)
+  for dim, axes in zip(x.shape, spec):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if dim % math.prod(mesh.shape[a] for a in axes):
+      return x  # e.g. a micro-batch smaller than the data axes: let GSPMD choose
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_sharding(mesh: Mesh, table: Rules, ndim: int) -> NamedSharding:
+  """Sharding of a host batch array: leading dim over the 'batch' rule, the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), table))
+
+
+def batch_axes_size(mesh_sizes: Mapping[str, int], table: Rules) -> int:
+  """How many ways the batch dimension is split."""
+  return math.prod(mesh_sizes[a] for a in table.get("batch", ()))
+
+
+def describe(shardings, shapes) -> str:
+  """A per-parameter table: path, shape, PartitionSpec."""
+  rows = []
+  for (path, s), shp in zip(jax.tree.leaves_with_path(shardings), jax.tree.leaves(shapes)):
+    rows.append(f"{jax.tree_util.keystr(path):<60} {str(tuple(shp.shape)):<24} {s.spec}")
+  return "\n".join(rows)
+
+
+__all__ = [
+    "MESH_AXES", "ShardingError", "batch_axes_size", "batch_sharding", "constrain", "describe",
+    "logical_to_spec", "make_mesh", "mesh_shape", "rules_table", "state_shardings",
+    "use_mesh_rules",
+]
