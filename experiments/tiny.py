@@ -12,6 +12,7 @@ def get_config(arg=None):
   c.mesh.data = 2
   c.mesh.expert = 4
   c.runtime.cpu_devices = 8
+  c.checkpoint.every = 50
   if arg == "tiny":
     c.model.num_layers = 2
     c.data.seq_len = 128

@@ -113,9 +113,8 @@ def loss_sums(model: InteractionModel, out: ModelOutput, batch: dict, key: jax.A
   is_audio, audio_overflow = audio_targets(batch, cfg)
   apos, avalid = _gather_positions(is_audio, cfg.max_audio_targets)
   x1 = _take(_shift_left(batch["mel"]), apos)  # [B, A, F, 80]
-  b, a = apos.shape
-  h = _take(out.hidden, apos).reshape(b * a, -1)
-  per_target = flow_matching_loss(model.flow_head, h, x1.reshape(b * a, -1), key).reshape(b, a)
+  x1 = x1.reshape(*apos.shape, -1)
+  per_target = flow_matching_loss(model.flow_head, _take(out.hidden, apos), x1, key)  # [B, A]
 
   return LossSums(
       text_sum=jnp.sum(ce * w), text_weight=jnp.sum(w),

@@ -114,7 +114,7 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
     zero = (zero[0][0], zero[1], zero[0][1])
     (loss, grads, (sums, moe)), _ = jax.lax.scan(accumulate, zero, (micro, jnp.arange(n)))
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = sc.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)

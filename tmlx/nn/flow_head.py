@@ -1,7 +1,7 @@
 """Flow-matching audio head: loss and Euler sampler (MODEL_SPEC.md §4-§5).
 
-Dimensions: T targets, D model, W head width, M = F·80 mel values per AUDIO_OUT position,
-R draws of (t, x0) per target.
+Dimensions: D model, W head width, M = F·80 mel values per AUDIO_OUT position, R draws of
+(t, x0) per target; leading dimensions (e.g. B batch, A targets per row) pass through.
 
 The head is a residual MLP with adaptive LayerNorm: condition y = Linear(h) + MLP(sin(t)); each
 block computes LN(z)·(1 + scale) + shift → Linear → SiLU → Linear and adds it back through a
@@ -31,9 +31,9 @@ class FlowConfig:
 
 
 def timestep_features(t: jax.Array, dim: int = TIME_FEATURES) -> jax.Array:
-  """Sinusoidal features of t ∈ [0, 1]: [T] → [T, dim]."""
+  """Sinusoidal features of t ∈ [0, 1]: [...] → [..., dim]."""
   freqs = jnp.exp(-jnp.log(10_000.0) * jnp.arange(dim // 2, dtype=jnp.float32) / (dim // 2))
-  angles = 1000.0 * t.astype(jnp.float32)[:, None] * freqs
+  angles = 1000.0 * t.astype(jnp.float32)[..., None] * freqs
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
@@ -52,7 +52,7 @@ class _AdaLNBlock(nnx.Module):
 
 
 class FlowHead(nnx.Module):
-  """Velocity v(x_t, t | h): x_t [T, M], t [T], h [T, D] → [T, M]."""
+  """Velocity v(x_t, t | h): x_t [..., M], t [...], h [..., D] → [..., M] (h broadcasts)."""
 
   def __init__(self, d_model: int, mel_dim: int, cfg: FlowConfig, *, rngs: nnx.Rngs,
                dtypes: Dtypes):
@@ -69,7 +69,7 @@ class FlowHead(nnx.Module):
     self.out = Dense(w, mel_dim, ("stem", "stem"), rngs=rngs, dtypes=dtypes, use_bias=True)
 
   def condition(self, h: jax.Array, t: jax.Array) -> jax.Array:
-    """The conditioning vector y [T, W] (also what streaming parity compares)."""
+    """The conditioning vector y [..., W] (also what streaming parity compares)."""
     return self.cond(h) + self.t_fc2(jax.nn.silu(self.t_fc1(timestep_features(t))))
 
   def __call__(self, x_t: jax.Array, t: jax.Array, h: jax.Array) -> jax.Array:
@@ -90,34 +90,33 @@ def sample_t(key: jax.Array, shape, how: str) -> jax.Array:
 
 
 def flow_matching_loss(head: FlowHead, h: jax.Array, x1: jax.Array, key: jax.Array) -> jax.Array:
-  """Per-target conditional flow-matching loss (OT path), averaged over draws: [T].
+  """Per-target conditional flow-matching loss (OT path), averaged over draws.
 
-  h [T, D] conditions, x1 [T, M] targets in [-1, 1].
+  h [..., D] conditions and x1 [..., M] targets in [-1, 1] → loss [...]. The R draws of (t, x0)
+  go on a new leading axis, so the leading axes of h (e.g. a sharded batch) stay in place.
   """
   cfg = head.cfg
-  n, m = x1.shape
   r = cfg.num_draws
   k_t, k_x = jax.random.split(key)
-  t = sample_t(k_t, (r, n), cfg.t_sampling)
-  x0 = jax.random.normal(k_x, (r, n, m))
+  t = sample_t(k_t, (r, *x1.shape[:-1]), cfg.t_sampling)
+  x0 = jax.random.normal(k_x, (r, *x1.shape))
   x1 = x1.astype(jnp.float32)[None]
   s = 1.0 - cfg.sigma_min
   x_t = (1.0 - s * t[..., None]) * x0 + t[..., None] * x1
   target = x1 - s * x0
-  hr = jnp.broadcast_to(h[None], (r, *h.shape)).reshape(r * n, -1)
-  v = head(x_t.reshape(r * n, m), t.reshape(r * n), hr).reshape(r, n, m)
-  return jnp.mean(jnp.square(v - target), axis=(0, 2))
+  v = head(x_t, t, h[None])
+  return jnp.mean(jnp.square(v - target), axis=(0, -1))
 
 
 def sample(head: FlowHead, h: jax.Array, key: jax.Array, *, steps: int = 10,
            temperature: float = 1.0) -> jax.Array:
-  """Euler integration of the flow from x0 ~ N(0, τ²I) to t = 1: h [T, D] → x [T, M] in [-1, 1]."""
+  """Euler integration from x0 ~ N(0, τ²I) to t = 1: h [..., D] → x [..., M] in [-1, 1]."""
   m = head.out.kernel.shape[-1]
-  x = temperature * jax.random.normal(key, (h.shape[0], m))
+  x = temperature * jax.random.normal(key, (*h.shape[:-1], m))
   dt = 1.0 / steps
 
   def step(x, i):
-    t = jnp.full((h.shape[0],), i * dt)
+    t = jnp.full(h.shape[:-1], i * dt)
     return x + dt * head(x, t, h), None
 
   x, _ = jax.lax.scan(step, x, jnp.arange(steps, dtype=jnp.float32))

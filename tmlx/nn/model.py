@@ -143,3 +143,22 @@ class InteractionModel(nnx.Module):
     w = self.text_embed.table[...].T if self.cfg.tie_embeddings else self.unembed[...]
     return jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt),
                       preferred_element_type=jnp.float32)
+
+
+ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def count_parameters(params, cfg: ModelConfig) -> tuple[int, int]:
+  """(total, active per token) parameter counts of a (possibly abstract) params tree.
+
+  Active counts everything except the routed experts a token does not visit: attention, router,
+  top-k routed and shared experts, embeddings, stems and heads.
+  """
+  total = routed = 0
+  for path, leaf in jax.tree.leaves_with_path(params):
+    n = int(leaf.size)
+    total += n
+    if str(getattr(path[-1], "key", "")) in ROUTED_EXPERT_WEIGHTS:
+      routed += n
+  unused = routed * (cfg.moe.num_experts - cfg.moe.num_experts_per_tok) // cfg.moe.num_experts
+  return total, total - unused

@@ -1,0 +1,51 @@
+"""Training through the public entry points: every preset's :tiny variant, learning, resume."""
+
+import importlib
+import json
+import logging
+import pathlib
+
+import pytest
+
+from tests.test_config import PRESETS
+from tmlx import train
+
+
+def _metrics(workdir) -> list[dict]:
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_tiny_variant_trains_two_steps(preset, tmp_path):
+  config = importlib.import_module(f"experiments.{preset}").get_config("tiny")
+  final = train.run(config, str(tmp_path))
+  rows = _metrics(tmp_path)
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    for key in ("loss", "text_loss", "flow_loss", "load_balance_loss", "router_z_loss", "grad_norm",
+                "learning_rate", "tokens_per_s", "step_time_s", "moe_dropped_fraction"):
+      assert key in r and r[key] == r[key], (key, r)  # present and not NaN
+  assert final["text_targets"] > 0 and final["audio_targets"] > 0
+  assert (tmp_path / "checkpoints" / "2" / "state").is_dir()
+  assert json.loads((tmp_path / "config.json").read_text())["config"]["model"]["d_model"] == config.model.d_model
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_tiny_learns_and_resumes(tmp_path, caplog):
+  config = importlib.import_module("experiments.tiny").get_config("tiny")
+  config.train.num_steps = 30
+  config.checkpoint.every = 15
+  config.logging.every = 5
+  train.run(config, str(tmp_path))
+  rows = _metrics(tmp_path)
+  first, last = rows[0], rows[-1]
+  assert first["step"] == 5 and last["step"] == 30
+  assert last["text_loss"] < 0.7 * first["text_loss"], (first["text_loss"], last["text_loss"])
+  assert last["flow_loss"] < 0.9 * first["flow_loss"], (first["flow_loss"], last["flow_loss"])
+
+  # Rerunning in the same workdir resumes from the latest checkpoint and logs which.
+  config.train.num_steps = 35
+  with caplog.at_level(logging.INFO):
+    train.run(config, str(tmp_path))
+  assert any("resumed from checkpoint step 30" in r.getMessage() for r in caplog.records)
+  assert [r["step"] for r in _metrics(tmp_path)][-2:] == [30, 35]
