@@ -5,6 +5,12 @@ from data_pipelines.pipeline import make_dataset, make_source, row_spec
 from data_pipelines.tokenizer import ByteTokenizer
 
 __all__ = [
-    "ByteTokenizer", "Kind", "RowSpec", "check_batch", "make_dataset", "make_source",
-    "min_positions_per_micro_turn", "row_spec",
+  "ByteTokenizer",
+  "Kind",
+  "RowSpec",
+  "check_batch",
+  "make_dataset",
+  "make_source",
+  "min_positions_per_micro_turn",
+  "row_spec",
 ]

@@ -57,16 +57,16 @@ class RowSpec:
     """Shape and dtype of every field of one row."""
     s, f, p = self.seq_len, self.frames_per_position, self.max_patches
     return {
-        "tokens": ((s,), np.dtype(np.int32)),
-        "kind": ((s,), np.dtype(np.int8)),
-        "dmel": ((s, f, NUM_MELS), np.dtype(np.uint8)),
-        "mel": ((s, f, NUM_MELS), np.dtype(np.float16)),
-        "patch_index": ((s,), np.dtype(np.int32)),
-        "patches": ((p, PATCH_SIZE, PATCH_SIZE, 3), np.dtype(np.uint8)),
-        "patch_rowcol": ((p, 2), np.dtype(np.int16)),
-        "segment_ids": ((s,), np.dtype(np.int32)),
-        "positions": ((s,), np.dtype(np.int32)),
-        "micro_turn": ((s,), np.dtype(np.int32)),
+      "tokens": ((s,), np.dtype(np.int32)),
+      "kind": ((s,), np.dtype(np.int8)),
+      "dmel": ((s, f, NUM_MELS), np.dtype(np.uint8)),
+      "mel": ((s, f, NUM_MELS), np.dtype(np.float16)),
+      "patch_index": ((s,), np.dtype(np.int32)),
+      "patches": ((p, PATCH_SIZE, PATCH_SIZE, 3), np.dtype(np.uint8)),
+      "patch_rowcol": ((p, 2), np.dtype(np.int16)),
+      "segment_ids": ((s,), np.dtype(np.int32)),
+      "positions": ((s,), np.dtype(np.int32)),
+      "micro_turn": ((s,), np.dtype(np.int32)),
     }
 
   def empty_row(self) -> dict[str, np.ndarray]:
@@ -95,8 +95,8 @@ def check_batch(batch: dict[str, np.ndarray], spec: RowSpec, vocab_size: int, wh
       lead = arr.shape[: arr.ndim - len(shape)]
     if arr.dtype != dtype or arr.shape != (*lead, *shape):
       raise ValueError(
-          f"{where}: field {name!r} is {arr.dtype}{list(arr.shape)}, the contract wants "
-          f"{dtype}{[*lead, *shape]}")
+        f"{where}: field {name!r} is {arr.dtype}{list(arr.shape)}, the contract wants {dtype}{[*lead, *shape]}"
+      )
   if batch["kind"].min() < 0 or batch["kind"].max() >= NUM_KINDS:
     raise ValueError(f"{where}: field 'kind' has values outside [0, {NUM_KINDS})")
   if batch["tokens"].min() < 0 or batch["tokens"].max() >= vocab_size:

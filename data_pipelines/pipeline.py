@@ -15,9 +15,9 @@ from data_pipelines.synthetic import SyntheticSource, SyntheticSpec
 
 def row_spec(config: ml_collections.ConfigDict) -> RowSpec:
   return RowSpec(
-      seq_len=config.data.seq_len,
-      frames_per_position=config.model.frames_per_position,
-      max_patches=config.data.max_patches,
+    seq_len=config.data.seq_len,
+    frames_per_position=config.model.frames_per_position,
+    max_patches=config.data.max_patches,
   )
 
 
@@ -25,7 +25,8 @@ def make_source(config: ml_collections.ConfigDict):
   """The configured row source: an object with `row(step, index) -> dict`."""
   d = config.data
   if d.source == "synthetic":
-    return SyntheticSource(SyntheticSpec(
+    return SyntheticSource(
+      SyntheticSpec(
         row=row_spec(config),
         seed=config.seed,
         num_words=d.synthetic.num_words,
@@ -36,17 +37,18 @@ def make_source(config: ml_collections.ConfigDict):
         k_max=d.k_max,
         frame_height=d.frame_height,
         frame_width=d.frame_width,
-    ))
+      )
+    )
   raise ValueError(f"config.data.source={d.source!r} is not a known source; known: 'synthetic'")
 
 
 def make_dataset(
-    config: ml_collections.ConfigDict,
-    *,
-    start_step: int,
-    num_steps: int,
-    process_index: int,
-    process_count: int,
+  config: ml_collections.ConfigDict,
+  *,
+  start_step: int,
+  num_steps: int,
+  process_index: int,
+  process_count: int,
 ) -> grain.IterDataset:
   """Batches for steps [start_step, num_steps), each holding this process's rows.
 
@@ -55,8 +57,7 @@ def make_dataset(
   """
   global_batch = config.data.global_batch_size
   if global_batch % process_count:
-    raise ValueError(
-        f"config.data.global_batch_size={global_batch} is not divisible by the {process_count} processes")
+    raise ValueError(f"config.data.global_batch_size={global_batch} is not divisible by the {process_count} processes")
   local = global_batch // process_count
   source = make_source(config)
 
@@ -64,10 +65,7 @@ def make_dataset(
     step, r = divmod(i, local)
     return source.row(step, process_index * local + r)
 
-  ds = (
-      grain.MapDataset.range(num_steps * local)
-      .map(make_row)
-      .batch(local, drop_remainder=True)
-  )[start_step:]
-  return ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch))
+  ds = (grain.MapDataset.range(num_steps * local).map(make_row).batch(local, drop_remainder=True))[start_step:]
+  return ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
+  )

@@ -17,18 +17,36 @@ import numpy as np
 
 from data_pipelines import dmel
 from data_pipelines.contract import (
-    AUDIO_POSITIONS_PER_MICRO_TURN,
-    NUM_MELS,
-    PATCH_SIZE,
-    Kind,
-    RowSpec,
-    min_positions_per_micro_turn,
+  AUDIO_POSITIONS_PER_MICRO_TURN,
+  NUM_MELS,
+  PATCH_SIZE,
+  Kind,
+  RowSpec,
+  min_positions_per_micro_turn,
 )
 from data_pipelines.tokenizer import ByteTokenizer
 
 _WORDS = (
-    "", "yes", "no", "okay", "hello", "right", "sure", "wait", "thanks", "bye", "what", "nice",
-    "maybe", "cool", "hmm", "great", "well", "so", "oh", "good",
+  "",
+  "yes",
+  "no",
+  "okay",
+  "hello",
+  "right",
+  "sure",
+  "wait",
+  "thanks",
+  "bye",
+  "what",
+  "nice",
+  "maybe",
+  "cool",
+  "hmm",
+  "great",
+  "well",
+  "so",
+  "oh",
+  "good",
 )
 
 
@@ -140,12 +158,12 @@ class SyntheticSource:
     ppf = spec.patches_per_frame
     if ppf and rng.random() < spec.video_prob and patches_used + ppf <= spec.row.max_patches:
       frame = np.clip(
-          tab.colours[word] + rng.normal(0, 20, size=(spec.frame_height, spec.frame_width, 3)), 0, 255
+        tab.colours[word] + rng.normal(0, 20, size=(spec.frame_height, spec.frame_width, 3)), 0, 255
       ).astype(np.uint8)
       cols = spec.frame_width // PATCH_SIZE
       for i in range(ppf):
         r, c = divmod(i, cols)
-        patches.append(frame[r * PATCH_SIZE:(r + 1) * PATCH_SIZE, c * PATCH_SIZE:(c + 1) * PATCH_SIZE])
+        patches.append(frame[r * PATCH_SIZE : (r + 1) * PATCH_SIZE, c * PATCH_SIZE : (c + 1) * PATCH_SIZE])
         rowcol.append((r, c))
       tokens += [0] * ppf
       kinds += [Kind.PATCH] * ppf
@@ -166,6 +184,10 @@ class SyntheticSource:
     dm[kinds == Kind.AUDIO_OUT] = tab.model_dmel[word]
     mel[kinds == Kind.AUDIO_OUT] = tab.model_mel[word]
     return {
-        "tokens": np.asarray(tokens, np.int32), "kind": kinds, "dmel": dm, "mel": mel,
-        "patches": patches, "rowcol": rowcol,
+      "tokens": np.asarray(tokens, np.int32),
+      "kind": kinds,
+      "dmel": dm,
+      "mel": mel,
+      "patches": patches,
+      "rowcol": rowcol,
     }

@@ -9,15 +9,15 @@ from __future__ import annotations
 from typing import Protocol
 
 SPECIAL_TOKENS = (
-    "<pad>",
-    "<mt>",
-    "<eot>",
-    "<user_text>",
-    "</user_text>",
-    "<bg_call>",
-    "</bg_call>",
-    "<bg_result>",
-    "</bg_result>",
+  "<pad>",
+  "<mt>",
+  "<eot>",
+  "<user_text>",
+  "</user_text>",
+  "<bg_call>",
+  "</bg_call>",
+  "<bg_result>",
+  "</bg_result>",
 )
 NUM_RESERVED = 16  # room for future specials without renumbering bytes
 

@@ -11,23 +11,23 @@ import ml_collections as mlc
 # the only place that maps them onto the mesh (`tmlx.sharding`). A mesh axis appears at most once
 # per array; if two dimensions of one array claim the same mesh axis, the later one is replicated.
 DEFAULT_RULES = (
-    # activations
-    ("batch", ("data", "fsdp", "expert")),
-    ("act_seq", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_expert", "expert"),
-    # parameters
-    ("layers", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("expert", "expert"),
-    ("stem", None),
+  # activations
+  ("batch", ("data", "fsdp", "expert")),
+  ("act_seq", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_expert", "expert"),
+  # parameters
+  ("layers", None),
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("expert", "expert"),
+  ("stem", None),
 )
 
 

@@ -72,6 +72,5 @@ def get_config(arg=None):
     c.mesh.tensor = 2
     c.runtime.cpu_devices = 8
   elif arg:
-    raise ValueError(
-        f"experiments/tml_interaction_small.py: unknown argument {arg!r} (expected 'tiny' or none)")
+    raise ValueError(f"experiments/tml_interaction_small.py: unknown argument {arg!r} (expected 'tiny' or none)")
   return c

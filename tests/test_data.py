@@ -40,8 +40,7 @@ def test_pipeline_batches_follow_the_contract(config):
 def test_resume_and_process_split_give_the_same_rows(config):
   full = _batches(config, start_step=0, num_steps=4, process_index=0, process_count=1)
   resumed = _batches(config, start_step=2, num_steps=4, process_index=0, process_count=1)
-  halves = [_batches(config, start_step=0, num_steps=4, process_index=p, process_count=2)
-            for p in range(2)]
+  halves = [_batches(config, start_step=0, num_steps=4, process_index=p, process_count=2) for p in range(2)]
   for key in full[0]:
     np.testing.assert_array_equal(resumed[0][key], full[2][key])
     for step in range(4):
@@ -58,6 +57,7 @@ def test_micro_turn_layout_and_learnable_mapping(config):
   row = source.row(0, 0)
   kinds, tokens, seg, mt = row["kind"], row["tokens"], row["segment_ids"], row["micro_turn"]
   from data_pipelines import dmel
+
   expected_dmel = dmel.quantize(source.tables.user_log_mel).astype(float)  # [words, 80]
   n = int((seg > 0).sum())
   assert (seg[n:] == 0).all() and (kinds[n:] == Kind.PAD).all()

@@ -13,8 +13,14 @@ D, E, K, F, B, S = 16, 4, 2, 8, 2, 24
 
 
 def make_moe(capacity_factor=0.0, shared=1):
-  cfg = MoEConfig(num_experts=E, num_experts_per_tok=K, num_shared_experts=shared, d_ff=F,
-                  capacity_factor=capacity_factor, renormalize=True)
+  cfg = MoEConfig(
+    num_experts=E,
+    num_experts_per_tok=K,
+    num_shared_experts=shared,
+    d_ff=F,
+    capacity_factor=capacity_factor,
+    renormalize=True,
+  )
   with nnx.use_eager_sharding(False):
     return MoE(D, cfg, rngs=nnx.Rngs(0), dtypes=Dtypes())
 

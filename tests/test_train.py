@@ -22,8 +22,18 @@ def test_every_preset_tiny_variant_trains_two_steps(preset, tmp_path):
   rows = _metrics(tmp_path)
   assert [r["step"] for r in rows] == [1, 2]
   for r in rows:
-    for key in ("loss", "text_loss", "flow_loss", "load_balance_loss", "router_z_loss", "grad_norm",
-                "learning_rate", "tokens_per_s", "step_time_s", "moe_dropped_fraction"):
+    for key in (
+      "loss",
+      "text_loss",
+      "flow_loss",
+      "load_balance_loss",
+      "router_z_loss",
+      "grad_norm",
+      "learning_rate",
+      "tokens_per_s",
+      "step_time_s",
+      "moe_dropped_fraction",
+    ):
       assert key in r and r[key] == r[key], (key, r)  # present and not NaN
   assert final["text_targets"] > 0 and final["audio_targets"] > 0
   assert (tmp_path / "checkpoints" / "2" / "state").is_dir()

@@ -23,14 +23,14 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.every = every
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=max(every, 1),
-            preservation_policy=checkpoint_managers.LatestN(keep),
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-        ),
-        item_names=("state", "config"),
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        save_interval_steps=max(every, 1),
+        preservation_policy=checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+      ),
+      item_names=("state", "config"),
     )
 
   def latest_step(self) -> int | None:
@@ -41,9 +41,9 @@ class Checkpointer:
     if self.every <= 0 and not force:
       return False
     return self._manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)),
-        force=force,
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)),
+      force=force,
     )
 
   def restore(self, step: int, abstract_state):
@@ -51,10 +51,10 @@ class Checkpointer:
     for path, leaf in jax.tree.leaves_with_path(abstract_state):
       if getattr(leaf, "sharding", None) is None:
         raise ValueError(
-            f"refusing to restore {jax.tree_util.keystr(path)} without a target sharding: pass "
-            "ShapeDtypeStructs with the current mesh's shardings")
-    out = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+          f"refusing to restore {jax.tree_util.keystr(path)} without a target sharding: pass "
+          "ShapeDtypeStructs with the current mesh's shardings"
+        )
+    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return out.state
 
   def restore_config(self, step: int) -> dict:

@@ -17,11 +17,11 @@ from experiments import base
 from tmlx import sharding
 
 CHOICES = {
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.compute_dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": ("none", "full", "dots"),
-    "model.flow.t_sampling": ("logit_normal", "uniform"),
-    "data.source": ("synthetic",),
+  "model.param_dtype": ("float32", "bfloat16"),
+  "model.compute_dtype": ("float32", "bfloat16", "float16"),
+  "model.remat": ("none", "full", "dots"),
+  "model.flow.t_sampling": ("logit_normal", "uniform"),
+  "data.source": ("synthetic",),
 }
 
 
@@ -36,8 +36,9 @@ def _check_schema(config, schema, prefix: str) -> None:
   unknown = sorted(set(config.keys()) - set(schema.keys()))
   if unknown:
     raise ConfigError(
-        f"config.{prefix}{unknown[0]}: unknown key (not defined in experiments/base.py); "
-        "check the spelling, or define and document it in base.py")
+      f"config.{prefix}{unknown[0]}: unknown key (not defined in experiments/base.py); "
+      "check the spelling, or define and document it in base.py"
+    )
   missing = sorted(set(schema.keys()) - set(config.keys()))
   if missing:
     raise ConfigError(f"config.{prefix}{missing[0]}: missing (experiments/base.py defines it)")
@@ -54,8 +55,7 @@ def _check_schema(config, schema, prefix: str) -> None:
     if isinstance(ref, (tuple, list)) and isinstance(value, (tuple, list)):
       ok = True
     if not ok:
-      raise ConfigError(
-          f"config.{name}={value!r}: wrong type {type(value).__name__}, expected {type(ref).__name__}")
+      raise ConfigError(f"config.{name}={value!r}: wrong type {type(value).__name__}, expected {type(ref).__name__}")
     if name in CHOICES and value not in CHOICES[name]:
       raise ConfigError(f"config.{name}={value!r}: expected one of {CHOICES[name]}")
 
@@ -73,43 +73,63 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   """Raises ConfigError naming the first bad field. `num_devices` enables the mesh checks."""
   _check_schema(config, base.get_config(), "")
   m, d = config.model, config.data
-  _positive(config, "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
-            "model.num_kv_heads", "model.head_dim", "model.frames_per_position", "model.moe.d_ff",
-            "model.moe.num_experts", "model.moe.num_experts_per_tok", "model.flow.width",
-            "model.flow.depth", "model.flow.num_draws", "data.seq_len", "data.global_batch_size",
-            "optimizer.grad_accum_steps", "train.num_steps", "logging.every")
+  _positive(
+    config,
+    "model.vocab_size",
+    "model.d_model",
+    "model.num_layers",
+    "model.num_heads",
+    "model.num_kv_heads",
+    "model.head_dim",
+    "model.frames_per_position",
+    "model.moe.d_ff",
+    "model.moe.num_experts",
+    "model.moe.num_experts_per_tok",
+    "model.flow.width",
+    "model.flow.depth",
+    "model.flow.num_draws",
+    "data.seq_len",
+    "data.global_batch_size",
+    "optimizer.grad_accum_steps",
+    "train.num_steps",
+    "logging.every",
+  )
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(
-        f"config.model.num_heads={m.num_heads} is not divisible by config.model.num_kv_heads="
-        f"{m.num_kv_heads}: grouped-query attention shares each kv head among a whole number of "
-        "query heads")
+      f"config.model.num_heads={m.num_heads} is not divisible by config.model.num_kv_heads="
+      f"{m.num_kv_heads}: grouped-query attention shares each kv head among a whole number of "
+      "query heads"
+    )
   if m.head_dim % 2:
     raise ConfigError(f"config.model.head_dim={m.head_dim}: RoPE needs an even head dimension")
   if m.moe.num_experts_per_tok > m.moe.num_experts:
     raise ConfigError(
-        f"config.model.moe.num_experts_per_tok={m.moe.num_experts_per_tok} exceeds "
-        f"config.model.moe.num_experts={m.moe.num_experts}")
+      f"config.model.moe.num_experts_per_tok={m.moe.num_experts_per_tok} exceeds "
+      f"config.model.moe.num_experts={m.moe.num_experts}"
+    )
   for side, px in (("frame_height", d.frame_height), ("frame_width", d.frame_width)):
     if px < 0 or px % PATCH_SIZE:
       raise ConfigError(f"config.data.{side}={px}: must be a multiple of the {PATCH_SIZE}-pixel patch")
   rows, cols = d.frame_height // PATCH_SIZE, d.frame_width // PATCH_SIZE
   if rows > m.max_grid_rows or cols > m.max_grid_cols:
     raise ConfigError(
-        f"config.data.frame_height/frame_width={d.frame_height}x{d.frame_width} gives a "
-        f"{rows}x{cols} patch grid, larger than config.model.max_grid_rows/cols="
-        f"{m.max_grid_rows}x{m.max_grid_cols}")
+      f"config.data.frame_height/frame_width={d.frame_height}x{d.frame_width} gives a "
+      f"{rows}x{cols} patch grid, larger than config.model.max_grid_rows/cols="
+      f"{m.max_grid_rows}x{m.max_grid_cols}"
+    )
   if rows * cols > d.max_patches:
-    raise ConfigError(
-        f"config.data.max_patches={d.max_patches} cannot hold one {rows}x{cols}-patch frame")
+    raise ConfigError(f"config.data.max_patches={d.max_patches} cannot hold one {rows}x{cols}-patch frame")
   need = min_positions_per_micro_turn(rows * cols)
   if d.seq_len < need:
     raise ConfigError(
-        f"config.data.seq_len={d.seq_len} is too short for one micro-turn: it needs {need} "
-        f"positions (<mt>, {rows * cols} patches, 4 AUDIO_IN, <eot>, 4 AUDIO_OUT)")
+      f"config.data.seq_len={d.seq_len} is too short for one micro-turn: it needs {need} "
+      f"positions (<mt>, {rows * cols} patches, 4 AUDIO_IN, <eot>, 4 AUDIO_OUT)"
+    )
   if d.global_batch_size % config.optimizer.grad_accum_steps:
     raise ConfigError(
-        f"config.data.global_batch_size={d.global_batch_size} is not divisible by "
-        f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}")
+      f"config.data.global_batch_size={d.global_batch_size} is not divisible by "
+      f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}"
+    )
   try:
     table = sharding.rules_table(config.mesh.rules)
   except sharding.ShardingError as e:
@@ -122,15 +142,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(str(e)) from None
   if m.moe.num_experts % sizes["expert"]:
     raise ConfigError(
-        f"config.model.moe.num_experts={m.moe.num_experts} is not divisible by the mesh's expert "
-        f"axis (config.mesh.expert → {sizes['expert']}); each expert shard must hold whole experts")
+      f"config.model.moe.num_experts={m.moe.num_experts} is not divisible by the mesh's expert "
+      f"axis (config.mesh.expert → {sizes['expert']}); each expert shard must hold whole experts"
+    )
   ways = sharding.batch_axes_size(sizes, table)
   axes = [f"{a}={sizes[a]}" for a in table.get("batch", ())]
   micro = d.global_batch_size // config.optimizer.grad_accum_steps
   if micro % ways:
     raise ConfigError(
-        f"config.data.global_batch_size={d.global_batch_size} (per micro-batch {micro}) is not "
-        f"divisible by the data axes of the mesh ({' x '.join(axes)} = {ways})")
+      f"config.data.global_batch_size={d.global_batch_size} (per micro-batch {micro}) is not "
+      f"divisible by the data axes of the mesh ({' x '.join(axes)} = {ways})"
+    )
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

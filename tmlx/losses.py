@@ -99,8 +99,7 @@ def _take(x: jax.Array, pos: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, pos.reshape(pos.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def loss_sums(model: InteractionModel, out: ModelOutput, batch: dict, key: jax.Array,
-              cfg: LossConfig) -> LossSums:
+def loss_sums(model: InteractionModel, out: ModelOutput, batch: dict, key: jax.Array, cfg: LossConfig) -> LossSums:
   # Text: cross-entropy on every TEXT_OUT / <eot> target.
   text_w, text_overflow = text_target_weights(batch, cfg)
   pos, valid = _gather_positions(text_w > 0, cfg.max_text_targets)
@@ -117,6 +116,10 @@ def loss_sums(model: InteractionModel, out: ModelOutput, batch: dict, key: jax.A
   per_target = flow_matching_loss(model.flow_head, _take(out.hidden, apos), x1, key)  # [B, A]
 
   return LossSums(
-      text_sum=jnp.sum(ce * w), text_weight=jnp.sum(w),
-      flow_sum=jnp.sum(per_target * avalid), flow_count=jnp.sum(avalid).astype(jnp.float32),
-      text_overflow=text_overflow, audio_overflow=audio_overflow)
+    text_sum=jnp.sum(ce * w),
+    text_weight=jnp.sum(w),
+    flow_sum=jnp.sum(per_target * avalid),
+    flow_count=jnp.sum(avalid).astype(jnp.float32),
+    text_overflow=text_overflow,
+    audio_overflow=audio_overflow,
+  )

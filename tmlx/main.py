@@ -14,8 +14,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment file, e.g. experiments/tiny.py (or experiments/tiny.py:tiny).",
-    lock_config=True)
+  "config", None, "Experiment file, e.g. experiments/tiny.py (or experiments/tiny.py:tiny).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -35,6 +35,7 @@ def main(argv):
   # Before JAX creates its CPU backend: fake CPU devices for single-machine runs.
   if config.runtime.cpu_devices > 0:
     import jax
+
     jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
 
   from tmlx import config as config_lib

@@ -38,13 +38,15 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   if fill:
     if num_devices % known:
       raise ShardingError(
-          f"config.mesh: {num_devices} devices cannot fill axis {fill[0]!r}: the other axes "
-          f"multiply to {known}, which does not divide {num_devices}")
+        f"config.mesh: {num_devices} devices cannot fill axis {fill[0]!r}: the other axes "
+        f"multiply to {known}, which does not divide {num_devices}"
+      )
     sizes[fill[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
     raise ShardingError(
-        f"config.mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())} but there are "
-        f"{num_devices} devices; make the product equal the device count (or set one axis to -1)")
+      f"config.mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())} but there are "
+      f"{num_devices} devices; make the product equal the device count (or set one axis to -1)"
+    )
   return sizes
 
 
@@ -53,8 +55,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
-                       devices=devices)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
 
 
 def rules_table(rules: Sequence[tuple[str, str | Sequence[str] | None]]) -> dict[str, tuple[str, ...]]:
@@ -98,8 +99,9 @@ def _check_divisible(path: str, shape: Sequence[int], spec: PartitionSpec, mesh:
     n = math.prod(mesh.shape[a] for a in axes)
     if dim % n:
       raise ShardingError(
-          f"{path}: dimension of size {dim} cannot be split over mesh axes {axes} ({n} devices); "
-          "change the model size, the mesh, or the rule in config.mesh.rules")
+        f"{path}: dimension of size {dim} cannot be split over mesh axes {axes} ({n} devices); "
+        "change the model size, the mesh, or the rule in config.mesh.rules"
+      )
 
 
 def state_shardings(abstract_state: nnx.State, mesh: Mesh, table: Rules):
@@ -115,13 +117,11 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, table: Rules):
     _check_divisible(jax.tree_util.keystr(path), shape_dtype.shape, spec, mesh)
     return NamedSharding(mesh, spec)
 
-  return jax.tree.map_with_path(
-      one, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.tree.map_with_path(one, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 # Activation constraints: active only inside `use_mesh_rules` (i.e. while tracing the train step).
-_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
-    "tmlx_mesh_rules", default=None)
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("tmlx_mesh_rules", default=None)
 
 
 @contextlib.contextmanager
@@ -166,7 +166,16 @@ def describe(shardings, shapes) -> str:
 
 
 __all__ = [
-    "MESH_AXES", "ShardingError", "batch_axes_size", "batch_sharding", "constrain", "describe",
-    "logical_to_spec", "make_mesh", "mesh_shape", "rules_table", "state_shardings",
-    "use_mesh_rules",
+  "MESH_AXES",
+  "ShardingError",
+  "batch_axes_size",
+  "batch_sharding",
+  "constrain",
+  "describe",
+  "logical_to_spec",
+  "make_mesh",
+  "mesh_shape",
+  "rules_table",
+  "state_shardings",
+  "use_mesh_rules",
 ]

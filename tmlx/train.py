@@ -63,20 +63,24 @@ def new_model(cfg: ModelConfig, seed: int) -> InteractionModel:
 def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
   c, s = config.loss, config.data.seq_len
   return LossConfig(
-      text_weight=c.text_weight, flow_weight=c.flow_weight, silent_eot_weight=c.silent_eot_weight,
-      max_text_targets=max(1, int(np.ceil(s * c.max_text_target_fraction))),
-      max_audio_targets=max(1, int(np.ceil(s * c.max_audio_target_fraction))),
-      load_balance_weight=config.model.moe.load_balance_weight,
-      z_loss_weight=config.model.moe.z_loss_weight,
-      eot_id=data_pipelines.ByteTokenizer().special("<eot>"),
+    text_weight=c.text_weight,
+    flow_weight=c.flow_weight,
+    silent_eot_weight=c.silent_eot_weight,
+    max_text_targets=max(1, int(np.ceil(s * c.max_text_target_fraction))),
+    max_audio_targets=max(1, int(np.ceil(s * c.max_audio_target_fraction))),
+    load_balance_weight=config.model.moe.load_balance_weight,
+    z_loss_weight=config.model.moe.z_loss_weight,
+    eot_id=data_pipelines.ByteTokenizer().special("<eot>"),
   )
 
 
 def _micro_batches(batch: dict, n: int) -> dict:
   """[B, ...] → [n, B/n, ...], micro-batch i = rows i, i+n, ... (each spans all data shards)."""
+
   def split(x):
     y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
     return sharding.constrain(y, (None, "batch") + (None,) * (x.ndim - 1))
+
   return jax.tree.map(split, batch)
 
 
@@ -96,8 +100,7 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
       text = sums.text_sum / text_norm
       flow = sums.flow_sum / audio_norm
       lb, z = jnp.mean(out.moe.load_balance_loss), jnp.mean(out.moe.z_loss)
-      loss = lc.text_weight * text + lc.flow_weight * flow + (lc.load_balance_weight * lb
-                                                              + lc.z_loss_weight * z) / n
+      loss = lc.text_weight * text + lc.flow_weight * flow + (lc.load_balance_weight * lb + lc.z_loss_weight * z) / n
       return loss, (sums, out.moe)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -121,24 +124,77 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
 
     assignments = jnp.maximum(moe.assignments, 1.0)  # [L], summed over micro-batches
     metrics = {
-        "loss": loss,
-        "text_loss": sums.text_sum / text_norm,
-        "flow_loss": sums.flow_sum / audio_norm,
-        "load_balance_loss": jnp.mean(moe.load_balance_loss) / n,
-        "router_z_loss": jnp.mean(moe.z_loss) / n,
-        "router_entropy": jnp.mean(moe.router_entropy) / n,
-        "moe_dropped_fraction": jnp.sum(moe.dropped) / jnp.sum(assignments),
-        "moe_max_dropped_fraction_layer": jnp.max(moe.dropped / assignments),
-        "moe_max_load": jnp.max(moe.expert_load / n) * moe.expert_load.shape[-1],
-        "grad_norm": grad_norm,
-        "learning_rate": sc.schedule(state.step),
-        "text_targets": text_norm,
-        "audio_targets": audio_norm,
-        "text_targets_overflow": sums.text_overflow.astype(jnp.float32),
-        "audio_targets_overflow": sums.audio_overflow.astype(jnp.float32),
-        "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+      "loss": loss,
+      "text_loss": sums.text_sum / text_norm,
+      "flow_loss": sums.flow_sum / audio_norm,
+      "load_balance_loss": jnp.mean(moe.load_balance_loss) / n,
+      "router_z_loss": jnp.mean(moe.z_loss) / n,
+      "router_entropy": jnp.mean(moe.router_entropy) / n,
+      "moe_dropped_fraction": jnp.sum(moe.dropped) / jnp.sum(assignments),
+      "moe_max_dropped_fraction_layer": jnp.max(moe.dropped / assignments),
+      "moe_max_load": jnp.max(moe.expert_load / n) * moe.expert_load.shape[-1],
+      "grad_norm": grad_norm,
+      "learning_rate": sc.schedule(state.step),
+      "text_targets": text_norm,
+      "audio_targets": audio_norm,
+      "text_targets_overflow": sums.text_overflow.astype(jnp.float32),
+      "audio_targets_overflow": sums.audio_overflow.astype(jnp.float32),
+      "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
     }
     return new_state, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+  """How to build the train state: abstractly, sharded, and for real."""
+
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract: TrainState  # ShapeDtypeStructs
+  shardings: TrainState  # NamedShardings
+  init: Any  # () -> TrainState; run it under jax.jit(out_shardings=shardings)
+
+
+def state_spec(config: ml_collections.ConfigDict, mesh, rules) -> StateSpec:
+  """Abstract state via eval_shape, its shardings from the logical names, and the init function."""
+  model_cfg = ModelConfig.from_config(config.model)
+  tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
+  graphdef, abstract_vars = nnx.split(nnx.eval_shape(lambda: new_model(model_cfg, config.seed)))
+  param_sh = sharding.state_shardings(abstract_vars, mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def init() -> TrainState:
+    params = nnx.to_pure_dict(nnx.state(new_model(model_cfg, config.seed)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init)
+  shardings = TrainState(
+    step=replicated,
+    params=param_sh,
+    opt_state=optax.tree_map_params(
+      tx,
+      lambda _, s: s,
+      abstract.opt_state,
+      param_sh,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, NamedSharding),
+    ),
+  )
+  return StateSpec(graphdef=graphdef, tx=tx, schedule=schedule, abstract=abstract, shardings=shardings, init=init)
+
+
+def step_config(config: ml_collections.ConfigDict, spec: StateSpec, mesh, rules) -> StepConfig:
+  return StepConfig(
+    graphdef=spec.graphdef,
+    tx=spec.tx,
+    schedule=spec.schedule,
+    loss=loss_config(config),
+    grad_accum_steps=config.optimizer.grad_accum_steps,
+    seed=config.seed,
+    mesh=mesh,
+    rules=rules,
+  )
 
 
 def every(step: int, n: int, last: int | None = None) -> bool:
@@ -164,59 +220,57 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       json.dump({"hash": config_lib.config_hash(config), "config": resolved}, f, indent=1)
 
   # Abstract state and shardings.
-  model_cfg = ModelConfig.from_config(config.model)
   num_steps = config.train.num_steps
-  tx, schedule = make_optimizer(config.optimizer, num_steps)
-  graphdef, abstract_vars = nnx.split(nnx.eval_shape(lambda: new_model(model_cfg, config.seed)))
-  param_sh = sharding.state_shardings(abstract_vars, mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def init_state() -> TrainState:
-    params = nnx.to_pure_dict(nnx.state(new_model(model_cfg, config.seed)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract_state = jax.eval_shape(init_state)
-  state_sh = TrainState(
-      step=replicated, params=param_sh,
-      opt_state=optax.tree_map_params(
-          tx, lambda _, s: s, abstract_state.opt_state, param_sh,
-          transform_non_params=lambda _: replicated,
-          is_leaf=lambda x: isinstance(x, NamedSharding)))
-  n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  spec = state_spec(config, mesh, rules)
+  n_params = sum(x.size for x in jax.tree.leaves(spec.abstract.params))
   logging.info("model: %.3fM parameters", n_params / 1e6)
 
   # Restore (latest checkpoint in the workdir) or initialize from scratch, sharded.
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
-                      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    every=config.checkpoint.every,
+    keep=config.checkpoint.keep,
+    async_save=config.checkpoint.async_save,
+  )
   latest = ckpt.latest_step()
   if latest is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, state_sh)
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings
+    )
     state = ckpt.restore(latest, target)
     logging.info("resumed from checkpoint step %d in %s", latest, ckpt.directory)
   else:
-    state = jax.jit(init_state, out_shardings=state_sh)()
+    state = jax.jit(spec.init, out_shardings=spec.shardings)()
     logging.info("initialized from scratch (no checkpoint in %s)", ckpt.directory)
   start = int(state.step)
 
   # Data: this process's rows of each global batch, from the restored step on.
-  spec = data_pipelines.row_spec(config)
-  data = iter(data_pipelines.make_dataset(
-      config, start_step=start, num_steps=num_steps, process_index=jax.process_index(),
-      process_count=jax.process_count()))
-  batch_sh = {k: sharding.batch_sharding(mesh, rules, len(shape) + 1)
-              for k, (shape, _) in spec.fields().items()}
+  row = data_pipelines.row_spec(config)
+  data = iter(
+    data_pipelines.make_dataset(
+      config,
+      start_step=start,
+      num_steps=num_steps,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+  )
+  batch_sh = {k: sharding.batch_sharding(mesh, rules, len(shape) + 1) for k, (shape, _) in row.fields().items()}
 
   # Compile once.
-  sc = StepConfig(graphdef=graphdef, tx=tx, schedule=schedule, loss=loss_config(config),
-                  grad_accum_steps=config.optimizer.grad_accum_steps, seed=config.seed,
-                  mesh=mesh, rules=rules)
-  step_fn = jax.jit(functools.partial(train_step, sc=sc), in_shardings=(state_sh, batch_sh),
-                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
+  sc = step_config(config, spec, mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  step_fn = jax.jit(
+    functools.partial(train_step, sc=sc),
+    in_shardings=(spec.shardings, batch_sh),
+    out_shardings=(spec.shardings, replicated),
+    donate_argnums=(0,),
+  )
   t0 = time.perf_counter()
   abstract_batch = {
-      k: jax.ShapeDtypeStruct((config.data.global_batch_size, *shape), dtype, sharding=batch_sh[k])
-      for k, (shape, dtype) in spec.fields().items()}
+    k: jax.ShapeDtypeStruct((config.data.global_batch_size, *shape), dtype, sharding=batch_sh[k])
+    for k, (shape, dtype) in row.fields().items()
+  }
   compiled = step_fn.lower(state, abstract_batch).compile()
   logging.info("compiled train_step in %.1fs", time.perf_counter() - t0)
 
@@ -229,7 +283,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   for step in range(start + 1, num_steps + 1):
     local = next(data)
     if config.train.check_batches:
-      data_pipelines.check_batch(local, spec, config.model.vocab_size, where=f"data batch of step {step}")
+      data_pipelines.check_batch(local, row, config.model.vocab_size, where=f"data batch of step {step}")
     state, metrics = compiled(state, _global_batch(local, batch_sh))
     if every(step, config.logging.every, last=num_steps):
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -240,12 +294,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       writer.write(step, m)
       progress.log(step, m)
       if m["moe_dropped_fraction"] > drop_warn:
-        logging.warning("step %d: MoE dropped %.1f%% of routed assignments (config.model.moe."
-                        "drop_warn_fraction=%g)", step, 100 * m["moe_dropped_fraction"], drop_warn)
+        logging.warning(
+          "step %d: MoE dropped %.1f%% of routed assignments (config.model.moe.drop_warn_fraction=%g)",
+          step,
+          100 * m["moe_dropped_fraction"],
+          drop_warn,
+        )
       if m["text_targets_overflow"] or m["audio_targets_overflow"]:
-        logging.warning("step %d: %d text / %d audio targets beyond config.loss.max_*_target_"
-                        "fraction were not trained on", step, m["text_targets_overflow"],
-                        m["audio_targets_overflow"])
+        logging.warning(
+          "step %d: %d text / %d audio targets beyond config.loss.max_*_target_fraction were not trained on",
+          step,
+          m["text_targets_overflow"],
+          m["audio_targets_overflow"],
+        )
       last_metrics = m
     if every(step, config.checkpoint.every, last=num_steps if config.checkpoint.every > 0 else None):
       ckpt.save(step, state, resolved, force=True)

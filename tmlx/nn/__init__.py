@@ -7,7 +7,19 @@ from tmlx.nn.model import InteractionModel, ModelConfig, ModelOutput
 from tmlx.nn.moe import MoE, MoEConfig, MoEStats
 
 __all__ = [
-    "Attention", "DmelBagEmbed", "FlowConfig", "FlowHead", "HMLPStem", "InteractionModel", "MoE",
-    "MoEConfig", "MoEStats", "ModelConfig", "ModelOutput", "TextEmbed", "attention_mask",
-    "flow_matching_loss", "sample",
+  "Attention",
+  "DmelBagEmbed",
+  "FlowConfig",
+  "FlowHead",
+  "HMLPStem",
+  "InteractionModel",
+  "MoE",
+  "MoEConfig",
+  "MoEStats",
+  "ModelConfig",
+  "ModelOutput",
+  "TextEmbed",
+  "attention_mask",
+  "flow_matching_loss",
+  "sample",
 ]

@@ -39,8 +39,18 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 class Attention(nnx.Module):
   """[B, S, D] → [B, S, D] self-attention over the mask from `attention_mask`."""
 
-  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               qk_norm: bool, eps: float, rngs: nnx.Rngs, dtypes: Dtypes):
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    qk_norm: bool,
+    eps: float,
+    rngs: nnx.Rngs,
+    dtypes: Dtypes,
+  ):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     self.dtypes = dtypes
@@ -65,7 +75,7 @@ class Attention(nnx.Module):
     q = sharding.constrain(q, ("batch", "act_seq", "act_heads", None))
     b, s, n, h = q.shape
     q = q.reshape(b, s, self.num_kv_heads, n // self.num_kv_heads, h)
-    logits = jnp.einsum("bskgh,btkh->bkgst", q, k, preferred_element_type=jnp.float32) * h ** -0.5
+    logits = jnp.einsum("bskgh,btkh->bkgst", q, k, preferred_element_type=jnp.float32) * h**-0.5
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("bkgst,btkh->bskgh", probs, v).reshape(b, s, n, h)

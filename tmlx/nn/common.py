@@ -24,9 +24,7 @@ class Dtypes:
   compute: jnp.dtype = jnp.float32
 
 
-def param(
-    rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str | None], dtype
-) -> nnx.Param:
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str | None], dtype) -> nnx.Param:
   """A parameter whose dimensions carry logical axis names (mapped to the mesh by the rules)."""
   if len(names) != len(shape):
     raise ValueError(f"logical names {tuple(names)} do not match shape {tuple(shape)}")
@@ -40,7 +38,7 @@ def fan_in_init(fan_in_axes: int = 1) -> Initializer:
     fan_in = 1
     for d in shape[:fan_in_axes]:
       fan_in *= d
-    std = fan_in ** -0.5
+    std = fan_in**-0.5
     return (std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)).astype(dtype)
 
   return init
@@ -55,8 +53,15 @@ class Dense(nnx.Module):
   """y = x · W (+ b) over the last axis of x, with logical names for W's two dims."""
 
   def __init__(
-      self, d_in: int, d_out: int, names: tuple[str | None, str | None], *, rngs: nnx.Rngs,
-      dtypes: Dtypes, use_bias: bool = False, init: Initializer | None = None,
+    self,
+    d_in: int,
+    d_out: int,
+    names: tuple[str | None, str | None],
+    *,
+    rngs: nnx.Rngs,
+    dtypes: Dtypes,
+    use_bias: bool = False,
+    init: Initializer | None = None,
   ):
     self.dtypes = dtypes
     self.kernel = param(rngs, init or fan_in_init(), (d_in, d_out), names, dtypes.param)
@@ -73,8 +78,7 @@ class Dense(nnx.Module):
 class RMSNorm(nnx.Module):
   """RMSNorm over the last axis, computed in fp32, returned in the compute dtype."""
 
-  def __init__(self, dim: int, *, rngs: nnx.Rngs, dtypes: Dtypes, eps: float = 1e-6,
-               name: str | None = None):
+  def __init__(self, dim: int, *, rngs: nnx.Rngs, dtypes: Dtypes, eps: float = 1e-6, name: str | None = None):
     self.dtypes = dtypes
     self.eps = eps
     self.scale = param(rngs, lambda k, s, d: jnp.ones(s, d), (dim,), (name,), dtypes.param)

@@ -38,8 +38,12 @@ class DmelBagEmbed(nnx.Module):
     self.dtypes = dtypes
     scale = (frames * NUM_MELS) ** -0.5
     self.table = param(
-        rngs, lambda k, s, d: (scale * jax.random.normal(k, s)).astype(d),
-        (frames, NUM_MELS, NUM_BINS, d_model), ("stem", "stem", "stem", "embed"), dtypes.param)
+      rngs,
+      lambda k, s, d: (scale * jax.random.normal(k, s)).astype(d),
+      (frames, NUM_MELS, NUM_BINS, d_model),
+      ("stem", "stem", "stem", "embed"),
+      dtypes.param,
+    )
     self.norm = RMSNorm(d_model, rngs=rngs, dtypes=dtypes, eps=eps)
 
   def __call__(self, dmel: jax.Array) -> jax.Array:
@@ -56,8 +60,9 @@ class HMLPStem(nnx.Module):
   layers; then learned row and column embeddings of the patch's place in the frame.
   """
 
-  def __init__(self, d_model: int, width: int, max_rows: int, max_cols: int, *, rngs: nnx.Rngs,
-               dtypes: Dtypes, eps: float):
+  def __init__(
+    self, d_model: int, width: int, max_rows: int, max_cols: int, *, rngs: nnx.Rngs, dtypes: Dtypes, eps: float
+  ):
     self.dtypes = dtypes
     self.stage1 = Dense(4 * 4 * 3, width, ("stem", "stem"), rngs=rngs, dtypes=dtypes, use_bias=True)
     self.norm1 = RMSNorm(width, rngs=rngs, dtypes=dtypes, eps=eps)

@@ -38,10 +38,8 @@ def timestep_features(t: jax.Array, dim: int = TIME_FEATURES) -> jax.Array:
 
 
 class _AdaLNBlock(nnx.Module):
-
   def __init__(self, width: int, *, rngs: nnx.Rngs, dtypes: Dtypes):
-    self.mod = Dense(width, 3 * width, ("stem", "stem"), rngs=rngs, dtypes=dtypes, use_bias=True,
-                     init=zeros_init)
+    self.mod = Dense(width, 3 * width, ("stem", "stem"), rngs=rngs, dtypes=dtypes, use_bias=True, init=zeros_init)
     self.fc1 = Dense(width, width, ("stem", "stem"), rngs=rngs, dtypes=dtypes, use_bias=True)
     self.fc2 = Dense(width, width, ("stem", "stem"), rngs=rngs, dtypes=dtypes, use_bias=True)
 
@@ -54,8 +52,7 @@ class _AdaLNBlock(nnx.Module):
 class FlowHead(nnx.Module):
   """Velocity v(x_t, t | h): x_t [..., M], t [...], h [..., D] → [..., M] (h broadcasts)."""
 
-  def __init__(self, d_model: int, mel_dim: int, cfg: FlowConfig, *, rngs: nnx.Rngs,
-               dtypes: Dtypes):
+  def __init__(self, d_model: int, mel_dim: int, cfg: FlowConfig, *, rngs: nnx.Rngs, dtypes: Dtypes):
     w = cfg.width
     self.cfg = cfg
     self.dtypes = dtypes
@@ -64,8 +61,7 @@ class FlowHead(nnx.Module):
     self.t_fc2 = Dense(w, w, ("stem", "stem"), rngs=rngs, dtypes=dtypes, use_bias=True)
     self.x_in = Dense(mel_dim, w, ("stem", "stem"), rngs=rngs, dtypes=dtypes, use_bias=True)
     self.blocks = stack_modules(lambda r: _AdaLNBlock(w, rngs=r, dtypes=dtypes), cfg.depth, rngs)
-    self.final_mod = Dense(w, 2 * w, ("stem", "stem"), rngs=rngs, dtypes=dtypes, use_bias=True,
-                           init=zeros_init)
+    self.final_mod = Dense(w, 2 * w, ("stem", "stem"), rngs=rngs, dtypes=dtypes, use_bias=True, init=zeros_init)
     self.out = Dense(w, mel_dim, ("stem", "stem"), rngs=rngs, dtypes=dtypes, use_bias=True)
 
   def condition(self, h: jax.Array, t: jax.Array) -> jax.Array:
@@ -108,8 +104,7 @@ def flow_matching_loss(head: FlowHead, h: jax.Array, x1: jax.Array, key: jax.Arr
   return jnp.mean(jnp.square(v - target), axis=(0, -1))
 
 
-def sample(head: FlowHead, h: jax.Array, key: jax.Array, *, steps: int = 10,
-           temperature: float = 1.0) -> jax.Array:
+def sample(head: FlowHead, h: jax.Array, key: jax.Array, *, steps: int = 10, temperature: float = 1.0) -> jax.Array:
   """Euler integration from x0 ~ N(0, τ²I) to t = 1: h [..., D] → x [..., M] in [-1, 1]."""
   m = head.out.kernel.shape[-1]
   x = temperature * jax.random.normal(key, (*h.shape[:-1], m))

@@ -23,9 +23,9 @@ from tmlx.nn.flow_head import FlowConfig, FlowHead
 from tmlx.nn.moe import MoE, MoEConfig, MoEStats
 
 REMAT_POLICIES = {
-    "none": None,
-    "full": "full",
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,
+  "full": "full",
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -82,8 +82,16 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt = cfg.dtypes
     self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, dtypes=dt, eps=cfg.norm_eps)
-    self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                          qk_norm=cfg.qk_norm, eps=cfg.norm_eps, rngs=rngs, dtypes=dt)
+    self.attn = Attention(
+      cfg.d_model,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      qk_norm=cfg.qk_norm,
+      eps=cfg.norm_eps,
+      rngs=rngs,
+      dtypes=dt,
+    )
     self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, dtypes=dt, eps=cfg.norm_eps)
     self.moe = MoE(cfg.d_model, cfg.moe, rngs=rngs, dtypes=dt)
 
@@ -103,8 +111,7 @@ class InteractionModel(nnx.Module):
     self.text_embed = TextEmbed(cfg.vocab_size, d, rngs=rngs, dtypes=dt)
     self.dmel_embed = DmelBagEmbed(cfg.frames_per_position, d, rngs=rngs, dtypes=dt, eps=cfg.norm_eps)
     width = cfg.stem_width or min(d // 4, 1024)
-    self.video_stem = HMLPStem(d, width, cfg.max_grid_rows, cfg.max_grid_cols, rngs=rngs, dtypes=dt,
-                               eps=cfg.norm_eps)
+    self.video_stem = HMLPStem(d, width, cfg.max_grid_rows, cfg.max_grid_cols, rngs=rngs, dtypes=dt, eps=cfg.norm_eps)
     self.kind_embed = param(rngs, fan_in_init(0), (NUM_KINDS, d), (None, "embed"), dt.param)
     self.blocks = stack_modules(lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs)
     self.final_norm = RMSNorm(d, rngs=rngs, dtypes=dt, eps=cfg.norm_eps)
@@ -133,16 +140,15 @@ class InteractionModel(nnx.Module):
     rope = rope_angles(batch["positions"], cfg.head_dim, cfg.rope_theta)
     token_mask = seg > 0
     x, stats = scan_modules(
-        self.blocks, lambda blk, c: blk(c, mask, rope, token_mask), x,
-        remat_policy=REMAT_POLICIES[cfg.remat])
+      self.blocks, lambda blk, c: blk(c, mask, rope, token_mask), x, remat_policy=REMAT_POLICIES[cfg.remat]
+    )
     return ModelOutput(hidden=self.final_norm(x), moe=stats)
 
   def text_logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states [..., D] → fp32 logits [..., V]."""
     dt = self.cfg.dtypes.compute
     w = self.text_embed.table[...].T if self.cfg.tie_embeddings else self.unembed[...]
-    return jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
 
 ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")

@@ -132,8 +132,9 @@ class MoE(nnx.Module):
     w = weights.transpose(0, 2, 1).astype(dt)  # [B, k, S]
     y = jnp.einsum("bksd,bks->bsd", per_assign, w)
     if cfg.num_shared_experts:
-      y = y + swiglu(x, self.shared_gate[...].astype(dt), self.shared_up[...].astype(dt),
-                     self.shared_down[...].astype(dt))
+      y = y + swiglu(
+        x, self.shared_gate[...].astype(dt), self.shared_up[...].astype(dt), self.shared_down[...].astype(dt)
+      )
     return y, router_stats(logits, probs, experts, mask, plan.kept, e)
 
 
@@ -165,10 +166,10 @@ def router_stats(logits, probs, experts, mask, kept, num_experts: int) -> MoESta
   entropy = -jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1)
   assignments = jnp.sum(m) * k
   return MoEStats(
-      load_balance_loss=num_experts * jnp.sum(load * mean_prob),
-      z_loss=jnp.sum(z * z * m) / n_tok,
-      expert_load=load,
-      dropped=assignments - jnp.sum(kept.astype(jnp.float32)),
-      assignments=assignments,
-      router_entropy=jnp.sum(entropy * m) / n_tok,
+    load_balance_loss=num_experts * jnp.sum(load * mean_prob),
+    z_loss=jnp.sum(z * z * m) / n_tok,
+    expert_load=load,
+    dropped=assignments - jnp.sum(kept.astype(jnp.float32)),
+    assignments=assignments,
+    router_entropy=jnp.sum(entropy * m) / n_tok,
   )
