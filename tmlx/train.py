@@ -29,7 +29,7 @@ from tmlx import sharding
 from tmlx.checkpoint import Checkpointer
 from tmlx.losses import LossConfig, loss_sums, target_counts
 from tmlx.metrics import MetricWriter, Progress
-from tmlx.nn.model import InteractionModel, ModelConfig
+from tmlx.nn.model import InteractionModel, ModelConfig, count_parameters
 from tmlx.optim import make_optimizer
 
 
@@ -222,8 +222,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # Abstract state and shardings.
   num_steps = config.train.num_steps
   spec = state_spec(config, mesh, rules)
-  n_params = sum(x.size for x in jax.tree.leaves(spec.abstract.params))
-  logging.info("model: %.3fM parameters", n_params / 1e6)
+  total, active = count_parameters(spec.abstract.params, ModelConfig.from_config(config.model))
+  logging.info("model: %.3fM parameters, %.3fM active per token", total / 1e6, active / 1e6)
+  logging.info("parameter shardings:\n%s", sharding.describe(spec.shardings.params, spec.abstract.params))
 
   # Restore (latest checkpoint in the workdir) or initialize from scratch, sharded.
   ckpt = Checkpointer(
