@@ -1,6 +1,10 @@
 """Shared test helpers: tiny configs and synthetic batches."""
 
 import importlib
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -36,3 +40,13 @@ def synthetic_batch(config, step: int = 0, rows: int | None = None) -> dict:
 
 def tiny_model(seed: int = 0, **overrides):
   return new_model(tiny_model_config(**overrides), seed)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_main(config: str, workdir, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  """Runs `python -m tmlx.main` in a fresh process (its own fake devices), capturing its log."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cmd = [sys.executable, "-m", "tmlx.main", f"--config={config}", f"--workdir={workdir}", *overrides]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

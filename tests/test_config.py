@@ -1,16 +1,13 @@
 """Config validation: each error names the field and what is wrong."""
 
 import importlib
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from experiments import base
+from tests.helpers import ROOT, run_main
 from tmlx.config import ConfigError, validate
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem not in ("__init__", "base"))
 
 
@@ -99,38 +96,12 @@ def test_bad_choice():
 
 def test_cli_rejects_unknown_override(tmp_path):
   """The locked config of tmlx.main fails on a misspelled override, naming it."""
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "tmlx.main",
-      "--config=experiments/tiny.py",
-      f"--workdir={tmp_path}",
-      "--config.model.d_modle=64",
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  proc = run_main("experiments/tiny.py", tmp_path, "--config.model.d_modle=64")
   assert proc.returncode != 0
   assert "d_modle" in proc.stderr
 
 
 def test_cli_rejects_invalid_config(tmp_path):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "tmlx.main",
-      "--config=experiments/tiny.py",
-      f"--workdir={tmp_path}",
-      "--config.model.num_kv_heads=3",
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  proc = run_main("experiments/tiny.py", tmp_path, "--config.model.num_kv_heads=3")
   assert proc.returncode != 0
   assert "config.model.num_heads=4 is not divisible by config.model.num_kv_heads=3" in proc.stderr

@@ -3,13 +3,11 @@
 import importlib
 import json
 import logging
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
+from tests.helpers import run_main
 from tests.test_config import PRESETS
 from tmlx import train
 
@@ -66,16 +64,11 @@ def test_tiny_learns_and_resumes(tmp_path, caplog):
 
 def test_main_entry_point_trains_and_resumes(tmp_path):
   """`python -m tmlx.main` with the tiny preset's :tiny variant, then a rerun that resumes."""
-  root = pathlib.Path(__file__).resolve().parents[1]
-  cmd = [sys.executable, "-m", "tmlx.main", "--config=experiments/tiny.py:tiny", f"--workdir={tmp_path}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  first = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  first = run_main("experiments/tiny.py:tiny", tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "mesh {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}" in first.stderr
   assert "initialized from scratch" in first.stderr
-  second = subprocess.run(
-    [*cmd, "--config.train.num_steps=3"], cwd=root, env=env, capture_output=True, text=True, timeout=300
-  )
+  second = run_main("experiments/tiny.py:tiny", tmp_path, "--config.train.num_steps=3")
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from checkpoint step 2" in second.stderr
   assert "step 3/3" in second.stderr
