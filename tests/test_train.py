@@ -54,11 +54,16 @@ def test_tiny_learns_and_resumes(tmp_path, caplog):
   assert last["text_loss"] < 0.7 * first["text_loss"], (first["text_loss"], last["text_loss"])
   assert last["flow_loss"] < 0.9 * first["flow_loss"], (first["flow_loss"], last["flow_loss"])
 
-  # Rerunning in the same workdir resumes from the latest checkpoint and logs which.
+  # Rerunning in the same workdir resumes from the latest checkpoint and logs which. A tight
+  # expert capacity on the way makes the dropped-token warning fire.
   config.train.num_steps = 35
+  config.model.moe.capacity_factor = 0.25
   with caplog.at_level(logging.INFO):
-    train.run(config, str(tmp_path))
-  assert any("resumed from checkpoint step 30" in r.getMessage() for r in caplog.records)
+    final = train.run(config, str(tmp_path))
+  messages = [r.getMessage() for r in caplog.records]
+  assert any("resumed from checkpoint step 30" in m for m in messages)
+  assert final["moe_dropped_fraction"] > 0.5
+  assert any("MoE dropped" in m and "drop_warn_fraction" in m for m in messages)
   assert [r["step"] for r in _metrics(tmp_path)][-2:] == [30, 35]
 
 

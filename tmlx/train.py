@@ -275,42 +275,49 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   compiled = step_fn.lower(state, abstract_batch).compile()
   logging.info("compiled train_step in %.1fs", time.perf_counter() - t0)
 
-  # Loop.
+  # Loop. On any exit, in-flight checkpoint writes finish before the process goes.
   writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard)
   progress = Progress(start, num_steps)
   last_metrics: dict[str, float] = {}
   t_log, step_log = time.perf_counter(), start
-  drop_warn = config.model.moe.drop_warn_fraction
-  for step in range(start + 1, num_steps + 1):
-    local = next(data)
-    if config.train.check_batches:
-      data_pipelines.check_batch(local, row, config.model.vocab_size, where=f"data batch of step {step}")
-    state, metrics = compiled(state, _global_batch(local, batch_sh))
-    if every(step, config.logging.every, last=num_steps):
-      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.perf_counter()
-      m["step_time_s"] = (now - t_log) / (step - step_log)
-      m["tokens_per_s"] = m["tokens"] / m["step_time_s"]
-      t_log, step_log = now, step
-      writer.write(step, m)
-      progress.log(step, m)
-      if m["moe_dropped_fraction"] > drop_warn:
-        logging.warning(
-          "step %d: MoE dropped %.1f%% of routed assignments (config.model.moe.drop_warn_fraction=%g)",
-          step,
-          100 * m["moe_dropped_fraction"],
-          drop_warn,
-        )
-      if m["text_targets_overflow"] or m["audio_targets_overflow"]:
-        logging.warning(
-          "step %d: %d text / %d audio targets beyond config.loss.max_*_target_fraction were not trained on",
-          step,
-          m["text_targets_overflow"],
-          m["audio_targets_overflow"],
-        )
-      last_metrics = m
-    if every(step, config.checkpoint.every, last=num_steps if config.checkpoint.every > 0 else None):
-      ckpt.save(step, state, resolved, force=True)
-  ckpt.close()
-  writer.close()
+  try:
+    for step in range(start + 1, num_steps + 1):
+      local = next(data)
+      if config.train.check_batches:
+        data_pipelines.check_batch(local, row, config.model.vocab_size, where=f"data batch of step {step}")
+      state, metrics = compiled(state, _global_batch(local, batch_sh))
+      if every(step, config.logging.every, last=num_steps):
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        m["step_time_s"] = (now - t_log) / (step - step_log)
+        m["tokens_per_s"] = m["tokens"] / m["step_time_s"]
+        t_log, step_log = now, step
+        writer.write(step, m)
+        progress.log(step, m)
+        _warn_about(step, m, config)
+        last_metrics = m
+      if every(step, config.checkpoint.every, last=num_steps if config.checkpoint.every > 0 else None):
+        ckpt.save(step, state, resolved, force=True)
+  finally:
+    ckpt.close()
+    writer.close()
   return last_metrics
+
+
+def _warn_about(step: int, m: dict[str, float], config: ml_collections.ConfigDict) -> None:
+  """Warnings for logged metrics that mean training sees less than the data holds."""
+  drop_warn = config.model.moe.drop_warn_fraction
+  if m["moe_dropped_fraction"] > drop_warn:
+    logging.warning(
+      "step %d: MoE dropped %.1f%% of routed assignments (above config.model.moe.drop_warn_fraction=%g)",
+      step,
+      100 * m["moe_dropped_fraction"],
+      drop_warn,
+    )
+  if m["text_targets_overflow"] or m["audio_targets_overflow"]:
+    logging.warning(
+      "step %d: %d text / %d audio targets beyond config.loss.max_*_target_fraction were not trained on",
+      step,
+      m["text_targets_overflow"],
+      m["audio_targets_overflow"],
+    )

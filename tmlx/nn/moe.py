@@ -34,7 +34,7 @@ class MoEConfig:
 
 @flax.struct.dataclass
 class MoEStats:
-  """Per-call router statistics; the aux losses are already weighted-free (raw)."""
+  """Router statistics of one call; the aux losses are unweighted (the loss applies the weights)."""
 
   load_balance_loss: jax.Array  # Switch-style E·Σ f_e·p_e (1.0 when perfectly balanced)
   z_loss: jax.Array  # mean over tokens of logsumexp(router logits)²
