@@ -49,15 +49,21 @@ def _check_schema(config, schema, prefix: str) -> None:
         raise ConfigError(f"config.{name}: expected a group of fields, got {type(value).__name__}")
       _check_schema(value, ref, name + ".")
       continue
-    ok = isinstance(value, type(ref)) and not (isinstance(value, bool) and not isinstance(ref, bool))
-    if isinstance(ref, float) and isinstance(value, int) and not isinstance(value, bool):
-      ok = True
-    if isinstance(ref, (tuple, list)) and isinstance(value, (tuple, list)):
-      ok = True
-    if not ok:
+    if not _same_type(value, ref):
       raise ConfigError(f"config.{name}={value!r}: wrong type {type(value).__name__}, expected {type(ref).__name__}")
     if name in CHOICES and value not in CHOICES[name]:
       raise ConfigError(f"config.{name}={value!r}: expected one of {CHOICES[name]}")
+
+
+def _same_type(value, ref) -> bool:
+  """Whether `value` may stand where base.py has `ref` (an int may stand for a float)."""
+  if isinstance(ref, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(ref, bool)
+  if isinstance(ref, float):
+    return isinstance(value, (int, float))
+  if isinstance(ref, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(ref))
 
 
 def _positive(config, *names: str) -> None:
