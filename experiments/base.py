@@ -83,6 +83,13 @@ def get_config(arg=None):
   m.moe.capacity_factor = 2.0
   # Renormalize the top-k router weights to sum to 1.
   m.moe.renormalize = True
+  # Router scores: 'softmax' over experts or independent 'sigmoid' per expert.
+  m.moe.router_score = "softmax"
+  # Aux-loss-free balancing: per-step change of the routing bias (0 keeps the bias at zero).
+  m.moe.bias_update_rate = 0.0
+  # How tokens reach their experts: 'local' (GSPMD), 'all_to_all' (shard_map over the expert
+  # axis; runs on CPU), 'ragged' (grouped matmul for GPU/TPU).
+  m.moe.transport = "local"
   # Weights of the load-balancing loss and of the router z-loss.
   m.moe.load_balance_weight = 0.01
   m.moe.z_loss_weight = 0.001

@@ -1,18 +1,29 @@
-"""The MoE layer against a plain loop-over-experts reference, forward and gradients."""
+"""The MoE layer: every transport on several meshes against a loop-over-experts reference."""
+
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 
+from experiments import base
+from tmlx import sharding
 from tmlx.nn.common import Dtypes
-from tmlx.nn.moe import MoE, MoEConfig, capacity, dispatch_plan, route, swiglu
+from tmlx.nn.moe import MoE, MoEConfig, balance_bias_update, capacity, dispatch_plan, route, swiglu
 
-D, E, K, F, B, S = 16, 4, 2, 8, 2, 24
+D, E, K, F, B, S = 16, 8, 2, 16, 8, 16
+MESHES = {
+  "expert8": dict(data=1, fsdp=1, expert=8, tensor=1),
+  "data2_expert4": dict(data=2, fsdp=1, expert=4, tensor=1),
+  "data2_expert2_tensor2": dict(data=2, fsdp=1, expert=2, tensor=2),
+}
+TRANSPORTS = ("local", "all_to_all", "ragged")
 
 
-def make_moe(capacity_factor=0.0, shared=1):
+def make_moe(capacity_factor=0.0, shared=1, transport="local", score="softmax"):
   cfg = MoEConfig(
     num_experts=E,
     num_experts_per_tok=K,
@@ -20,91 +31,127 @@ def make_moe(capacity_factor=0.0, shared=1):
     d_ff=F,
     capacity_factor=capacity_factor,
     renormalize=True,
+    router_score=score,
+    transport=transport,
   )
   with nnx.use_eager_sharding(False):
     return MoE(D, cfg, rngs=nnx.Rngs(0), dtypes=Dtypes())
 
 
-def reference(params, x, mask, cfg: MoEConfig):
-  """Loop over experts: every token goes through its top-k experts (dropless)."""
+def _inputs():
+  x = jax.random.normal(jax.random.key(1), (B, S, D))
+  lengths = jnp.array([S, S - 5, S, 3, S, S, S - 1, S])  # some rows end in padding
+  return x, jnp.arange(S)[None] < lengths[:, None]
+
+
+def expected_kept(experts, mask, cap):
+  """Numpy replay of the capacity rule: first choices before second choices, then by position."""
+  ex, mk = np.asarray(experts), np.asarray(mask)
+  kept = np.zeros((ex.shape[0], S, K), bool)
+  for b in range(ex.shape[0]):
+    fill = [0] * E
+    for j in range(K):
+      for t in range(S):
+        if mk[b, t] and fill[ex[b, t, j]] < cap:
+          fill[ex[b, t, j]] += 1
+          kept[b, t, j] = True
+  return kept
+
+
+def reference(params, x, mask, cfg: MoEConfig, kept):
+  """Loop over experts: each token through the experts it kept, weighted by the router."""
   logits = jnp.einsum("bsd,de->bse", x, params["router"])
-  _, weights, experts = route(logits, cfg.num_experts_per_tok, cfg.renormalize)
+  r = route(logits, cfg.num_experts_per_tok, score=cfg.router_score, renormalize=cfg.renormalize)
   y = jnp.zeros_like(x)
   for e in range(cfg.num_experts):
     out_e = swiglu(x, params["w_gate"][e], params["w_up"][e], params["w_down"][e])
-    gate = jnp.sum(jnp.where(experts == e, weights, 0.0), axis=-1)  # [B, S]
-    y = y + out_e * gate[..., None]
-  y = y * mask[..., None]
+    y = y + out_e * jnp.sum(jnp.where((r.experts == e) & kept, r.weights, 0.0), axis=-1)[..., None]
   if cfg.num_shared_experts:
     y = y + swiglu(x, params["shared_gate"], params["shared_up"], params["shared_down"])
   return y
 
 
-def _inputs():
-  x = jax.random.normal(jax.random.key(1), (B, S, D))
-  mask = jnp.arange(S)[None] < jnp.array([[S], [S - 5]])  # row 1 ends in padding
-  return x, mask
+def _loss(y, mask):
+  return jnp.sum(jnp.sin(y) * mask[..., None])
 
 
-def test_forward_and_gradients_match_loop_over_experts():
-  moe = make_moe()
-  graphdef, state = nnx.split(moe)
-  params = nnx.to_pure_dict(state)
+@pytest.mark.parametrize("mesh_name,transport,capacity_factor", list(itertools.product(MESHES, TRANSPORTS, (0.0, 0.5))))
+def test_transport_matches_loop_over_experts(mesh_name, transport, capacity_factor):
+  c = base.get_config()
+  c.mesh.update(MESHES[mesh_name])
+  mesh = sharding.make_mesh(c.mesh)
+  table = sharding.rules_table(c.mesh.rules)
+  moe = make_moe(capacity_factor, transport=transport)
+  graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+  params = nnx.to_pure_dict(params)
+  shardings = sharding.state_shardings(nnx.state(moe, nnx.Param), mesh, table)
   x, mask = _inputs()
+  batch_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch", None, None), table))
 
-  def layer_loss(p, x):
-    y, stats = nnx.merge(graphdef, p)(x, mask)
-    return jnp.sum(jnp.sin(y) * mask[..., None]), (y, stats)
+  @jax.jit
+  def layer(p, x):
+    with sharding.use_mesh_rules(mesh, table):
+
+      def f(p, x):
+        y, stats = nnx.merge(graphdef, p, rest)(x, mask)
+        return _loss(y, mask), (y, stats)
+
+      return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(p, x)
+
+  (_, (y, stats)), (g_p, g_x) = layer(jax.device_put(params, shardings), jax.device_put(x, batch_sh))
+
+  logits = jnp.einsum("bsd,de->bse", x, params["router"])
+  experts = route(logits, K).experts
+  kept = expected_kept(experts, mask, capacity(moe.cfg, S))
 
   def ref_loss(p, x):
-    y = reference(p, x, mask, moe.cfg)
-    return jnp.sum(jnp.sin(y) * mask[..., None]), y
+    y = reference(p, x, mask, moe.cfg, kept)
+    return _loss(y, mask), y
 
-  (_, (y, stats)), (g_p, g_x) = jax.value_and_grad(layer_loss, argnums=(0, 1), has_aux=True)(params, x)
   (_, y_ref), (r_p, r_x) = jax.value_and_grad(ref_loss, argnums=(0, 1), has_aux=True)(params, x)
   m = mask[..., None]
   np.testing.assert_allclose(y * m, y_ref * m, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(g_x, r_x, rtol=1e-5, atol=1e-5)
-  for name in ("router", "w_gate", "w_up", "w_down", "shared_gate"):
+  for name in ("router", "w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down"):
     np.testing.assert_allclose(g_p[name], r_p[name], rtol=1e-4, atol=1e-5, err_msg=name)
-  assert float(stats.dropped) == 0.0
-  assert float(stats.assignments) == float(jnp.sum(mask)) * K
-  np.testing.assert_allclose(float(jnp.sum(stats.expert_load)), 1.0, rtol=1e-6)
+  reference_dropped = int(np.asarray(mask).sum()) * K - int(kept.sum())
+  assert int(stats.dropped) == reference_dropped
+  assert (reference_dropped > 0) == (capacity_factor > 0)
 
 
-def test_capacity_drops_are_counted_and_follow_priority():
-  """With tight capacity, the kept assignments and the dropped count match a numpy replay."""
-  moe = make_moe(capacity_factor=0.5, shared=0)
+def test_dispatch_plan_capacity_order():
   x, mask = _inputs()
+  moe = make_moe(capacity_factor=0.5, shared=0)
   cap = capacity(moe.cfg, S)
-  assert cap == 6
-  logits = jnp.einsum("bsd,de->bse", x, moe.router[...])
-  _, weights, experts = route(logits, K, True)
+  experts = route(jnp.einsum("bsd,de->bse", x, moe.router[...]), K).experts
   plan = dispatch_plan(experts, mask, E, cap)
-  y, stats = moe(x, mask)
-
-  ex, mk = np.asarray(experts), np.asarray(mask)
-  expected_kept = np.zeros((B, K * S), bool)
+  kept = expected_kept(experts, mask, cap).transpose(0, 2, 1).reshape(B, K * S)
+  np.testing.assert_array_equal(np.asarray(plan.kept), kept)
+  # Every kept assignment owns a distinct slot of its expert; every filled slot names its token.
   for b in range(B):
-    fill = [0] * E
-    for j in range(K):  # all first choices, then all second choices
-      for t in range(S):
-        if mk[b, t] and fill[ex[b, t, j]] < cap:
-          fill[ex[b, t, j]] += 1
-          expected_kept[b, j * S + t] = True
-  np.testing.assert_array_equal(np.asarray(plan.kept), expected_kept)
-  assert float(stats.dropped) == float(mk.sum() * K - expected_kept.sum()) > 0
-
-  # The output equals the reference with dropped assignments' weights set to zero.
-  kept = expected_kept.reshape(B, K, S).transpose(0, 2, 1)
-  y_ref = jnp.zeros_like(x)
-  for e in range(E):
-    out_e = swiglu(x, moe.w_gate[...][e], moe.w_up[...][e], moe.w_down[...][e])
-    y_ref = y_ref + out_e * jnp.sum(jnp.where((ex == e) & kept, weights, 0.0), -1)[..., None]
-  np.testing.assert_allclose(y * mask[..., None], y_ref * mask[..., None], rtol=1e-5, atol=1e-5)
+    slots = np.asarray(plan.slot[b])[kept[b]]
+    assert len(set(slots)) == len(slots)
+    tokens = np.asarray(plan.token[b])
+    for a in np.flatnonzero(kept[b]):
+      assert tokens[slots[list(np.flatnonzero(kept[b])).index(a)]] == a % S
 
 
-@pytest.mark.parametrize("cf,expected", [(0.0, S), (1.0, 12), (100.0, S)])
+def test_sigmoid_router_and_balancing_bias():
+  logits = jax.random.normal(jax.random.key(3), (2, S, E))
+  r = route(logits, K, score="sigmoid", renormalize=False)
+  np.testing.assert_allclose(r.weights, jnp.take_along_axis(jax.nn.sigmoid(logits), r.experts, -1), rtol=1e-6)
+  # A large bias on expert 0 makes it everyone's choice without changing the weights' source.
+  bias = jnp.zeros(E).at[0].set(10.0)
+  rb = route(logits, K, score="sigmoid", renormalize=False, bias=bias)
+  assert bool(jnp.all(jnp.any(rb.experts == 0, axis=-1)))
+  np.testing.assert_allclose(rb.weights, jnp.take_along_axis(jax.nn.sigmoid(logits), rb.experts, -1), rtol=1e-6)
+  # The update lowers over-loaded experts' bias and raises under-loaded ones.
+  load = jnp.array([0.5, 0.3, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0])
+  new = balance_bias_update(jnp.zeros(E), load, 0.01)
+  np.testing.assert_allclose(new, [-0.01, -0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01], rtol=1e-6)  # mean 1/8
+
+
+@pytest.mark.parametrize("cf,expected", [(0.0, S), (1.0, 4), (100.0, S)])
 def test_capacity(cf, expected):
   cfg = MoEConfig(E, K, 0, F, cf, True)
   assert capacity(cfg, S) == expected

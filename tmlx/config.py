@@ -21,6 +21,8 @@ CHOICES = {
   "model.compute_dtype": ("float32", "bfloat16", "float16"),
   "model.remat": ("none", "full", "dots"),
   "model.flow.t_sampling": ("logit_normal", "uniform"),
+  "model.moe.router_score": ("softmax", "sigmoid"),
+  "model.moe.transport": ("local", "all_to_all", "ragged"),
   "data.source": ("synthetic",),
 }
 

@@ -133,6 +133,14 @@ def use_mesh_rules(mesh: Mesh, table: Rules) -> Iterator[None]:
     _CONTEXT.reset(token)
 
 
+def current(what: str) -> tuple[Mesh, Rules]:
+  """The (mesh, rules) set by `use_mesh_rules`; `what` names the caller in the error."""
+  ctx = _CONTEXT.get()
+  if ctx is None:
+    raise ShardingError(f"{what} needs a mesh: call it inside tmlx.sharding.use_mesh_rules(mesh, rules)")
+  return ctx
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Constrains an activation's sharding by logical names; a no-op outside `use_mesh_rules`."""
   ctx = _CONTEXT.get()
@@ -171,6 +179,7 @@ __all__ = [
   "batch_axes_size",
   "batch_sharding",
   "constrain",
+  "current",
   "describe",
   "logical_to_spec",
   "make_mesh",

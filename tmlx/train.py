@@ -30,6 +30,7 @@ from tmlx.checkpoint import Checkpointer
 from tmlx.losses import LossConfig, loss_sums, target_counts
 from tmlx.metrics import MetricWriter, Progress
 from tmlx.nn.model import InteractionModel, ModelConfig, count_parameters
+from tmlx.nn.moe import balance_bias_update
 from tmlx.optim import make_optimizer
 
 
@@ -37,6 +38,7 @@ from tmlx.optim import make_optimizer
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken
   params: dict  # pure dict of parameter arrays (nnx.to_pure_dict layout)
+  model_state: dict  # non-gradient model variables (MoE balancing biases), same layout
   opt_state: Any
 
 
@@ -49,6 +51,7 @@ class StepConfig:
   schedule: optax.Schedule
   loss: LossConfig
   grad_accum_steps: int
+  bias_update_rate: float
   seed: int
   mesh: Any
   rules: Any
@@ -94,7 +97,7 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
     lc = sc.loss
 
     def loss_fn(params, micro, k):
-      model = nnx.merge(sc.graphdef, params)
+      model = nnx.merge(sc.graphdef, params, state.model_state)
       out = model(micro)
       sums = loss_sums(model, out, micro, k, lc)
       text = sums.text_sum / text_norm
@@ -120,7 +123,8 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = sc.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    model_state = _update_router_biases(state.model_state, moe.expert_load / n, sc.bias_update_rate)
+    new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
 
     assignments = jnp.maximum(moe.assignments, 1.0)  # [L], summed over micro-batches
     metrics = {
@@ -160,18 +164,22 @@ def state_spec(config: ml_collections.ConfigDict, mesh, rules) -> StateSpec:
   """Abstract state via eval_shape, its shardings from the logical names, and the init function."""
   model_cfg = ModelConfig.from_config(config.model)
   tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
-  graphdef, abstract_vars = nnx.split(nnx.eval_shape(lambda: new_model(model_cfg, config.seed)))
-  param_sh = sharding.state_shardings(abstract_vars, mesh, rules)
+  graphdef, abstract_params, abstract_rest = nnx.split(
+    nnx.eval_shape(lambda: new_model(model_cfg, config.seed)), nnx.Param, ...
+  )
+  param_sh = sharding.state_shardings(abstract_params, mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def init() -> TrainState:
-    params = nnx.to_pure_dict(nnx.state(new_model(model_cfg, config.seed)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    _, params, rest = nnx.split(new_model(model_cfg, config.seed), nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest, opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init)
   shardings = TrainState(
     step=replicated,
     params=param_sh,
+    model_state=sharding.state_shardings(abstract_rest, mesh, rules),
     opt_state=optax.tree_map_params(
       tx,
       lambda _, s: s,
@@ -191,10 +199,24 @@ def step_config(config: ml_collections.ConfigDict, spec: StateSpec, mesh, rules)
     schedule=spec.schedule,
     loss=loss_config(config),
     grad_accum_steps=config.optimizer.grad_accum_steps,
+    bias_update_rate=config.model.moe.bias_update_rate,
     seed=config.seed,
     mesh=mesh,
     rules=rules,
   )
+
+
+def _update_router_biases(model_state: dict, expert_load: jax.Array, rate: float) -> dict:
+  """Aux-loss-free balancing of every MoE layer from this step's load [L, E]."""
+  if rate == 0:
+    return model_state
+
+  def update(path, leaf):
+    if str(getattr(path[-1], "key", "")) == "router_bias":
+      return balance_bias_update(leaf, expert_load, rate)
+    return leaf
+
+  return jax.tree.map_with_path(update, model_state)
 
 
 def every(step: int, n: int, last: int | None = None) -> bool:

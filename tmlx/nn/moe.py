@@ -1,11 +1,19 @@
-"""Mixture-of-Experts FFN: router → dispatch plan → expert SwiGLU → combine (MODEL_SPEC.md §6).
+"""Mixture-of-Experts FFN in stages: router → dispatch plan → transport + experts → combine.
 
 Dimensions: B batch (each row is one routing group), S sequence, D model, F expert hidden,
-E experts, k experts per token, A = k·S routed assignments per row, C capacity per expert and row.
+E experts, k experts per token, A = k·S routed assignments per row, C capacity per expert and row,
+P expert shards (the mesh's expert axis), G = E / P experts per shard.
 
-This is the single-device ("local") computation: every expert sees fixed-capacity buffers
-[B, E, C, D]; assignments past an expert's capacity are dropped and counted. Within an expert,
-earlier choices win: all first choices of a row come before its second choices, then by position.
+Assignment a = j·S + t is choice j of token t. Within an expert, earlier assignments win: all first
+choices of a row come before its second choices, then by position. Assignments past an expert's
+capacity are dropped (their output is zero) and counted; padding tokens are never routed.
+
+Transports (MoEConfig.transport) move assignments to their experts and back:
+- 'local': capacity buffers [B, E, C, D] and one batched matmul per weight, sharded by GSPMD;
+- 'all_to_all': the same buffers exchanged over the mesh's expert axis with
+  `jax.lax.all_to_all` inside `jax.shard_map`, each shard computing only its own G experts;
+- 'ragged': assignments sorted by expert and a grouped matmul (`jax.lax.ragged_dot`), for
+  GPU/TPU; the expert weights are gathered by GSPMD (no ragged all-to-all yet).
 """
 
 from __future__ import annotations
@@ -17,9 +25,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from tmlx import sharding
 from tmlx.nn.common import Dtypes, fan_in_init, param
+
+TRANSPORTS = ("local", "all_to_all", "ragged")
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +42,13 @@ class MoEConfig:
   d_ff: int
   capacity_factor: float
   renormalize: bool
+  router_score: str = "softmax"  # one of ROUTER_SCORES
+  transport: str = "local"  # one of TRANSPORTS
+
+
+class RouterBias(nnx.Variable):
+  """Aux-loss-free balancing bias [E]: added to the scores for expert choice only; updated by the
+  train step from the observed load (not by gradients)."""
 
 
 @flax.struct.dataclass
@@ -41,7 +60,7 @@ class MoEStats:
   expert_load: jax.Array  # [E] fraction of assignments routed to each expert (before drops)
   dropped: jax.Array  # number of routed assignments dropped for capacity
   assignments: jax.Array  # number of routed assignments (non-padding tokens · k)
-  router_entropy: jax.Array  # mean entropy of the router distribution
+  router_entropy: jax.Array  # mean entropy of the normalized router scores
 
 
 def capacity(cfg: MoEConfig, seq_len: int) -> int:
@@ -52,18 +71,72 @@ def capacity(cfg: MoEConfig, seq_len: int) -> int:
   return max(1, min(seq_len, c))
 
 
-def route(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """fp32 logits [..., E] → (probs [..., E], top-k weights [..., k], top-k expert ids [..., k])."""
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  weights, experts = jax.lax.top_k(probs, k)
+# --- Router -------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Routing:
+  scores: jax.Array  # [B, S, E] fp32 softmax probabilities or sigmoid scores
+  weights: jax.Array  # [B, S, k] combine weights of the chosen experts
+  experts: jax.Array  # [B, S, k] chosen expert ids
+
+
+def route(
+  logits: jax.Array, k: int, *, score: str = "softmax", renormalize: bool = True, bias: jax.Array | None = None
+) -> Routing:
+  """fp32 router logits [B, S, E] → the top-k choice. `bias` [E] shifts the choice, not the weights."""
+  logits = logits.astype(jnp.float32)
+  if score == "softmax":
+    scores = jax.nn.softmax(logits, axis=-1)
+  elif score == "sigmoid":
+    scores = jax.nn.sigmoid(logits)
+  else:
+    raise ValueError(f"router score {score!r}: expected one of {ROUTER_SCORES}")
+  choice = scores if bias is None else scores + jax.lax.stop_gradient(bias)
+  _, experts = jax.lax.top_k(choice, k)
+  weights = jnp.take_along_axis(scores, experts, axis=-1)
   if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-  return probs, weights, experts
+  return Routing(scores=scores, weights=weights, experts=experts)
+
+
+def router_stats(logits, routing: Routing, mask, kept, num_experts: int) -> MoEStats:
+  """Aux losses and load statistics over the non-padding tokens."""
+  m = mask.astype(jnp.float32)
+  n_tok = jnp.maximum(jnp.sum(m), 1.0)
+  k = routing.experts.shape[-1]
+  counts = jnp.sum(jax.nn.one_hot(routing.experts, num_experts) * m[..., None, None], axis=(0, 1, 2))
+  load = counts / (n_tok * k)
+  probs = routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)
+  mean_prob = jnp.sum(probs * m[..., None], axis=(0, 1)) / n_tok
+  z = jax.nn.logsumexp(logits, axis=-1)
+  entropy = -jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1)
+  assignments = jnp.sum(m) * k
+  return MoEStats(
+    load_balance_loss=num_experts * jnp.sum(load * mean_prob),
+    z_loss=jnp.sum(z * z * m) / n_tok,
+    expert_load=load,
+    dropped=assignments - jnp.sum(kept.astype(jnp.float32)),
+    assignments=assignments,
+    router_entropy=jnp.sum(entropy * m) / n_tok,
+  )
+
+
+def balance_bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+  """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
+
+  bias [..., E], load [..., E] fractions of assignments (summing to 1 over E).
+  """
+  return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+
+
+# --- Dispatch plan ------------------------------------------------------------------------------
 
 
 @flax.struct.dataclass
 class DispatchPlan:
-  slot: jax.Array  # [B, A] buffer slot e·C + c of each assignment, E·C if dropped/padding
+  expert: jax.Array  # [B, A] expert of each assignment, E for padding tokens
+  slot: jax.Array  # [B, A] buffer slot e·C + c of each assignment, E·C if dropped or padding
   token: jax.Array  # [B, E·C] token (position) that fills each slot, S if the slot is empty
   kept: jax.Array  # [B, A] bool
 
@@ -71,7 +144,6 @@ class DispatchPlan:
 def dispatch_plan(experts: jax.Array, mask: jax.Array, num_experts: int, cap: int) -> DispatchPlan:
   """Top-k expert ids [B, S, k] and token mask [B, S] → where every assignment goes."""
   b, s, k = experts.shape
-  # Assignment a = j·S + t: choice j of token t, so first choices sort before second choices.
   eid = jnp.where(mask[:, None, :], experts.transpose(0, 2, 1), num_experts).reshape(b, k * s)
 
   def one_row(e):
@@ -87,55 +159,130 @@ def dispatch_plan(experts: jax.Array, mask: jax.Array, num_experts: int, cap: in
     return slot, token, kept
 
   slot, token, kept = jax.vmap(one_row)(eid)
-  return DispatchPlan(slot=slot, token=token, kept=kept)
+  return DispatchPlan(expert=eid, slot=slot, token=token, kept=kept)
 
 
-class MoE(nnx.Module):
-  """[B, S, D] → ([B, S, D], MoEStats): routed SwiGLU experts plus shared experts."""
+# --- Transport + expert FFN ---------------------------------------------------------------------
 
-  def __init__(self, d_model: int, cfg: MoEConfig, *, rngs: nnx.Rngs, dtypes: Dtypes):
-    self.cfg = cfg
-    self.dtypes = dtypes
-    e, f, pd = cfg.num_experts, cfg.d_ff, dtypes.param
-    self.router = param(rngs, fan_in_init(), (d_model, e), ("embed", None), jnp.float32)
-    self.w_gate = param(rngs, _expert_init(1), (e, d_model, f), ("expert", "embed", "mlp"), pd)
-    self.w_up = param(rngs, _expert_init(1), (e, d_model, f), ("expert", "embed", "mlp"), pd)
-    self.w_down = param(rngs, _expert_init(1), (e, f, d_model), ("expert", "mlp", "embed"), pd)
-    if cfg.num_shared_experts:
-      fs = cfg.num_shared_experts * f
-      self.shared_gate = param(rngs, fan_in_init(), (d_model, fs), ("embed", "mlp"), pd)
-      self.shared_up = param(rngs, fan_in_init(), (d_model, fs), ("embed", "mlp"), pd)
-      self.shared_down = param(rngs, fan_in_init(), (fs, d_model), ("mlp", "embed"), pd)
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, MoEStats]:
-    cfg, dt = self.cfg, self.dtypes.compute
-    b, s, d = x.shape
-    e, k = cfg.num_experts, cfg.num_experts_per_tok
-    x = x.astype(dt)
-    logits = jnp.einsum("bsd,de->bse", x.astype(jnp.float32), self.router[...])
-    probs, weights, experts = route(logits, k, cfg.renormalize)
-    cap = capacity(cfg, s)
-    plan = dispatch_plan(experts, mask, e, cap)
+@flax.struct.dataclass
+class ExpertWeights:
+  gate: jax.Array  # [E, D, F]
+  up: jax.Array  # [E, D, F]
+  down: jax.Array  # [E, F, D]
 
-    # Dispatch: gather each slot's token (the appended zero row fills empty slots).
-    x_pad = jnp.concatenate([x, jnp.zeros((b, 1, d), dt)], axis=1)
-    buf = jnp.take_along_axis(x_pad, plan.token[..., None], axis=1).reshape(b, e, cap, d)
-    buf = sharding.constrain(buf, ("batch", "act_expert", None, "act_embed"))
-    h = jax.nn.silu(jnp.einsum("becd,edf->becf", buf, self.w_gate[...].astype(dt)))
-    h = h * jnp.einsum("becd,edf->becf", buf, self.w_up[...].astype(dt))
-    out = jnp.einsum("becf,efd->becd", h, self.w_down[...].astype(dt))
-    out = sharding.constrain(out, ("batch", "act_expert", None, "act_embed"))
 
-    # Combine: gather each assignment's output (dropped → the zero row) and weight it.
-    out = jnp.concatenate([out.reshape(b, e * cap, d), jnp.zeros((b, 1, d), dt)], axis=1)
-    per_assign = jnp.take_along_axis(out, plan.slot[..., None], axis=1).reshape(b, k, s, d)
-    w = weights.transpose(0, 2, 1).astype(dt)  # [B, k, S]
-    y = jnp.einsum("bksd,bks->bsd", per_assign, w)
-    if cfg.num_shared_experts:
-      y = y + swiglu(
-        x, self.shared_gate[...].astype(dt), self.shared_up[...].astype(dt), self.shared_down[...].astype(dt)
-      )
-    return y, router_stats(logits, probs, experts, mask, plan.kept, e)
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """Dense SwiGLU FFN: [..., D] → [..., D]."""
+  h = jax.nn.silu(jnp.einsum("...d,df->...f", x, w_gate)) * jnp.einsum("...d,df->...f", x, w_up)
+  return jnp.einsum("...f,fd->...d", h, w_down)
+
+
+def _buffer_ffn(buf: jax.Array, w: ExpertWeights) -> jax.Array:
+  """Every expert's SwiGLU on its buffer: [..., E, C, D] → [..., E, C, D]."""
+  h = jax.nn.silu(jnp.einsum("...ecd,edf->...ecf", buf, w.gate))
+  h = h * jnp.einsum("...ecd,edf->...ecf", buf, w.up)
+  return jnp.einsum("...ecf,efd->...ecd", h, w.down)
+
+
+def _gather_buffers(x: jax.Array, plan: DispatchPlan, num_experts: int) -> jax.Array:
+  """x [B, S, D] → capacity buffers [B, E, C, D] (empty slots hold zeros)."""
+  b, _, d = x.shape
+  x_pad = jnp.concatenate([x, jnp.zeros((b, 1, d), x.dtype)], axis=1)
+  buf = jnp.take_along_axis(x_pad, plan.token[..., None], axis=1)
+  return buf.reshape(b, num_experts, -1, d)
+
+
+def _scatter_back(out: jax.Array, plan: DispatchPlan) -> jax.Array:
+  """Buffers [B, E, C, D] → per-assignment outputs [B, A, D] (dropped → zeros)."""
+  b, e, c, d = out.shape
+  out = jnp.concatenate([out.reshape(b, e * c, d), jnp.zeros((b, 1, d), out.dtype)], axis=1)
+  return jnp.take_along_axis(out, plan.slot[..., None], axis=1)
+
+
+def _local(x, plan, w: ExpertWeights) -> jax.Array:
+  buf = _gather_buffers(x, plan, w.gate.shape[0])
+  buf = sharding.constrain(buf, ("batch", "act_expert", None, "act_embed"))
+  out = sharding.constrain(_buffer_ffn(buf, w), ("batch", "act_expert", None, "act_embed"))
+  return _scatter_back(out, plan)
+
+
+def _all_to_all(x, plan, w: ExpertWeights) -> jax.Array:
+  mesh, table = sharding.current("the all_to_all MoE transport")
+  expert_axes = table.get("expert", ())
+  if len(expert_axes) != 1:
+    raise ValueError(
+      f"the all_to_all MoE transport needs logical axis 'expert' mapped to exactly one mesh axis; "
+      f"config.mesh.rules maps it to {expert_axes}"
+    )
+  (ep_axis,) = expert_axes
+  batch_axes = tuple(a for a in table.get("batch", ()) if mesh.shape[a] > 1) or None
+  mlp_axes = tuple(a for a in table.get("mlp", ()) if a != ep_axis and mesh.shape[a] > 1)
+  mlp = mlp_axes or None
+  num_experts, ep = w.gate.shape[0], mesh.shape[ep_axis]
+
+  def exchange(buf, gate, up, down):
+    # buf [b, E, C, D] holds this shard's rows for every expert; weights hold G = E / P experts.
+    b, _, c, d = buf.shape
+    x = buf.reshape(b, ep, num_experts // ep, c, d).transpose(1, 2, 0, 3, 4)  # [P, G, b, C, D]
+    x = jax.lax.all_to_all(x, ep_axis, 0, 0)  # [P (source shard), G, b, C, D]
+    y = _buffer_ffn(x.reshape(ep, num_experts // ep, b * c, d), ExpertWeights(gate, up, down))
+    if mlp_axes:
+      y = jax.lax.psum(y, mlp_axes)  # F was split over the tensor axes
+    y = jax.lax.all_to_all(y.reshape(ep, num_experts // ep, b, c, d), ep_axis, 0, 0)
+    return y.transpose(2, 0, 1, 3, 4).reshape(b, num_experts, c, d)
+
+  buf = _gather_buffers(x, plan, num_experts)
+  buf_spec = PartitionSpec(batch_axes, None, None, None)
+  out = jax.shard_map(
+    exchange,
+    mesh=mesh,
+    in_specs=(
+      buf_spec,
+      PartitionSpec(ep_axis, None, mlp),
+      PartitionSpec(ep_axis, None, mlp),
+      PartitionSpec(ep_axis, mlp, None),
+    ),
+    out_specs=buf_spec,
+  )(buf, w.gate, w.up, w.down)
+  return _scatter_back(out, plan)
+
+
+def _ragged(x, plan, w: ExpertWeights) -> jax.Array:
+  b, s, d = x.shape
+  num_experts = w.gate.shape[0]
+  expert = jnp.where(plan.kept, plan.expert, num_experts).reshape(-1)  # dropped sort last
+  order = jnp.argsort(expert, stable=True)
+  sizes = jnp.bincount(expert, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+  rows = (jnp.arange(b)[:, None] * s + jnp.arange(plan.expert.shape[1])[None] % s).reshape(-1)
+  xs = x.reshape(b * s, d)[rows[order]]  # [B·A, D] grouped by expert
+  h = jax.nn.silu(jax.lax.ragged_dot(xs, w.gate, sizes)) * jax.lax.ragged_dot(xs, w.up, sizes)
+  ys = jax.lax.ragged_dot(h, w.down, sizes)
+  ys = jnp.where((expert[order] < num_experts)[:, None], ys, 0)  # rows past the groups
+  out = jnp.zeros_like(ys).at[order].set(ys)
+  return out.reshape(b, -1, d)
+
+
+_TRANSPORT_FNS = {"local": _local, "all_to_all": _all_to_all, "ragged": _ragged}
+
+
+def run_experts(transport: str, x: jax.Array, plan: DispatchPlan, w: ExpertWeights) -> jax.Array:
+  """Tokens x [B, S, D] through their assigned experts → per-assignment outputs [B, A, D]."""
+  try:
+    fn = _TRANSPORT_FNS[transport]
+  except KeyError:
+    raise ValueError(f"MoE transport {transport!r}: expected one of {TRANSPORTS}") from None
+  return fn(x, plan, w)
+
+
+def combine(per_assignment: jax.Array, weights: jax.Array) -> jax.Array:
+  """Per-assignment outputs [B, A, D] and router weights [B, S, k] → [B, S, D]."""
+  b, s, k = weights.shape
+  y = per_assignment.reshape(b, k, s, -1)
+  return jnp.einsum("bksd,bks->bsd", y, weights.transpose(0, 2, 1).astype(y.dtype))
+
+
+# --- The layer ----------------------------------------------------------------------------------
 
 
 def _expert_init(fan_in_axis: int):
@@ -148,28 +295,56 @@ def _expert_init(fan_in_axis: int):
   return init
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-  """Dense SwiGLU FFN: [..., D] → [..., D]."""
-  h = jax.nn.silu(jnp.einsum("...d,df->...f", x, w_gate)) * jnp.einsum("...d,df->...f", x, w_up)
-  return jnp.einsum("...f,fd->...d", h, w_down)
+class MoE(nnx.Module):
+  """[B, S, D] → ([B, S, D], MoEStats): routed SwiGLU experts plus shared experts."""
+
+  def __init__(self, d_model: int, cfg: MoEConfig, *, rngs: nnx.Rngs, dtypes: Dtypes):
+    self.cfg = cfg
+    self.dtypes = dtypes
+    e, f, pd = cfg.num_experts, cfg.d_ff, dtypes.param
+    self.router = param(rngs, fan_in_init(), (d_model, e), ("embed", None), jnp.float32)
+    self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,))
+    self.w_gate = param(rngs, _expert_init(1), (e, d_model, f), ("expert", "embed", "mlp"), pd)
+    self.w_up = param(rngs, _expert_init(1), (e, d_model, f), ("expert", "embed", "mlp"), pd)
+    self.w_down = param(rngs, _expert_init(1), (e, f, d_model), ("expert", "mlp", "embed"), pd)
+    if cfg.num_shared_experts:
+      fs = cfg.num_shared_experts * f
+      self.shared_gate = param(rngs, fan_in_init(), (d_model, fs), ("embed", "mlp"), pd)
+      self.shared_up = param(rngs, fan_in_init(), (d_model, fs), ("embed", "mlp"), pd)
+      self.shared_down = param(rngs, fan_in_init(), (fs, d_model), ("mlp", "embed"), pd)
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, MoEStats]:
+    cfg, dt = self.cfg, self.dtypes.compute
+    x = x.astype(dt)
+    logits = jnp.einsum("bsd,de->bse", x.astype(jnp.float32), self.router[...])
+    routing = route(
+      logits, cfg.num_experts_per_tok, score=cfg.router_score, renormalize=cfg.renormalize, bias=self.router_bias[...]
+    )
+    plan = dispatch_plan(routing.experts, mask, cfg.num_experts, capacity(cfg, x.shape[1]))
+    w = ExpertWeights(*(p[...].astype(dt) for p in (self.w_gate, self.w_up, self.w_down)))
+    y = combine(run_experts(cfg.transport, x, plan, w), routing.weights)
+    if cfg.num_shared_experts:
+      shared = (self.shared_gate, self.shared_up, self.shared_down)
+      y = y + swiglu(x, *(p[...].astype(dt) for p in shared))
+    return y, router_stats(logits, routing, mask, plan.kept, cfg.num_experts)
 
 
-def router_stats(logits, probs, experts, mask, kept, num_experts: int) -> MoEStats:
-  """Aux losses and load statistics over the non-padding tokens."""
-  m = mask.astype(jnp.float32)
-  n_tok = jnp.maximum(jnp.sum(m), 1.0)
-  k = experts.shape[-1]
-  counts = jnp.sum(jax.nn.one_hot(experts, num_experts) * m[..., None, None], axis=(0, 1, 2))
-  load = counts / (n_tok * k)
-  mean_prob = jnp.sum(probs * m[..., None], axis=(0, 1)) / n_tok
-  z = jax.nn.logsumexp(logits, axis=-1)
-  entropy = -jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1)
-  assignments = jnp.sum(m) * k
-  return MoEStats(
-    load_balance_loss=num_experts * jnp.sum(load * mean_prob),
-    z_loss=jnp.sum(z * z * m) / n_tok,
-    expert_load=load,
-    dropped=assignments - jnp.sum(kept.astype(jnp.float32)),
-    assignments=assignments,
-    router_entropy=jnp.sum(entropy * m) / n_tok,
-  )
+__all__ = [
+  "ROUTER_SCORES",
+  "TRANSPORTS",
+  "DispatchPlan",
+  "ExpertWeights",
+  "MoE",
+  "MoEConfig",
+  "MoEStats",
+  "RouterBias",
+  "Routing",
+  "balance_bias_update",
+  "capacity",
+  "combine",
+  "dispatch_plan",
+  "route",
+  "router_stats",
+  "run_experts",
+  "swiglu",
+]
