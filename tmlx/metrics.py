@@ -11,6 +11,7 @@ import os
 import time
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -30,14 +31,20 @@ class MetricWriter:
 
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-  def write(self, step: int, scalars: dict[str, float]) -> None:
+  def write(self, step: int, scalars: dict[str, float], arrays: dict[str, np.ndarray] | None = None) -> None:
+    """Scalars, plus arrays (e.g. expert load [L, E]: nested lists in JSONL, one histogram per row
+    in TensorBoard)."""
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": step, **clean}, allow_nan=True) + "\n")
+    lists = {k: np.asarray(v).tolist() for k, v in (arrays or {}).items()}
+    self._jsonl.write(json.dumps({"step": step, **clean, **lists}, allow_nan=True) + "\n")
     if self._tb is not None:
       for k, v in clean.items():
         self._tb.add_scalar(k, v, step)
+      for k, v in (arrays or {}).items():
+        for i, row in enumerate(np.asarray(v).reshape(-1, np.shape(v)[-1])):
+          self._tb.add_histogram(f"{k}/layer_{i}", row, step)
 
   def close(self) -> None:
     if self._jsonl is not None:
@@ -57,7 +64,7 @@ class Progress:
     done = step - self.first_step
     elapsed = time.perf_counter() - self.t0
     eta = elapsed / done * (self.num_steps - step) if done > 0 else math.nan
-    keys = ("loss", "text_loss", "flow_loss", "grad_norm", "learning_rate", "tokens_per_s")
+    keys = ("loss", "text_loss", "flow_loss", "grad_norm", "learning_rate", "tokens_per_s", "mfu")
     parts = [f"{k}={scalars[k]:.4g}" for k in keys if k in scalars]
     return f"step {step}/{self.num_steps} " + " ".join(parts) + f" eta={_fmt(eta)}"
 

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipelines
 from tmlx import config as config_lib
-from tmlx import sharding
+from tmlx import flops, sharding
 from tmlx.checkpoint import Checkpointer
 from tmlx.losses import LossConfig, loss_sums, target_counts
 from tmlx.metrics import MetricWriter, Progress
@@ -135,8 +135,12 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
       "router_z_loss": jnp.mean(moe.z_loss) / n,
       "router_entropy": jnp.mean(moe.router_entropy) / n,
       "moe_dropped_fraction": jnp.sum(moe.dropped) / jnp.sum(assignments),
-      "moe_max_dropped_fraction_layer": jnp.max(moe.dropped / assignments),
-      "moe_max_load": jnp.max(moe.expert_load / n) * moe.expert_load.shape[-1],
+      # Per layer ([L] or [L, E]); the host splits them into one scalar per layer.
+      "moe/expert_load": moe.expert_load / n,
+      "moe/dropped_fraction": moe.dropped / assignments,
+      "moe/router_entropy": moe.router_entropy / n,
+      "moe/load_balance_loss": moe.load_balance_loss / n,
+      "moe/router_z_loss": moe.z_loss / n,
       "grad_norm": grad_norm,
       "learning_rate": sc.schedule(state.step),
       "text_targets": text_norm,
@@ -144,6 +148,7 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
       "text_targets_overflow": sums.text_overflow.astype(jnp.float32),
       "audio_targets_overflow": sums.audio_overflow.astype(jnp.float32),
       "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+      "positions": jnp.asarray(batch["segment_ids"].size, jnp.float32),
     }
     return new_state, metrics
 
@@ -297,6 +302,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   compiled = step_fn.lower(state, abstract_batch).compile()
   logging.info("compiled train_step in %.1fs", time.perf_counter() - t0)
 
+  # Throughput accounting: model FLOPs per position and the peak of one device.
+  flops_per_pos = flops.flops_per_token(config)
+  peak, peak_source = flops.peak_flops_per_device(jax.devices()[0], config.model.compute_dtype)
+  logging.info(
+    "%.4g model FLOPs per position (train step); peak %s FLOP/s per device (%s)",
+    flops_per_pos,
+    "unknown" if peak is None else f"{peak:.4g}",
+    peak_source,
+  )
+
   # Loop. On any exit, in-flight checkpoint writes finish before the process goes.
   writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard)
   progress = Progress(start, num_steps)
@@ -309,12 +324,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         data_pipelines.check_batch(local, row, config.model.vocab_size, where=f"data batch of step {step}")
       state, metrics = compiled(state, _global_batch(local, batch_sh))
       if every(step, config.logging.every, last=num_steps):
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        m, arrays = _host_metrics(jax.device_get(metrics))
         now = time.perf_counter()
         m["step_time_s"] = (now - t_log) / (step - step_log)
         m["tokens_per_s"] = m["tokens"] / m["step_time_s"]
+        m.update(_throughput(m["positions"] / m["step_time_s"], flops_per_pos, peak))
         t_log, step_log = now, step
-        writer.write(step, m)
+        writer.write(step, m, arrays)
         progress.log(step, m)
         _warn_about(step, m, config)
         last_metrics = m
@@ -324,6 +340,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     ckpt.close()
     writer.close()
   return last_metrics
+
+
+def _host_metrics(raw: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Device metrics → scalars (per-layer arrays become one scalar per layer) and arrays."""
+  scalars: dict[str, float] = {}
+  arrays: dict[str, np.ndarray] = {}
+  for key, value in raw.items():
+    value = np.asarray(value)
+    if value.ndim == 0:
+      scalars[key] = float(value)
+    elif value.ndim == 1:
+      scalars.update({f"{key}/layer_{i}": float(v) for i, v in enumerate(value)})
+    else:  # expert load [L, E]: keep it whole, and its max and min relative to the mean
+      arrays[key] = value
+      relative = value * value.shape[-1]
+      for i in range(value.shape[0]):
+        scalars[f"moe/max_load/layer_{i}"] = float(relative[i].max())
+        scalars[f"moe/min_load/layer_{i}"] = float(relative[i].min())
+      scalars["moe_max_load"] = float(relative.max())
+  return scalars, arrays
+
+
+def _throughput(positions_per_s: float, flops_per_pos: float, peak: float | None) -> dict[str, float]:
+  devices = jax.device_count()
+  out = {"model_tflops_per_device": flops_per_pos * positions_per_s / devices / 1e12}
+  if peak is not None:
+    out["mfu"] = flops.mfu(flops_per_pos, positions_per_s, devices, peak)
+  return out
 
 
 def _warn_about(step: int, m: dict[str, float], config: ml_collections.ConfigDict) -> None:
