@@ -69,6 +69,9 @@ def get_config(arg=None):
   m.compute_dtype = "bfloat16"
   # Rematerialization of each scanned block: 'none', 'full' or 'dots' (save matmul outputs).
   m.remat = "none"
+  # Decoder blocks per iteration of the layer scan: 1 keeps compile time independent of depth;
+  # num_layers unrolls fully (XLA:CPU then avoids copying each layer's weights in and out).
+  m.scan_unroll = 1
 
   m.moe = mlc.ConfigDict()
   # Routed experts (E); must be divisible by the mesh's expert axis.

@@ -9,6 +9,8 @@ from experiments import base
 
 def get_config(arg=None):
   c = base.get_config()
+  # 4 layers unrolled: about 10% faster per step on CPU, same compile time at this depth.
+  c.model.scan_unroll = 4
   c.mesh.data = 2
   c.mesh.expert = 4
   c.runtime.cpu_devices = 8

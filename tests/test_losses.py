@@ -55,6 +55,10 @@ def test_gradient_accumulation_equals_the_full_batch():
   config.loss.flow_weight = 0.0  # flow draws differ per micro-batch; text is exact
   config.model.moe.load_balance_weight = 0.0  # batch statistics: not additive over micro-batches
   config.model.moe.z_loss_weight = 0.0
+  # Adam with a large epsilon moves each parameter by ~lr·g: differences in the gradients show
+  # up in the parameters unamplified (a small epsilon turns tiny gradients into ±lr steps).
+  config.optimizer.eps = 1.0
+  config.optimizer.weight_decay = 0.0
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_table(config.mesh.rules)
   spec = train.state_spec(config, mesh, rules)
@@ -69,8 +73,8 @@ def test_gradient_accumulation_equals_the_full_batch():
   np.testing.assert_allclose(m1["text_loss"], m2["text_loss"], rtol=1e-5)
   np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam amplifies tiny-gradient noise
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
   assert int(s2.step) == 1
   before, after = state.params["blocks"], s1.params["blocks"]
-  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))]
+  moved = [bool(np.any(a != b)) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))]
   assert all(moved), "every decoder parameter should move in one step"

@@ -86,6 +86,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     "model.vocab_size",
     "model.d_model",
     "model.num_layers",
+    "model.scan_unroll",
     "model.num_heads",
     "model.num_kv_heads",
     "model.head_dim",

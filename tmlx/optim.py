@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -35,19 +36,25 @@ def _decay_mask(params):
   return jax.tree.map_with_path(decay, params)
 
 
+def clip_by_global_norm(grads, norm: jax.Array, max_norm: float):
+  """Scales `grads` down to global norm `max_norm` (≤ 0 disables). The train step passes the norm
+  it already computed for its metrics, so the gradients are reduced once, not twice."""
+  if max_norm <= 0:
+    return grads
+  scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+  return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+
+
 def make_optimizer(opt_config, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW on the schedule. Global-norm clipping (opt_config.clip_norm) happens in the train step,
+  before this transformation, with `clip_by_global_norm`."""
   schedule = learning_rate_schedule(opt_config, num_steps)
-  parts = []
-  if opt_config.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(opt_config.clip_norm))
-  parts.append(
-    optax.adamw(
-      schedule,
-      b1=opt_config.b1,
-      b2=opt_config.b2,
-      eps=opt_config.eps,
-      weight_decay=opt_config.weight_decay,
-      mask=_decay_mask,
-    )
+  tx = optax.adamw(
+    schedule,
+    b1=opt_config.b1,
+    b2=opt_config.b2,
+    eps=opt_config.eps,
+    weight_decay=opt_config.weight_decay,
+    mask=_decay_mask,
   )
-  return optax.chain(*parts), schedule
+  return tx, schedule

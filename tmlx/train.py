@@ -31,7 +31,7 @@ from tmlx.losses import LossConfig, loss_sums, target_counts
 from tmlx.metrics import MetricWriter, Progress
 from tmlx.nn.model import InteractionModel, ModelConfig, count_parameters
 from tmlx.nn.moe import balance_bias_update
-from tmlx.optim import make_optimizer
+from tmlx.optim import clip_by_global_norm, make_optimizer
 
 
 @flax.struct.dataclass
@@ -51,6 +51,7 @@ class StepConfig:
   schedule: optax.Schedule
   loss: LossConfig
   grad_accum_steps: int
+  clip_norm: float
   bias_update_rate: float
   seed: int
   mesh: Any
@@ -114,13 +115,17 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
       carry = jax.tree.map(jnp.add, carry, (loss, grads, aux))
       return carry, None
 
-    micro = _micro_batches(batch, n)
-    first = jax.tree.map(lambda x: x[0], micro)
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, key))
-    zero = (zero[0][0], zero[1], zero[0][1])
-    (loss, grads, (sums, moe)), _ = jax.lax.scan(accumulate, zero, (micro, jnp.arange(n)))
+    if n == 1:  # no accumulation buffers: they cost a pass over all gradients
+      (loss, (sums, moe)), grads = grad_fn(state.params, batch, jax.random.fold_in(key, 0))
+    else:
+      micro = _micro_batches(batch, n)
+      first = jax.tree.map(lambda x: x[0], micro)
+      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, key))
+      zero = (zero[0][0], zero[1], zero[0][1])
+      (loss, grads, (sums, moe)), _ = jax.lax.scan(accumulate, zero, (micro, jnp.arange(n)))
 
     grad_norm = optax.tree.norm(grads)
+    grads = clip_by_global_norm(grads, grad_norm, sc.clip_norm)
     updates, opt_state = sc.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model_state = _update_router_biases(state.model_state, moe.expert_load / n, sc.bias_update_rate)
@@ -204,6 +209,7 @@ def step_config(config: ml_collections.ConfigDict, spec: StateSpec, mesh, rules)
     schedule=spec.schedule,
     loss=loss_config(config),
     grad_accum_steps=config.optimizer.grad_accum_steps,
+    clip_norm=config.optimizer.clip_norm,
     bias_update_rate=config.model.moe.bias_update_rate,
     seed=config.seed,
     mesh=mesh,

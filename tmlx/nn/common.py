@@ -108,11 +108,12 @@ def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.
   return create(rngs)
 
 
-def scan_modules(stacked: nnx.Module, fn: Callable, carry, *, remat_policy=None):
+def scan_modules(stacked: nnx.Module, fn: Callable, carry, *, remat_policy=None, unroll: int = 1):
   """Applies `fn(module, carry) -> (carry, out)` for each stacked copy in order (lax.scan).
 
   Returns the final carry and the per-copy outputs stacked on a leading axis. `remat_policy` is
-  None (no rematerialization) or a `jax.checkpoint` policy (`'full'` for no saved values).
+  None (no rematerialization) or a `jax.checkpoint` policy (`'full'` for no saved values);
+  `unroll` copies run per loop iteration (1: compile time independent of the count).
   """
   graphdef, state = nnx.split(stacked)
 
@@ -121,4 +122,4 @@ def scan_modules(stacked: nnx.Module, fn: Callable, carry, *, remat_policy=None)
 
   if remat_policy is not None:
     body = jax.checkpoint(body, policy=None if remat_policy == "full" else remat_policy)
-  return jax.lax.scan(body, carry, state)
+  return jax.lax.scan(body, carry, state, unroll=unroll)

@@ -51,6 +51,7 @@ class ModelConfig:
   param_dtype: str
   compute_dtype: str
   remat: str
+  scan_unroll: int
   moe: MoEConfig
   flow: FlowConfig
 
@@ -140,7 +141,11 @@ class InteractionModel(nnx.Module):
     rope = rope_angles(batch["positions"], cfg.head_dim, cfg.rope_theta)
     token_mask = seg > 0
     x, stats = scan_modules(
-      self.blocks, lambda blk, c: blk(c, mask, rope, token_mask), x, remat_policy=REMAT_POLICIES[cfg.remat]
+      self.blocks,
+      lambda blk, c: blk(c, mask, rope, token_mask),
+      x,
+      remat_policy=REMAT_POLICIES[cfg.remat],
+      unroll=cfg.scan_unroll,
     )
     return ModelOutput(hidden=self.final_norm(x), moe=stats)
 
