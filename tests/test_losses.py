@@ -4,6 +4,7 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from data_pipelines import Kind
@@ -59,6 +60,7 @@ def test_gradient_accumulation_equals_the_full_batch():
   # up in the parameters unamplified (a small epsilon turns tiny gradients into ±lr steps).
   config.optimizer.eps = 1.0
   config.optimizer.weight_decay = 0.0
+  config.model.moe.bias_update_rate = 0.01  # the balancing biases move after the step
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_table(config.mesh.rules)
   spec = train.state_spec(config, mesh, rules)
@@ -75,6 +77,12 @@ def test_gradient_accumulation_equals_the_full_batch():
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
   assert int(s2.step) == 1
+  # Aux-loss-free balancing: every layer's bias moved by ±rate, against that layer's load.
+  bias = np.asarray(s1.model_state["blocks"]["moe"]["router_bias"])
+  np.testing.assert_array_equal(bias, np.asarray(s2.model_state["blocks"]["moe"]["router_bias"]))
+  load = np.asarray(m1["moe/expert_load"])
+  np.testing.assert_allclose(bias, 0.01 * np.sign(load.mean(axis=-1, keepdims=True) - load), rtol=1e-6)
+  assert np.abs(bias).max() == pytest.approx(0.01)
   before, after = state.params["blocks"], s1.params["blocks"]
   moved = [bool(np.any(a != b)) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))]
   assert all(moved), "every decoder parameter should move in one step"
