@@ -17,15 +17,14 @@ from orbax.checkpoint import checkpoint_managers
 
 
 class Checkpointer:
-  """Saves {state, config} every `every` steps into `directory`, keeping the latest `keep`."""
+  """Saves {state, config} into `directory` when asked (the train loop decides when), keeping the
+  latest `keep`."""
 
-  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool):
+  def __init__(self, directory: str, *, keep: int, async_save: bool):
     self.directory = os.path.abspath(directory)
-    self.every = every
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        save_interval_steps=max(every, 1),
         preservation_policy=checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
@@ -36,14 +35,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, config: dict, *, force: bool = False) -> bool:
-    """Starts a save of `state` (a pytree of global arrays) if `step` is due or `force`."""
-    if self.every <= 0 and not force:
-      return False
-    return self._manager.save(
+  def save(self, step: int, state, config: dict) -> None:
+    """Starts a save of `state` (a pytree of global arrays) and the resolved `config`."""
+    self._manager.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)),
-      force=force,
+      force=True,
     )
 
   def restore(self, step: int, abstract_state):

@@ -15,14 +15,17 @@ import ml_collections
 from data_pipelines.contract import PATCH_SIZE, min_positions_per_micro_turn
 from experiments import base
 from tmlx import sharding
+from tmlx.nn.flow_head import T_SAMPLINGS
+from tmlx.nn.model import DTYPES, REMAT_POLICIES
+from tmlx.nn.moe import ROUTER_SCORES, TRANSPORTS
 
 CHOICES = {
   "model.param_dtype": ("float32", "bfloat16"),
-  "model.compute_dtype": ("float32", "bfloat16", "float16"),
-  "model.remat": ("none", "full", "dots"),
-  "model.flow.t_sampling": ("logit_normal", "uniform"),
-  "model.moe.router_score": ("softmax", "sigmoid"),
-  "model.moe.transport": ("local", "all_to_all", "ragged"),
+  "model.compute_dtype": tuple(DTYPES),
+  "model.remat": tuple(REMAT_POLICIES),
+  "model.flow.t_sampling": T_SAMPLINGS,
+  "model.moe.router_score": ROUTER_SCORES,
+  "model.moe.transport": TRANSPORTS,
   "data.source": ("synthetic",),
 }
 

@@ -262,7 +262,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # Restore (latest checkpoint in the workdir) or initialize from scratch, sharded.
   ckpt = Checkpointer(
     os.path.join(workdir, "checkpoints"),
-    every=config.checkpoint.every,
     keep=config.checkpoint.keep,
     async_save=config.checkpoint.async_save,
   )
@@ -341,7 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         _warn_about(step, m, config)
         last_metrics = m
       if every(step, config.checkpoint.every, last=num_steps if config.checkpoint.every > 0 else None):
-        ckpt.save(step, state, resolved, force=True)
+        ckpt.save(step, state, resolved)
   finally:
     ckpt.close()
     writer.close()

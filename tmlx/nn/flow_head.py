@@ -19,6 +19,7 @@ from flax import nnx
 from tmlx.nn.common import Dense, Dtypes, layer_norm, scan_modules, stack_modules, zeros_init
 
 TIME_FEATURES = 256
+T_SAMPLINGS = ("logit_normal", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,7 @@ class FlowConfig:
   width: int
   depth: int
   num_draws: int
-  t_sampling: str  # 'logit_normal' | 'uniform'
+  t_sampling: str  # one of T_SAMPLINGS
   sigma_min: float
 
 
@@ -82,7 +83,7 @@ def sample_t(key: jax.Array, shape, how: str) -> jax.Array:
     return jax.nn.sigmoid(jax.random.normal(key, shape))
   if how == "uniform":
     return jax.random.uniform(key, shape)
-  raise ValueError(f"flow t_sampling={how!r}: expected 'logit_normal' or 'uniform'")
+  raise ValueError(f"flow t_sampling={how!r}: expected one of {T_SAMPLINGS}")
 
 
 def flow_matching_loss(head: FlowHead, h: jax.Array, x1: jax.Array, key: jax.Array) -> jax.Array:
