@@ -43,7 +43,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,12 +127,10 @@ def tmlx_candidate(name: str, config: ml_collections.ConfigDict) -> Candidate:
 
 
 def synthetic_batch(config: ml_collections.ConfigDict) -> dict:
-  """The global batch of step 0 from the configured source (as tests/helpers.py builds it)."""
+  """The global batch of step 0 from the configured source."""
   import data_pipelines
 
-  source = data_pipelines.make_source(config)
-  rows = [source.row(0, r) for r in range(config.data.global_batch_size)]
-  return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+  return {k: jnp.asarray(v) for k, v in data_pipelines.stacked_rows(config).items()}
 
 
 # --- (c) the dense reference, plain JAX ---------------------------------------------------------

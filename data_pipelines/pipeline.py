@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grain
 import ml_collections
+import numpy as np
 
 from data_pipelines.contract import RowSpec
 from data_pipelines.synthetic import SyntheticSource, SyntheticSpec
@@ -40,6 +41,14 @@ def make_source(config: ml_collections.ConfigDict):
       )
     )
   raise ValueError(f"config.data.source={d.source!r} is not a known source; known: 'synthetic'")
+
+
+def stacked_rows(config: ml_collections.ConfigDict, step: int = 0, rows: int | None = None) -> dict[str, np.ndarray]:
+  """Rows 0..rows-1 of `step` (default: the whole global batch) from the configured source, stacked
+  into one host batch, without Grain: for tests and benchmarks."""
+  source = make_source(config)
+  per_row = [source.row(step, r) for r in range(rows or config.data.global_batch_size)]
+  return {k: np.stack([r[k] for r in per_row]) for k in per_row[0]}
 
 
 def make_dataset(

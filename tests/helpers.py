@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
-import numpy as np
 
 import data_pipelines
 from tmlx.nn.model import ModelConfig
@@ -32,10 +31,7 @@ def tiny_model_config(**overrides) -> ModelConfig:
 
 def synthetic_batch(config, step: int = 0, rows: int | None = None) -> dict:
   """A host batch of `rows` rows from the configured synthetic source, as jnp arrays."""
-  source = data_pipelines.make_source(config)
-  rows = rows or config.data.global_batch_size
-  per_row = [source.row(step, r) for r in range(rows)]
-  return {k: jnp.asarray(np.stack([r[k] for r in per_row])) for k in per_row[0]}
+  return {k: jnp.asarray(v) for k, v in data_pipelines.stacked_rows(config, step, rows).items()}
 
 
 def tiny_model(seed: int = 0, **overrides):
