@@ -44,21 +44,19 @@ class LossSums:
   audio_overflow: jax.Array
 
 
+def _shift_left(x: jax.Array) -> jax.Array:
+  """x[:, p] ← x[:, p+1] (what position p predicts); the last position gets zeros (PAD, no segment)."""
+  return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+
+
 def next_position_targets(kind: jax.Array, segment_ids: jax.Array, target_kind: Kind) -> jax.Array:
   """[B, S] bool: position p whose successor p+1 is a `target_kind` in the same segment."""
-  nxt_kind = jnp.concatenate([kind[:, 1:], jnp.zeros_like(kind[:, :1])], axis=1)
-  nxt_seg = jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1)
-  return (nxt_kind == target_kind) & (nxt_seg == segment_ids) & (segment_ids > 0)
+  return (_shift_left(kind) == target_kind) & (_shift_left(segment_ids) == segment_ids) & (segment_ids > 0)
 
 
 def _first_n(mask: jax.Array, n: int) -> jax.Array:
   """Keeps the first n True positions of each row of mask [B, S]."""
   return mask & (jnp.cumsum(mask, axis=1) <= n)
-
-
-def _shift_left(x: jax.Array) -> jax.Array:
-  """x[:, p] ← x[:, p+1] (the target of position p); the last position wraps (never a target)."""
-  return jnp.concatenate([x[:, 1:], x[:, :1]], axis=1)
 
 
 def text_target_weights(batch: dict, cfg: LossConfig) -> tuple[jax.Array, jax.Array]:
