@@ -1,17 +1,27 @@
-"""Data pipelines that produce the packed-batch contract (`data_pipelines.contract`)."""
+"""Data pipelines that produce the packed-batch contract (`data_pipelines.contract`).
 
-from data_pipelines.contract import Kind, RowSpec, check_batch, min_positions_per_micro_turn
-from data_pipelines.pipeline import make_dataset, make_source, row_spec, stacked_rows
-from data_pipelines.tokenizer import ByteTokenizer
+Names are imported on first use, so that `python -m data_pipelines.<module>` commands run their
+module once.
+"""
 
-__all__ = [
-  "ByteTokenizer",
-  "Kind",
-  "RowSpec",
-  "check_batch",
-  "make_dataset",
-  "make_source",
-  "min_positions_per_micro_turn",
-  "row_spec",
-  "stacked_rows",
-]
+import importlib
+
+_EXPORTS = {
+  "ByteTokenizer": "data_pipelines.tokenizer",
+  "Kind": "data_pipelines.contract",
+  "RowSpec": "data_pipelines.contract",
+  "check_batch": "data_pipelines.contract",
+  "make_dataset": "data_pipelines.pipeline",
+  "make_source": "data_pipelines.pipeline",
+  "make_tokenizer": "data_pipelines.tokenizer",
+  "min_positions_per_micro_turn": "data_pipelines.contract",
+  "row_spec": "data_pipelines.pipeline",
+  "stacked_rows": "data_pipelines.pipeline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'data_pipelines' has no attribute {name!r}")

@@ -54,11 +54,29 @@ WRITER_OPTIONS = "group_size:1,zstd:3"  # one record per chunk: random access re
 
 _AUDIO_DTYPES = ("<i2", "<f4")
 
+# Why an input was rejected: the keys of the per-reason skip counters of builders and pipelines.
+SKIP_REASONS = (
+  "schema",  # not a tmlx episode, or a malformed header or manifest
+  "corrupt",  # unreadable ArrayRecord shard or chunk
+  "sample_rate",
+  "length",  # audio lengths disagree with each other or with the duration
+  "non_finite",  # NaN/Inf audio samples
+  "audio_range",  # float audio outside [-1, 1]
+  "timestamps",  # out of range or not monotonic
+  "token_range",  # a token id >= model.vocab_size
+  "frame_size",  # video frames not of the configured size
+  "transcript",  # unparseable transcript
+  "video",  # undecodable video file
+  "duplicate",  # two episodes with one id
+)
+
 
 class DataError(ValueError):
-  """Bad input data. `reason` is a short key for skip counters; the message names where and what."""
+  """Bad input data. `reason` (one of SKIP_REASONS) keys skip counters; the message names where and what."""
 
   def __init__(self, reason: str, where: str, message: str):
+    if reason not in SKIP_REASONS:
+      raise ValueError(f"DataError reason {reason!r} is not one of {SKIP_REASONS}")
     super().__init__(f"{where}: {message}")
     self.reason = reason
     self.where = where

@@ -1,17 +1,27 @@
 """Grain pipelines that yield process-local batches in the packed-batch contract.
 
-The row at (step, row) is a pure function of the seed and those two indices, so resuming needs
-only the step, and every process computes exactly its own rows of the global batch.
+The row at (step, row) is a pure function of the seed, the data spec and those two indices, so
+resuming needs only the step, every process computes exactly its own rows of the global batch, and
+worker processes (`data.num_workers`) change the speed, never the output.
 """
 
 from __future__ import annotations
+
+import pathlib
 
 import grain
 import ml_collections
 import numpy as np
 
+from data_pipelines.align import AlignSpec
 from data_pipelines.contract import RowSpec
+from data_pipelines.episode_source import EpisodeSource, EpisodeSourceSpec, empty_stats, parse_mixture
 from data_pipelines.synthetic import SyntheticSource, SyntheticSpec
+from data_pipelines.tokenizer import make_tokenizer
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SOURCES = ("synthetic", "episodes")
+ON_ERROR = ("raise", "skip")
 
 
 def row_spec(config: ml_collections.ConfigDict) -> RowSpec:
@@ -40,7 +50,36 @@ def make_source(config: ml_collections.ConfigDict):
         frame_width=d.frame_width,
       )
     )
-  raise ValueError(f"config.data.source={d.source!r} is not a known source; known: 'synthetic'")
+  if d.source == "episodes":
+    return EpisodeSource(
+      EpisodeSourceSpec(
+        row=row_spec(config),
+        seed=config.seed,
+        mixture=tuple(parse_mixture(d.mixture, root=PROJECT_ROOT)),
+        align=AlignSpec(
+          k_max=d.k_max,
+          text_only_k_max=d.text_only_k_max,
+          frame_height=d.frame_height,
+          frame_width=d.frame_width,
+          vocab_size=config.model.vocab_size,
+        ),
+        causal=d.audio_causal,
+        max_window=d.max_window,
+        on_error=d.on_error,
+        cache_size=d.episode_cache,
+      ),
+      make_tokenizer(d.tokenizer),
+    )
+  raise ValueError(f"config.data.source={d.source!r} is not a known source; known: {SOURCES}")
+
+
+def _row_and_stats(source, step: int, index: int) -> tuple[dict, dict]:
+  if isinstance(source, EpisodeSource):
+    return source.row_and_stats(step, index)
+  stats = empty_stats()
+  row = source.row(step, index)
+  stats["windows"] += int(row["segment_ids"].max(initial=0))
+  return row, stats
 
 
 def stacked_rows(config: ml_collections.ConfigDict, step: int = 0, rows: int | None = None) -> dict[str, np.ndarray]:
@@ -59,10 +98,11 @@ def make_dataset(
   process_index: int,
   process_count: int,
 ) -> grain.IterDataset:
-  """Batches for steps [start_step, num_steps), each holding this process's rows.
+  """(batch, stats) for steps [start_step, num_steps), each batch holding this process's rows.
 
-  Every batch is a dict of numpy arrays of shape [global_batch / process_count, ...] (see
-  `data_pipelines.contract`).
+  A batch is a dict of numpy arrays of shape [global_batch / process_count, ...] (see
+  `data_pipelines.contract`); stats holds this process's counts, summed over its rows, of windows
+  packed and bad episodes skipped per reason (`episode_source.STAT_KEYS`).
   """
   global_batch = config.data.global_batch_size
   if global_batch % process_count:
@@ -70,11 +110,18 @@ def make_dataset(
   local = global_batch // process_count
   source = make_source(config)
 
-  def make_row(i: int) -> dict:
+  def make_row(i: int) -> tuple[dict, dict]:
     step, r = divmod(i, local)
-    return source.row(step, process_index * local + r)
+    return _row_and_stats(source, step, process_index * local + r)
 
-  ds = (grain.MapDataset.range(num_steps * local).map(make_row).batch(local, drop_remainder=True))[start_step:]
-  return ds.to_iter_dataset(
+  def sum_stats(element):
+    batch, stats = element
+    return batch, {k: v.sum() for k, v in stats.items()}
+
+  ds = grain.MapDataset.range(num_steps * local).map(make_row).batch(local, drop_remainder=True).map(sum_stats)
+  ds = ds[start_step:].to_iter_dataset(
     grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
   )
+  if config.data.num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  return ds

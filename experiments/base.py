@@ -131,8 +131,29 @@ def get_config(arg=None):
   c.mesh.rules = DEFAULT_RULES
 
   c.data = mlc.ConfigDict()
-  # Row source: 'synthetic' (learnable synthetic conversations).
+  # Row source: 'episodes' (episode datasets built by `python -m data_pipelines.build`) or
+  # 'synthetic' (learnable synthetic conversations, no files needed).
   c.data.source = "synthetic"
+  # For 'episodes': the datasets and their weights, "DIR:WEIGHT,DIR:WEIGHT,..." (each row is drawn
+  # from one dataset by weight). A relative DIR is looked up in the working directory, then in the
+  # project root (where the sample corpus lives, under data/sample/).
+  c.data.mixture = ""
+  # Text tokenizer: 'byte', or 'sentencepiece:PATH' for a model trained with
+  # `python -m data_pipelines.tokenizer train`. Its ids must be < model.vocab_size.
+  c.data.tokenizer = "byte"
+  # dMel framing: causal (each frame reads only past samples, as the streaming session does) or
+  # the centered reference framing.
+  c.data.audio_causal = True
+  # Micro-turns per window cropped from an episode; 0: as many as fit the row.
+  c.data.max_window = 0
+  # Bad episodes: 'raise' stops at the first, naming file, record and field; 'skip' draws another
+  # and counts the bad one per reason (logged as data/skipped_*).
+  c.data.on_error = "skip"
+  # With 'skip': training stops when the skipped fraction of episode draws passes this (checked
+  # once 100 draws have been made).
+  c.data.max_skip_ratio = 0.01
+  # Decoded, aligned episodes cached per process (or worker).
+  c.data.episode_cache = 64
   # Positions per row (S) and rows per global batch (B).
   c.data.seq_len = 256
   c.data.global_batch_size = 8
@@ -142,9 +163,14 @@ def get_config(arg=None):
   c.data.frame_width = 80
   # Most text tokens the model writes in one micro-turn before `<eot>` (K_max).
   c.data.k_max = 8
+  # K_max of text-only episodes, whose text (read at a reading rate) is denser than speech.
+  c.data.text_only_k_max = 32
   # Grain read threads and prefetched batches.
   c.data.num_threads = 2
   c.data.prefetch = 4
+  # Grain worker processes (0: threads of this process only). Rows are pure functions of their
+  # indices, so the output is the same for any count.
+  c.data.num_workers = 0
   c.data.synthetic = mlc.ConfigDict()
   # Words the synthetic user can say (word 0 is silence).
   c.data.synthetic.num_words = 12

@@ -11,11 +11,13 @@ from tests.helpers import tiny_config
 
 @pytest.fixture(scope="module")
 def config():
-  return tiny_config()
+  c = tiny_config()
+  c.data.source = "synthetic"
+  return c
 
 
 def _batches(config, **kw):
-  return list(data_pipelines.make_dataset(config, **kw))
+  return [batch for batch, _ in data_pipelines.make_dataset(config, **kw)]
 
 
 def test_rows_are_pure_functions_of_seed_step_row(config):

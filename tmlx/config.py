@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from data_pipelines import pipeline
 from data_pipelines.contract import PATCH_SIZE, min_positions_per_micro_turn
 from experiments import base
 from tmlx import sharding
@@ -26,7 +27,8 @@ CHOICES = {
   "model.flow.t_sampling": T_SAMPLINGS,
   "model.moe.router_score": ROUTER_SCORES,
   "model.moe.transport": TRANSPORTS,
-  "data.source": ("synthetic",),
+  "data.source": pipeline.SOURCES,
+  "data.on_error": pipeline.ON_ERROR,
 }
 
 
@@ -102,6 +104,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     "model.flow.num_draws",
     "data.seq_len",
     "data.global_batch_size",
+    "data.k_max",
+    "data.text_only_k_max",
     "optimizer.grad_accum_steps",
     "train.num_steps",
     "logging.every",
@@ -137,6 +141,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       f"config.data.seq_len={d.seq_len} is too short for one micro-turn: it needs {need} "
       f"positions (<mt>, {rows * cols} patches, 4 AUDIO_IN, <eot>, 4 AUDIO_OUT)"
     )
+  if d.source == "episodes":
+    if not d.mixture.strip():
+      raise ConfigError("config.data.mixture is empty: data.source='episodes' needs DIR:WEIGHT entries")
+    if m.frames_per_position * 4 != 16:
+      raise ConfigError(
+        f"config.model.frames_per_position={m.frames_per_position}: episode data has 16 dMel frames per "
+        "micro-turn in 4 audio positions, so it must be 4"
+      )
+  if not 0 <= d.max_skip_ratio <= 1:
+    raise ConfigError(f"config.data.max_skip_ratio={d.max_skip_ratio}: must be a fraction in [0, 1]")
   if d.global_batch_size % config.optimizer.grad_accum_steps:
     raise ConfigError(
       f"config.data.global_batch_size={d.global_batch_size} is not divisible by "

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipelines
@@ -320,11 +321,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # Loop. On any exit, in-flight checkpoint writes finish before the process goes.
   writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard)
   progress = Progress(start, num_steps)
+  data_stats = DataStats(config.data.max_skip_ratio)
   last_metrics: dict[str, float] = {}
   t_log, step_log = time.perf_counter(), start
   try:
     for step in range(start + 1, num_steps + 1):
-      local = next(data)
+      local, stats = next(data)
+      data_stats.add(stats)
       if config.train.check_batches:
         data_pipelines.check_batch(local, row, config.model.vocab_size, where=f"data batch of step {step}")
       state, metrics = compiled(state, _global_batch(local, batch_sh))
@@ -334,6 +337,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         m["step_time_s"] = (now - t_log) / (step - step_log)
         m["tokens_per_s"] = m["tokens"] / m["step_time_s"]
         m.update(_throughput(m["positions"] / m["step_time_s"], flops_per_pos, peak))
+        m.update(data_stats.metrics())
         t_log, step_log = now, step
         writer.write(step, m, arrays)
         progress.log(step, m)
@@ -345,6 +349,42 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     ckpt.close()
     writer.close()
   return last_metrics
+
+
+class DataStats:
+  """Running counts of the windows packed and the bad episodes skipped per reason, over all
+  processes; raises once the skipped fraction of draws passes `data.max_skip_ratio`."""
+
+  MIN_DRAWS = 100
+
+  def __init__(self, max_skip_ratio: float):
+    self.max_skip_ratio = max_skip_ratio
+    self.totals: dict[str, int] = {}
+
+  def add(self, local: dict) -> None:
+    keys = sorted(local)
+    counts = np.array([int(local[k]) for k in keys], np.int64)
+    if jax.process_count() > 1:
+      counts = multihost_utils.process_allgather(counts).sum(axis=0)
+    for k, v in zip(keys, counts):
+      self.totals[k] = self.totals.get(k, 0) + int(v)
+    skipped = self.skipped()
+    draws = skipped + self.totals.get("windows", 0)
+    if skipped and draws >= self.MIN_DRAWS and skipped / draws > self.max_skip_ratio:
+      reasons = ", ".join(f"{k.removeprefix('skipped_')}: {v}" for k, v in self.totals.items() if k != "windows" and v)
+      raise RuntimeError(
+        f"data: {skipped} of {draws} episode draws were bad and skipped ({skipped / draws:.1%}), more than "
+        f"config.data.max_skip_ratio={self.max_skip_ratio}; by reason: {reasons}. Rerun with "
+        "--config.data.on_error=raise to see the first error in full."
+      )
+
+  def skipped(self) -> int:
+    return sum(v for k, v in self.totals.items() if k != "windows")
+
+  def metrics(self) -> dict[str, float]:
+    out = {f"data/{k}": float(v) for k, v in self.totals.items() if k == "windows" or v}
+    out["data/skipped"] = float(self.skipped())
+    return out
 
 
 def _host_metrics(raw: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:

@@ -1,0 +1,138 @@
+"""Alignment of an episode into micro-turns (MODEL_SPEC.md §3), without touching its audio.
+
+Micro-turn t reads window t (200 ms) of the user stream and writes window t+1 of the model
+stream:
+
+    I_t  <mt>  [<bg_result> .. </bg_result>]*  [<user_text> .. </user_text>]*  [PATCH x P]  [AUDIO_IN x 4]
+    O_t  TEXT_OUT x k  <eot>  [AUDIO_OUT x 4]
+
+An event belongs to the window its time falls in: background results and typed text of window t
+go to I_t; the model's words (by start time) and `<bg_call>` spans of window t+1 go to O_t, at
+most K_max tokens per micro-turn, the overflow carried to the next micro-turn. The video frame of
+window t is the first frame whose time falls in it. Text-only episodes (no audio) have no audio
+positions and use their own K_max, since text read at a reading rate is denser than speech.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, PATCH_SIZE
+from data_pipelines.episode import MICRO_TURN_SECONDS, DataError, Episode
+from data_pipelines.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignSpec:
+  """Static alignment settings (config `data`)."""
+
+  k_max: int
+  text_only_k_max: int
+  frame_height: int
+  frame_width: int
+  vocab_size: int
+
+  @property
+  def patches_per_frame(self) -> int:
+    return (self.frame_height // PATCH_SIZE) * (self.frame_width // PATCH_SIZE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Token-level layout of every micro-turn of one episode.
+
+  `in_text[t]` are the TEXT_IN tokens of I_t, `out_text[t]` the TEXT_OUT tokens of O_t ending
+  with `<eot>`, `frame[t]` the index of window t's frame in `episode.frames` (-1: none) and
+  `sizes[t]` the positions micro-turn t takes. `carried_over` counts tokens still waiting for
+  room when the episode ends (they are not in any micro-turn).
+  """
+
+  in_text: list[list[int]]
+  out_text: list[list[int]]
+  frame: np.ndarray
+  sizes: np.ndarray
+  has_audio: bool
+  patches_per_frame: int
+  carried_over: int
+
+  def __len__(self) -> int:
+    return len(self.sizes)
+
+
+def window_of(time: float) -> int:
+  """The 200 ms window a time in seconds falls in (robust to float error at the boundaries)."""
+  return int(math.floor(time / MICRO_TURN_SECONDS + 1e-6))
+
+
+def align(ep: Episode, tokenizer: Tokenizer, spec: AlignSpec, where: str) -> Layout:
+  """Lays out every micro-turn of `ep`; raises DataError naming `where` for tokens past the vocab
+  or frames of the wrong size."""
+  n = ep.num_micro_turns
+  special = tokenizer.special
+  eot = special("<eot>")
+
+  def encode(text: str, field: str) -> list[int]:
+    ids = tokenizer.encode(text)
+    if ids and max(ids) >= spec.vocab_size:
+      raise DataError(
+        "token_range",
+        where,
+        f"field {field!r}: text {text!r} has token id {max(ids)} >= model.vocab_size={spec.vocab_size} "
+        "(is data.tokenizer the one the model was built for?)",
+      )
+    return ids
+
+  in_text: list[list[int]] = [[] for _ in range(n)]
+  for events, name, open_, close in (
+    (ep.bg_results, "bg_results", "<bg_result>", "</bg_result>"),
+    (ep.typed_text, "typed_text", "<user_text>", "</user_text>"),
+  ):
+    for e in events:
+      t = window_of(e.time)
+      if t < n:
+        in_text[t] += [special(open_), *encode(e.text, name), special(close)]
+
+  # Model text by output window: words (a space before all but the first) and <bg_call> spans.
+  arrivals: list[list[tuple[float, int, list[int]]]] = [[] for _ in range(n + 1)]
+  for i, w in enumerate(ep.model_words):
+    t = window_of(w.start)
+    if t <= n:
+      arrivals[t].append((w.start, 0, encode(w.text if i == 0 else " " + w.text, "model_words")))
+  for e in ep.bg_calls:
+    t = window_of(e.time)
+    if t <= n:
+      arrivals[t].append((e.time, 1, [special("<bg_call>"), *encode(e.text, "bg_calls"), special("</bg_call>")]))
+  k_max = spec.k_max if ep.has_audio else spec.text_only_k_max
+  out_text: list[list[int]] = []
+  queue: list[int] = []
+  for t in range(n):
+    for _, _, ids in sorted(arrivals[t + 1], key=lambda a: (a[0], a[1])):
+      queue += ids
+    out_text.append([*queue[:k_max], eot])
+    queue = queue[k_max:]
+
+  frame = np.full(n, -1, np.int32)
+  ppf = 0
+  if ep.has_video:
+    h, w = ep.frames.shape[1:3]
+    if (h, w) != (spec.frame_height, spec.frame_width):
+      raise DataError(
+        "frame_size",
+        where,
+        f"field 'frames' is {h}x{w} pixels; config data.frame_height x data.frame_width is "
+        f"{spec.frame_height}x{spec.frame_width} (rebuild the dataset or change the config)",
+      )
+    ppf = spec.patches_per_frame
+    for i, ft in enumerate(ep.frame_times):
+      t = window_of(float(ft))
+      if t < n and frame[t] < 0:
+        frame[t] = i
+
+  audio = 2 * AUDIO_POSITIONS_PER_MICRO_TURN if ep.has_audio else 0
+  sizes = np.array(
+    [1 + len(in_text[t]) + (ppf if frame[t] >= 0 else 0) + audio + len(out_text[t]) for t in range(n)], np.int64
+  )
+  return Layout(in_text, out_text, frame, sizes, ep.has_audio, ppf, len(queue))

@@ -1,0 +1,277 @@
+"""Packed rows cropped from episode datasets, mixed by weight (the `episodes` data source).
+
+Row (step, r) is a pure function of (seed, mixture, step, r): a random generator seeded with
+those picks the row's dataset by weight, then fills the row with windows of consecutive
+micro-turns, each from an episode picked in proportion to its micro-turn count, starting at a
+uniformly picked micro-turn, until the next micro-turn does not fit (the rest is padding). Each
+window is one segment. Audio features are computed for the window only (causal dMel reads a
+short left context; see `data_pipelines.dmel`).
+
+Bad episodes: with `on_error="raise"` the first DataError stops the pipeline, naming the file,
+record and field. With `on_error="skip"` the draw is counted under its reason (`stats`) and the
+generator draws again, so the row stays a pure function of its indices; the train loop logs the
+counts and stops when the skipped fraction passes `data.max_skip_ratio`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import os
+import pathlib
+import threading
+
+import numpy as np
+
+from data_pipelines import dmel, video
+from data_pipelines.align import AlignSpec, Layout, align
+from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, Kind, RowSpec
+from data_pipelines.episode import SKIP_REASONS, DataError, Episode, EpisodeReader
+from data_pipelines.tokenizer import Tokenizer
+
+FRAMES_PER_MICRO_TURN = 16  # dMel frames (12.5 ms) per 200 ms window
+_MAX_CONSECUTIVE_SKIPS = 1000
+STAT_KEYS = ("windows", *(f"skipped_{r}" for r in SKIP_REASONS))
+
+
+def empty_stats() -> dict[str, np.ndarray]:
+  return {k: np.zeros((), np.int64) for k in STAT_KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureEntry:
+  path: str
+  weight: float
+
+
+def parse_mixture(spec: str, root: str | os.PathLike | None = None) -> list[MixtureEntry]:
+  """Parses config `data.mixture`: "DIR:WEIGHT,DIR:WEIGHT,..." (a bare DIR has weight 1).
+
+  A relative DIR is looked up in the working directory, then under `root` (the project root, where
+  the sample corpus lives).
+  """
+  entries = []
+  for part in (p.strip() for p in spec.split(",")):
+    if not part:
+      continue
+    path, sep, weight = part.rpartition(":")
+    if not sep:
+      path, weight = part, "1"
+    try:
+      w = float(weight)
+    except ValueError:
+      raise ValueError(f"config data.mixture: weight {weight!r} of {path!r} is not a number") from None
+    if not w > 0:
+      raise ValueError(f"config data.mixture: weight of {path!r} is {w}; weights must be positive")
+    p = pathlib.Path(path)
+    if not p.is_absolute() and not p.exists() and root is not None and (pathlib.Path(root) / p).exists():
+      p = pathlib.Path(root) / p
+    entries.append(MixtureEntry(str(p), w))
+  if not entries:
+    raise ValueError("config data.mixture is empty; give one or more DIR:WEIGHT entries")
+  return entries
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeSourceSpec:
+  row: RowSpec
+  seed: int
+  mixture: tuple[MixtureEntry, ...]
+  align: AlignSpec
+  causal: bool
+  max_window: int  # micro-turns per window; 0: as many as fit
+  on_error: str  # "raise" | "skip"
+  cache_size: int  # decoded episodes kept per process (or worker)
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+  """`length` micro-turns of episode `episode` of dataset `dataset`, from micro-turn `start`."""
+
+  dataset: int
+  episode: int
+  start: int
+  length: int
+
+
+class EpisodeSource:
+  """Rows in the packed-batch contract from a weighted mixture of episode datasets."""
+
+  def __init__(self, spec: EpisodeSourceSpec, tokenizer: Tokenizer):
+    if spec.row.frames_per_position * AUDIO_POSITIONS_PER_MICRO_TURN != FRAMES_PER_MICRO_TURN:
+      raise ValueError(
+        f"config model.frames_per_position={spec.row.frames_per_position}: episode data has "
+        f"{FRAMES_PER_MICRO_TURN} dMel frames per micro-turn in {AUDIO_POSITIONS_PER_MICRO_TURN} audio positions, "
+        f"so it must be {FRAMES_PER_MICRO_TURN // AUDIO_POSITIONS_PER_MICRO_TURN}"
+      )
+    if spec.on_error not in ("raise", "skip"):
+      raise ValueError(f"config data.on_error={spec.on_error!r}: expected 'raise' or 'skip'")
+    self.spec = spec
+    self.tokenizer = tokenizer
+    self.readers = [EpisodeReader(m.path) for m in spec.mixture]
+    weights = np.array([m.weight for m in spec.mixture], np.float64)
+    self._dataset_p = weights / weights.sum()
+    self._episode_p = []
+    for m, reader in zip(spec.mixture, self.readers):
+      counts = np.array([e.num_micro_turns for e in reader.episodes], np.float64)
+      if counts.sum() == 0:
+        raise ValueError(f"config data.mixture: dataset {m.path} has no episode with a whole micro-turn")
+      self._episode_p.append(counts / counts.sum())
+    parts = [f"{p:.6f}:{r.fingerprint()}" for p, r in zip(self._dataset_p, self.readers)]
+    self.fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    self._key = int(self.fingerprint[:8], 16)
+    tok = tokenizer.special
+    self._mt = tok("<mt>")
+    self._init_cache()
+
+  def _init_cache(self):
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state["_cache"], state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init_cache()
+
+  # -- episodes ------------------------------------------------------------------------------
+
+  def load(self, dataset: int, episode: int) -> tuple[Episode, Layout]:
+    """Reads, validates and aligns one episode (cached); raises DataError when it is bad."""
+    key = (dataset, episode)
+    with self._lock:
+      if key in self._cache:
+        self._cache.move_to_end(key)
+        hit = self._cache[key]
+        if isinstance(hit, DataError):
+          raise hit
+        return hit
+    reader = self.readers[dataset]
+    try:
+      ep = reader.read(episode)
+      info = reader.episodes[episode]
+      where = f"{reader.directory / info.shard} record {info.index} (episode {info.id!r})"
+      value: tuple | DataError = (ep, align(ep, self.tokenizer, self.spec.align, where))
+    except DataError as e:
+      value = e
+    with self._lock:
+      self._cache[key] = value
+      while len(self._cache) > max(self.spec.cache_size, 1):
+        self._cache.popitem(last=False)
+    if isinstance(value, DataError):
+      raise value
+    return value
+
+  # -- planning ------------------------------------------------------------------------------
+
+  def dataset_of(self, step: int, index: int) -> int:
+    """The mixture entry row (step, index) is drawn from (its generator's first draw)."""
+    return int(self._rng(step, index).choice(len(self.readers), p=self._dataset_p))
+
+  def _rng(self, step: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([self.spec.seed, self._key, step, index])
+
+  def plan(self, step: int, index: int) -> tuple[list[Window], dict[str, np.ndarray]]:
+    """The windows that fill row (step, index), and the counts of windows used and skipped."""
+    rng = self._rng(step, index)
+    d = int(rng.choice(len(self.readers), p=self._dataset_p))
+    stats = empty_stats()
+    windows: list[Window] = []
+    room = self.spec.row.seq_len
+    patch_room = self.spec.row.max_patches
+    skips = 0
+    while True:
+      e = int(rng.choice(len(self._episode_p[d]), p=self._episode_p[d]))
+      try:
+        _, layout = self.load(d, e)
+      except DataError as err:
+        if self.spec.on_error == "raise":
+          raise
+        stats[f"skipped_{err.reason}"] += 1
+        skips += 1
+        if skips >= _MAX_CONSECUTIVE_SKIPS:
+          raise DataError(err.reason, err.where, f"{skips} bad episodes drawn in a row; last: {err}") from None
+        continue
+      skips = 0
+      start = int(rng.integers(0, len(layout)))
+      stop = len(layout) if self.spec.max_window <= 0 else min(len(layout), start + self.spec.max_window)
+      n = 0
+      for t in range(start, stop):
+        p = layout.patches_per_frame if layout.frame[t] >= 0 else 0
+        if layout.sizes[t] > room or p > patch_room:
+          break
+        room -= int(layout.sizes[t])
+        patch_room -= p
+        n += 1
+      if n == 0:
+        return windows, stats
+      windows.append(Window(d, e, start, n))
+      stats["windows"] += 1
+
+  # -- rows ----------------------------------------------------------------------------------
+
+  def row(self, step: int, index: int) -> dict[str, np.ndarray]:
+    return self.row_and_stats(step, index)[0]
+
+  def row_and_stats(self, step: int, index: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    windows, stats = self.plan(step, index)
+    out = self.spec.row.empty_row()
+    pos = num_patches = 0
+    for segment, w in enumerate(windows, start=1):
+      pos, num_patches = self._write_window(out, w, segment, pos, num_patches)
+    return out, stats
+
+  def _write_window(self, out: dict, w: Window, segment: int, pos: int, num_patches: int) -> tuple[int, int]:
+    ep, layout = self.load(w.dataset, w.episode)
+    a = AUDIO_POSITIONS_PER_MICRO_TURN
+    f = FRAMES_PER_MICRO_TURN // a
+    if layout.has_audio:
+      frames = FRAMES_PER_MICRO_TURN * w.length
+      heard = dmel.dmel_bins(
+        ep.user_audio, causal=self.spec.causal, start_frame=FRAMES_PER_MICRO_TURN * w.start, num_frames=frames
+      ).reshape(w.length, a, f, -1)
+      spoken = dmel.log_mel(
+        ep.model_audio, causal=self.spec.causal, start_frame=FRAMES_PER_MICRO_TURN * (w.start + 1), num_frames=frames
+      )
+      mel = dmel.normalize(spoken).astype(np.float16).reshape(w.length, a, f, -1)
+      spoken_bins = dmel.quantize(dmel.denormalize(mel))
+    first = pos
+    for i, t in enumerate(range(w.start, w.start + w.length)):
+      begin = pos
+      out["tokens"][pos] = self._mt
+      out["kind"][pos] = Kind.MT
+      pos += 1
+      text = layout.in_text[t]
+      out["tokens"][pos : pos + len(text)] = text
+      out["kind"][pos : pos + len(text)] = Kind.TEXT_IN
+      pos += len(text)
+      if layout.frame[t] >= 0:
+        patches, rowcol = video.patchify(ep.frames[layout.frame[t]])
+        p = len(patches)
+        out["patches"][num_patches : num_patches + p] = patches
+        out["patch_rowcol"][num_patches : num_patches + p] = rowcol
+        out["patch_index"][pos : pos + p] = np.arange(num_patches, num_patches + p)
+        out["kind"][pos : pos + p] = Kind.PATCH
+        pos += p
+        num_patches += p
+      if layout.has_audio:
+        out["kind"][pos : pos + a] = Kind.AUDIO_IN
+        out["dmel"][pos : pos + a] = heard[i]
+        pos += a
+      text = layout.out_text[t]
+      out["tokens"][pos : pos + len(text)] = text
+      out["kind"][pos : pos + len(text)] = Kind.TEXT_OUT
+      pos += len(text)
+      if layout.has_audio:
+        out["kind"][pos : pos + a] = Kind.AUDIO_OUT
+        out["dmel"][pos : pos + a] = spoken_bins[i]
+        out["mel"][pos : pos + a] = mel[i]
+        pos += a
+      out["micro_turn"][begin:pos] = t
+    out["segment_ids"][first:pos] = segment
+    out["positions"][first:pos] = np.arange(pos - first)
+    return pos, num_patches
