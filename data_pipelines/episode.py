@@ -58,6 +58,9 @@ _AUDIO_DTYPES = ("<i2", "<f4")
 SKIP_REASONS = (
   "schema",  # not a tmlx episode, or a malformed header or manifest
   "corrupt",  # unreadable ArrayRecord shard or chunk
+  "audio",  # unreadable audio file, or the wrong number of channels
+  "missing",  # half of a user/model pair of files is missing
+  "empty",  # a document or recording with nothing in it
   "sample_rate",
   "length",  # audio lengths disagree with each other or with the duration
   "non_finite",  # NaN/Inf audio samples
