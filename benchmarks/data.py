@@ -34,12 +34,12 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from data_pipelines import episode as ep_lib  # noqa: E402
+from experiments.tiny import SAMPLE_MIXTURE  # noqa: E402
 
 AUDIO_TARGET = 100.0
 VIDEO_TARGET = 20.0
 HEADROOM_TARGET = 5.0
 DMEL_TARGET = 1.0
-SAMPLE_MIXTURE = "data/sample/conversations:0.6,data/sample/video:0.25,data/sample/text:0.15"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

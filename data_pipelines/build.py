@@ -26,9 +26,9 @@ An INPUT is a file, a directory (searched recursively for the kind's file types)
 
 Episode ids are the file stems (for .jsonl: `<stem>-<line number>`) and must be unique. Every episode
 is validated; a bad input is skipped and counted by its DataError reason (`--on_error=raise` raises
-instead): "corrupt" (unreadable audio), "schema" (wrong channel count), "length" (a missing or
-mismatched half of a pair, an empty document), "sample_rate", "non_finite", "transcript" (missing
-or malformed transcript or .jsonl line), "timestamps", "video" and "duplicate". Episodes are
+instead): "audio" (unreadable, or the wrong channel count), "missing" (half of a pair), "length"
+(mismatched halves of a pair), "empty" (a document with no text), "sample_rate", "non_finite",
+"transcript" (missing or malformed transcript or .jsonl line), "timestamps", "video" and "duplicate". Episodes are
 written to `--out` (shards left there by an earlier build are removed), then a summary is printed:
 `episodes written: N`, `skipped: M` and one line per reason. The exit status is non-zero when no
 episode was written.

@@ -81,8 +81,8 @@ def render(row: dict, tokenizer, path: str, title: str) -> None:
 
   text = micro_turn_text(row, tokenizer)
   patches = row["patches"][: int((row["patch_index"] >= 0).sum())]
-  fig = plt.figure(figsize=(16, 14 + 0.18 * len(text)))
-  grid = fig.add_gridspec(6, 1, height_ratios=[0.4, 2, 2, 2, 2.2, 1.5 + 0.18 * len(text)])
+  fig = plt.figure(figsize=(16, 10 + 0.13 * len(text)))
+  grid = fig.add_gridspec(6, 1, height_ratios=[0.4, 2, 2, 2, 2.2, 0.3 + 0.13 * len(text)])
   ax = fig.add_subplot(grid[0])
   ax.imshow(row["kind"][None], aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
   ax.set_yticks([])

@@ -1,4 +1,5 @@
-"""The tiny interaction model (MODEL_SPEC.md §7) on 8 fake CPU devices, mesh data=2 x expert=4.
+"""The tiny interaction model (MODEL_SPEC.md §7) on 8 fake CPU devices, mesh data=2 x expert=4,
+trained on the committed sample corpus (data/sample: conversations, video, text documents).
 
 Run:  python -m tmlx.main --config=experiments/tiny.py --workdir=/tmp/tmlx_tiny
 Smaller, for tests:  --config=experiments/tiny.py:tiny
@@ -6,11 +7,19 @@ Smaller, for tests:  --config=experiments/tiny.py:tiny
 
 from experiments import base
 
+SAMPLE_MIXTURE = "data/sample/conversations:0.6,data/sample/video:0.25,data/sample/text:0.15"
+
 
 def get_config(arg=None):
   c = base.get_config()
   # 4 layers unrolled: about 10% faster per step on CPU, same compile time at this depth.
   c.model.scan_unroll = 4
+  c.data.source = "episodes"
+  c.data.mixture = SAMPLE_MIXTURE
+  # Room for a 2x2-patch frame in every micro-turn of a row.
+  c.data.max_patches = 64
+  # Rows of text-only documents are almost all text targets.
+  c.loss.max_text_target_fraction = 1.0
   c.mesh.data = 2
   c.mesh.expert = 4
   c.runtime.cpu_devices = 8

@@ -30,7 +30,9 @@ def tiny_model_config(**overrides) -> ModelConfig:
 
 
 def synthetic_batch(config, step: int = 0, rows: int | None = None) -> dict:
-  """A host batch of `rows` rows from the configured synthetic source, as jnp arrays."""
+  """A host batch of `rows` rows from the synthetic source with `config`'s geometry, as jnp arrays."""
+  config = config.copy_and_resolve_references()
+  config.data.source = "synthetic"
   return {k: jnp.asarray(v) for k, v in data_pipelines.stacked_rows(config, step, rows).items()}
 
 

@@ -3,6 +3,8 @@
 import collections
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from data_pipelines.align import AlignSpec, align
 from data_pipelines.contract import Kind, check_batch
 from data_pipelines.episode import DataError, Episode, Event, Word
 from data_pipelines.tokenizer import ByteTokenizer
-from tests.helpers import tiny_config
+from tests.helpers import ROOT, tiny_config
 
 SR = ep_lib.SAMPLE_RATE
 MT = ep_lib.SAMPLES_PER_MICRO_TURN
@@ -340,3 +342,46 @@ def test_skip_ratio_above_the_threshold_stops_training():
   assert stats.metrics()["data/skipped_corrupt"] == 5
   with pytest.raises(RuntimeError, match=r"6 of 106 episode draws.*max_skip_ratio=0.05; by reason: corrupt: 6"):
     stats.add({"windows": np.int64(0), "skipped_corrupt": np.int64(1)})
+
+
+# -- the committed sample corpus and the inspect CLI ------------------------------------------------
+
+
+def test_sample_corpus_rows_through_the_tiny_preset():
+  c = tiny_config()
+  source = data_pipelines.make_source(c)
+  tok = ByteTokenizer()
+  kinds, text, datasets = set(), "", set()
+  for r in range(24):
+    windows, stats = source.plan(0, r)
+    datasets.add(windows[0].dataset)
+    row = source.row(0, r)
+    check_batch(row, data_pipelines.row_spec(c), c.model.vocab_size, where=f"sample row {r}")
+    kinds |= set(np.unique(row["kind"]).tolist())
+    text += tok.decode(row["tokens"][np.isin(row["kind"], (Kind.TEXT_IN, Kind.TEXT_OUT))].tolist())
+  assert kinds == set(Kind)
+  assert datasets == {0, 1, 2}
+  assert "<eot>" in text and "<user_text>" in text
+
+
+def test_inspect_cli_renders_a_row_and_prints_stats(tmp_path):
+  out = tmp_path / "row.png"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "data_pipelines.inspect",
+      "--config=experiments/tiny.py",
+      "--row=2",
+      "--rows=3",
+      f"--out={out}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "stats over 3 row(s) of 256 positions" in proc.stdout and "padding_ratio" in proc.stdout
+  assert "AUDIO_IN" in proc.stdout and "O: " in proc.stdout
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
