@@ -70,7 +70,6 @@ def generated_dataset(directory: str, n: int, seconds: float, video: bool) -> No
 
   episodes = []
   for i in range(n):
-
     frames = times = None
     if video:
       times = np.arange(0, seconds - 1e-9, 0.2)
