@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, PATCH_SIZE
-from data_pipelines.episode import MICRO_TURN_SECONDS, DataError, Episode
+from data_pipelines.episode import MICRO_TURN_SECONDS, DataError, Episode, EpisodeHeader
 from data_pipelines.tokenizer import Tokenizer
 
 
@@ -67,7 +67,7 @@ def window_of(time: float) -> int:
   return int(math.floor(time / MICRO_TURN_SECONDS + 1e-6))
 
 
-def align(ep: Episode, tokenizer: Tokenizer, spec: AlignSpec, where: str) -> Layout:
+def align(ep: Episode | EpisodeHeader, tokenizer: Tokenizer, spec: AlignSpec, where: str) -> Layout:
   """Lays out every micro-turn of `ep`; raises DataError naming `where` for tokens past the vocab
   or frames of the wrong size."""
   n = ep.num_micro_turns
@@ -117,7 +117,7 @@ def align(ep: Episode, tokenizer: Tokenizer, spec: AlignSpec, where: str) -> Lay
   frame = np.full(n, -1, np.int32)
   ppf = 0
   if ep.has_video:
-    h, w = ep.frames.shape[1:3]
+    h, w = ep.frame_shape[:2]
     if (h, w) != (spec.frame_height, spec.frame_width):
       raise DataError(
         "frame_size",

@@ -1,33 +1,42 @@
-"""Episodes: one recorded conversation, stored as one ArrayRecord record (no pickle).
+"""Episodes: one recorded conversation, stored as a run of ArrayRecord records (no pickle).
 
 An episode holds both speakers' audio (16 kHz), optional video frames with their times, word-timed
 text per speaker, optional typed user text and optional background-model calls and results, each
 with times in seconds from the start of the episode. A text-only episode has no audio and no video;
 its duration comes from its text times.
 
-Record layout, schema version 1 (all integers little-endian):
+An episode is stored as one header record followed by chunk records, each chunk holding the media
+of `chunk_windows` 200 ms windows (5 s by default), so that a training window reads only the
+chunks it covers, however long the conversation. Every record has the same layout, schema
+version 1 (all integers little-endian):
 
     bytes 0..7    magic b"TMLXEPI1"
     bytes 8..11   uint32 H, the header length
     H bytes       UTF-8 JSON header (below)
     the rest      the payload: each array's raw C-order bytes, at the offset its header entry gives
 
-    header = {
-      "schema": 1,
+    header record = {
+      "schema": 1, "kind": "episode",
       "id": str,                    # unique within a dataset, e.g. the source file stem
       "sample_rate": 16000,
       "duration": float,            # seconds
-      "arrays": {name: {"dtype": numpy dtype str, "shape": [..], "offset": int}},
-          # user_audio, model_audio: [N] "<i2" (or "<f4" in [-1, 1]); absent for text-only episodes
-          # frames: [T, H, W, 3] "|u1" RGB; frame_times: [T] "<f8" seconds, increasing
+      "media": {"num_samples": N (0: no audio), "audio_dtype": "<i2" | "<f4" (in [-1, 1]) | null,
+                "frame_shape": [H, W, 3] | null, "chunk_windows": int, "chunks": C},
       "user_words" / "model_words": [[start, end, text], ...]   # start <= end, starts non-decreasing
       "typed_text" / "bg_calls" / "bg_results": [[time, text], ...]   # times non-decreasing
       "meta": {str: str},           # provenance (source files, builder), free-form
+      "arrays": {"frame_times": {"dtype": "<f8", "shape": [T], "offset": 0}},   # video only; increasing
+    }
+    chunk record k (k = 0 .. C-1) = {
+      "schema": 1, "kind": "chunk", "id": str, "chunk": k,
+      "arrays": {name: {"dtype": numpy dtype str, "shape": [..], "offset": int}},
+          # user_audio, model_audio: samples [k·S, (k+1)·S) with S = chunk_windows · 3200
+          # frames: [n, H, W, 3] "|u1" RGB, the frames whose time falls in the chunk's windows
     }
 
 A dataset directory holds `episodes-XXXXX-of-YYYYY.array_record` shards and `manifest.json`, which
-lists every episode's shard, record index, id, micro-turn count and whether it has audio and video,
-so that a pipeline can plan crops without reading the payload.
+lists every episode's shard, first record, record count, id, micro-turn count and whether it has
+audio and video, so that a pipeline can plan crops without reading any media.
 """
 
 from __future__ import annotations
@@ -50,7 +59,8 @@ MICRO_TURN_SECONDS = 0.2
 SAMPLES_PER_MICRO_TURN = 3200
 MAGIC = b"TMLXEPI1"
 MANIFEST = "manifest.json"
-WRITER_OPTIONS = "group_size:1,zstd:3"  # one record per chunk: random access reads one episode
+WRITER_OPTIONS = "group_size:1,zstd:3"  # one record per ArrayRecord chunk: random access reads one record
+DEFAULT_CHUNK_SECONDS = 5.0
 
 _AUDIO_DTYPES = ("<i2", "<f4")
 
@@ -125,6 +135,10 @@ class Episode:
     return self.frames is not None and len(self.frames) > 0
 
   @property
+  def frame_shape(self) -> tuple[int, int, int] | None:
+    return None if self.frames is None else tuple(self.frames.shape[1:])
+
+  @property
   def num_windows(self) -> int:
     """Whole 200 ms windows in the episode."""
     return int(math.floor(self.duration / MICRO_TURN_SECONDS + 1e-9))
@@ -135,46 +149,22 @@ class Episode:
     return max(self.num_windows - 1, 0)
 
 
-def _arrays(ep: Episode) -> dict[str, np.ndarray]:
-  named = {
-    "user_audio": ep.user_audio,
-    "model_audio": ep.model_audio,
-    "frames": ep.frames,
-    "frame_times": ep.frame_times,
-  }
-  return {k: np.ascontiguousarray(v) for k, v in named.items() if v is not None}
-
-
-def to_bytes(ep: Episode) -> bytes:
-  """Serializes an episode in the documented record layout."""
-  arrays, payload, offset = {}, [], 0
-  for name, arr in _arrays(ep).items():
-    if name == "frame_times":
-      arr = arr.astype("<f8")
-    arrays[name] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset}
+def _pack(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
+  """One record: magic, header length, JSON header (with the arrays' layout), payload."""
+  layout, payload, offset = {}, [], 0
+  for name, arr in arrays.items():
+    arr = np.ascontiguousarray(arr)
+    layout[name] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset}
     data = arr.tobytes()
     pad = -len(data) % 8
     payload.append(data + b"\0" * pad)
     offset += len(data) + pad
-  header = {
-    "schema": SCHEMA_VERSION,
-    "id": ep.id,
-    "sample_rate": ep.sample_rate,
-    "duration": float(ep.duration),
-    "arrays": arrays,
-    "user_words": [[w.start, w.end, w.text] for w in ep.user_words],
-    "model_words": [[w.start, w.end, w.text] for w in ep.model_words],
-    "typed_text": [[e.time, e.text] for e in ep.typed_text],
-    "bg_calls": [[e.time, e.text] for e in ep.bg_calls],
-    "bg_results": [[e.time, e.text] for e in ep.bg_results],
-    "meta": {str(k): str(v) for k, v in ep.meta.items()},
-  }
-  head = json.dumps(header, separators=(",", ":")).encode()
+  head = json.dumps({"schema": SCHEMA_VERSION, **header, "arrays": layout}, separators=(",", ":")).encode()
   return MAGIC + struct.pack("<I", len(head)) + head + b"".join(payload)
 
 
-def from_bytes(data: bytes, where: str) -> Episode:
-  """Parses and validates one record; raises DataError naming `where` and the field."""
+def _unpack(data: bytes, where: str, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """Parses one record of `kind` ('episode' or 'chunk'); arrays are views of `data`."""
   if len(data) < 12 or data[:8] != MAGIC:
     raise DataError("schema", where, f"not a tmlx episode record (magic {data[:8]!r}, want {MAGIC!r})")
   (h,) = struct.unpack("<I", data[8:12])
@@ -184,6 +174,8 @@ def from_bytes(data: bytes, where: str) -> Episode:
     raise DataError("schema", where, f"header is not valid JSON: {e}") from None
   if header.get("schema") != SCHEMA_VERSION:
     raise DataError("schema", where, f"field 'schema' is {header.get('schema')!r}; this reader reads {SCHEMA_VERSION}")
+  if header.get("kind") != kind:
+    raise DataError("schema", where, f"field 'kind' is {header.get('kind')!r}; want {kind!r} here")
   body = memoryview(data)[12 + h :]
   arrays = {}
   for name, info in header.get("arrays", {}).items():
@@ -197,14 +189,108 @@ def from_bytes(data: bytes, where: str) -> Episode:
       arrays[name] = np.frombuffer(body, dtype, count, start).reshape(shape)
     except (KeyError, TypeError, ValueError) as e:
       raise DataError("schema", where, f"array {name!r}: {e}") from None
+  return header, arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Media:
+  """What an episode record says about its media, which its chunk records hold."""
+
+  num_samples: int  # per channel; 0 without audio
+  audio_dtype: str | None
+  frame_shape: tuple[int, int, int] | None  # (H, W, 3); None without video
+  chunk_windows: int
+  chunks: int
+
+  def chunk_of_frame(self, time: float) -> int:
+    return min(int(math.floor(time / MICRO_TURN_SECONDS + 1e-6)) // self.chunk_windows, self.chunks - 1)
+
+
+@dataclasses.dataclass
+class EpisodeHeader:
+  """An episode without its media: text, events, frame times and the media's shape. It has the
+  attributes that alignment reads, like a full `Episode`."""
+
+  episode: Episode  # with user_audio, model_audio and frames absent
+  media: Media
+
+  def __getattr__(self, name):
+    return getattr(self.episode, name)
+
+  @property
+  def has_audio(self) -> bool:
+    return self.media.num_samples > 0
+
+  @property
+  def has_video(self) -> bool:
+    return self.media.frame_shape is not None and self.frame_times is not None and len(self.frame_times) > 0
+
+  @property
+  def frame_shape(self) -> tuple[int, int, int] | None:
+    return self.media.frame_shape
+
+
+def episode_records(ep: Episode, chunk_seconds: float = DEFAULT_CHUNK_SECONDS) -> list[bytes]:
+  """The records of one episode: its header record, then one chunk record per `chunk_seconds`."""
+  windows = max(1, round(chunk_seconds / MICRO_TURN_SECONDS))
+  span = windows * SAMPLES_PER_MICRO_TURN
+  if ep.has_audio:
+    chunks = max(1, -(-len(ep.user_audio) // span))
+  elif ep.frames is not None:
+    chunks = max(1, -(-ep.num_windows // windows))
+  else:
+    chunks = 0
+  media = Media(
+    num_samples=0 if ep.user_audio is None else len(ep.user_audio),
+    audio_dtype=None if ep.user_audio is None else ep.user_audio.dtype.str,
+    frame_shape=None if ep.frames is None else tuple(int(n) for n in ep.frames.shape[1:]),
+    chunk_windows=windows,
+    chunks=chunks,
+  )
+  header = {
+    "kind": "episode",
+    "id": ep.id,
+    "sample_rate": ep.sample_rate,
+    "duration": float(ep.duration),
+    "media": dataclasses.asdict(media),
+    "user_words": [[w.start, w.end, w.text] for w in ep.user_words],
+    "model_words": [[w.start, w.end, w.text] for w in ep.model_words],
+    "typed_text": [[e.time, e.text] for e in ep.typed_text],
+    "bg_calls": [[e.time, e.text] for e in ep.bg_calls],
+    "bg_results": [[e.time, e.text] for e in ep.bg_results],
+    "meta": {str(k): str(v) for k, v in ep.meta.items()},
+  }
+  arrays = {} if ep.frame_times is None else {"frame_times": np.asarray(ep.frame_times, "<f8")}
+  records = [_pack(header, arrays)]
+  frame_chunk = (
+    np.array([media.chunk_of_frame(float(t)) for t in ep.frame_times]) if ep.frame_times is not None else None
+  )
+  for k in range(chunks):
+    arrays = {}
+    if ep.has_audio:
+      arrays["user_audio"] = ep.user_audio[k * span : (k + 1) * span]
+      arrays["model_audio"] = ep.model_audio[k * span : (k + 1) * span]
+    if ep.frames is not None:
+      arrays["frames"] = ep.frames[frame_chunk == k]
+    records.append(_pack({"kind": "chunk", "id": ep.id, "chunk": k}, arrays))
+  return records
+
+
+def _parse_header(data: bytes, where: str) -> EpisodeHeader:
+  header, arrays = _unpack(data, where, "episode")
   try:
+    m = header["media"]
+    media = Media(
+      num_samples=int(m["num_samples"]),
+      audio_dtype=None if m["audio_dtype"] is None else str(m["audio_dtype"]),
+      frame_shape=None if m["frame_shape"] is None else tuple(int(n) for n in m["frame_shape"]),
+      chunk_windows=int(m["chunk_windows"]),
+      chunks=int(m["chunks"]),
+    )
     ep = Episode(
       id=str(header["id"]),
       duration=float(header["duration"]),
       sample_rate=int(header["sample_rate"]),
-      user_audio=arrays.get("user_audio"),
-      model_audio=arrays.get("model_audio"),
-      frames=arrays.get("frames"),
       frame_times=arrays.get("frame_times"),
       user_words=[Word(float(s), float(e), str(t)) for s, e, t in header.get("user_words", [])],
       model_words=[Word(float(s), float(e), str(t)) for s, e, t in header.get("model_words", [])],
@@ -215,37 +301,83 @@ def from_bytes(data: bytes, where: str) -> Episode:
     )
   except (KeyError, TypeError, ValueError) as e:
     raise DataError("schema", where, f"malformed header field: {e!r}") from None
-  validate(ep, where)
-  return ep
+  if media.chunk_windows < 1 or media.chunks < 0:
+    raise DataError("schema", where, f"field 'media' has {media.chunks} chunks of {media.chunk_windows} windows")
+  if media.audio_dtype is not None and media.audio_dtype not in _AUDIO_DTYPES:
+    raise DataError("schema", where, f"field 'media.audio_dtype' is {media.audio_dtype!r}; want int16 or float32")
+  _validate_timing(
+    ep,
+    where,
+    num_samples=media.num_samples if media.audio_dtype is not None else None,
+    num_frames=None if media.frame_shape is None else (0 if ep.frame_times is None else len(ep.frame_times)),
+  )
+  return EpisodeHeader(ep, media)
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+  """Media of whole chunks of an episode: samples from `sample_offset`, frames from `frame_offset`."""
+
+  user_audio: np.ndarray | None
+  model_audio: np.ndarray | None
+  sample_offset: int
+  frames: np.ndarray | None
+  frame_offset: int
+
+
+def _check_chunk(data: bytes, where: str, head: EpisodeHeader, k: int) -> dict[str, np.ndarray]:
+  header, arrays = _unpack(data, where, "chunk")
+  if header.get("id") != head.id or header.get("chunk") != k:
+    raise DataError(
+      "schema", where, f"chunk record of {header.get('id')!r} #{header.get('chunk')}, want {head.id!r} #{k}"
+    )
+  m = head.media
+  if m.audio_dtype is not None:
+    span = m.chunk_windows * SAMPLES_PER_MICRO_TURN
+    want = min(span, m.num_samples - k * span)
+    for name in ("user_audio", "model_audio"):
+      audio = arrays.get(name)
+      if audio is None or audio.dtype.str != m.audio_dtype or audio.shape != (want,):
+        got = "absent" if audio is None else f"{audio.dtype}{list(audio.shape)}"
+        raise DataError("length", where, f"field {name!r} of chunk {k} is {got}; want {m.audio_dtype}[{want}]")
+      _check_audio_values(audio, where, name)
+  if m.frame_shape is not None:
+    want = int(sum(m.chunk_of_frame(float(t)) == k for t in head.frame_times))
+    frames = arrays.get("frames")
+    if frames is None or frames.dtype != np.uint8 or frames.shape != (want, *m.frame_shape):
+      got = "absent" if frames is None else f"{frames.dtype}{list(frames.shape)}"
+      raise DataError("length", where, f"field 'frames' of chunk {k} is {got}; want uint8{[want, *m.frame_shape]}")
+  return arrays
+
+
+def _check_audio_values(audio: np.ndarray, where: str, name: str) -> None:
+  if audio.dtype.kind == "f":
+    bad = ~np.isfinite(audio)
+    if bad.any():
+      i = int(np.argmax(bad))
+      raise DataError("non_finite", where, f"field {name!r} has {int(bad.sum())} NaN/Inf samples (first at {i})")
+    if np.abs(audio).max(initial=0) > 1.0:
+      raise DataError("audio_range", where, f"field {name!r} is float audio outside [-1, 1]")
 
 
 def validate(ep: Episode, where: str) -> None:
   """Checks sample rate, lengths, finite audio and timestamps; raises DataError naming the field."""
-  if ep.sample_rate != SAMPLE_RATE:
-    raise DataError("sample_rate", where, f"field 'sample_rate' is {ep.sample_rate}; episodes are {SAMPLE_RATE} Hz")
-  if not (math.isfinite(ep.duration) and ep.duration > 0):
-    raise DataError("length", where, f"field 'duration' is {ep.duration}; it must be a positive number of seconds")
   if (ep.user_audio is None) != (ep.model_audio is None):
     raise DataError("length", where, "fields 'user_audio' and 'model_audio' must both be present or both absent")
   if ep.user_audio is not None:
-    want = round(ep.duration * SAMPLE_RATE)
     for name in ("user_audio", "model_audio"):
       audio = getattr(ep, name)
       if audio.ndim != 1 or audio.dtype.str not in _AUDIO_DTYPES:
         raise DataError(
           "schema", where, f"field {name!r} is {audio.dtype}{list(audio.shape)}; want 1-D int16 or float32"
         )
-      if abs(len(audio) - want) > 1:
-        raise DataError(
-          "length", where, f"field {name!r} has {len(audio)} samples; 'duration' {ep.duration} s means {want}"
-        )
-      if audio.dtype.kind == "f":
-        bad = ~np.isfinite(audio)
-        if bad.any():
-          i = int(np.argmax(bad))
-          raise DataError("non_finite", where, f"field {name!r} has {int(bad.sum())} NaN/Inf samples (first at {i})")
-        if np.abs(audio).max(initial=0) > 1.0:
-          raise DataError("audio_range", where, f"field {name!r} is float audio outside [-1, 1]")
+    if len(ep.user_audio) != len(ep.model_audio) or ep.user_audio.dtype != ep.model_audio.dtype:
+      raise DataError(
+        "length",
+        where,
+        f"fields 'user_audio' ({ep.user_audio.dtype}[{len(ep.user_audio)}]) and 'model_audio' "
+        f"({ep.model_audio.dtype}[{len(ep.model_audio)}]) differ",
+      )
   if ep.frames is not None or ep.frame_times is not None:
     if ep.frames is None or ep.frame_times is None:
       raise DataError("length", where, "fields 'frames' and 'frame_times' must both be present or both absent")
@@ -253,10 +385,31 @@ def validate(ep: Episode, where: str) -> None:
       raise DataError(
         "schema", where, f"field 'frames' is {ep.frames.dtype}{list(ep.frames.shape)}; want uint8 [T,H,W,3]"
       )
-    if len(ep.frames) != len(ep.frame_times):
-      raise DataError(
-        "length", where, f"field 'frames' has {len(ep.frames)} frames but 'frame_times' has {len(ep.frame_times)}"
-      )
+  _validate_timing(
+    ep,
+    where,
+    num_samples=None if ep.user_audio is None else len(ep.user_audio),
+    num_frames=None if ep.frames is None else len(ep.frames),
+  )
+  if ep.user_audio is not None:
+    for name in ("user_audio", "model_audio"):
+      _check_audio_values(getattr(ep, name), where, name)
+
+
+def _validate_timing(ep: Episode, where: str, num_samples: int | None, num_frames: int | None) -> None:
+  """Sample rate, duration against the audio length, frame count and every time field."""
+  if ep.sample_rate != SAMPLE_RATE:
+    raise DataError("sample_rate", where, f"field 'sample_rate' is {ep.sample_rate}; episodes are {SAMPLE_RATE} Hz")
+  if not (math.isfinite(ep.duration) and ep.duration > 0):
+    raise DataError("length", where, f"field 'duration' is {ep.duration}; it must be a positive number of seconds")
+  if num_samples is not None:
+    want = round(ep.duration * SAMPLE_RATE)
+    if abs(num_samples - want) > 1:
+      raise DataError("length", where, f"the audio has {num_samples} samples; 'duration' {ep.duration} s means {want}")
+  if num_frames is not None or ep.frame_times is not None:
+    times = 0 if ep.frame_times is None else len(ep.frame_times)
+    if num_frames != times:
+      raise DataError("length", where, f"field 'frames' has {num_frames} frames but 'frame_times' has {times}")
     _check_times(ep.frame_times.tolist(), ep.duration, where, "frame_times", strict=True)
   for name in ("user_words", "model_words"):
     words = getattr(ep, name)
@@ -283,17 +436,23 @@ def _check_times(times: list[float], duration: float, where: str, field: str, st
 
 @dataclasses.dataclass(frozen=True)
 class EpisodeInfo:
-  """One manifest entry."""
+  """One manifest entry: the episode's records are `index` .. `index + records - 1` of `shard`."""
 
   shard: str
   index: int
+  records: int
   id: str
   num_micro_turns: int
   has_audio: bool
   has_video: bool
 
 
-def write_dataset(episodes: Iterable[Episode], out_dir: str | os.PathLike, episodes_per_shard: int = 64) -> list:
+def write_dataset(
+  episodes: Iterable[Episode],
+  out_dir: str | os.PathLike,
+  episodes_per_shard: int = 64,
+  chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+) -> list[EpisodeInfo]:
   """Writes episodes into ArrayRecord shards plus `manifest.json`; returns the manifest entries.
 
   Each episode is validated first (DataError names the episode id). Shards are written under a
@@ -317,9 +476,13 @@ def write_dataset(episodes: Iterable[Episode], out_dir: str | os.PathLike, episo
     name = f"episodes-{s:05d}-of-{n:05d}.array_record"
     tmp = out / (name + ".tmp")
     writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
-    for i, ep in enumerate(group):
-      writer.write(to_bytes(ep))
-      entries.append(EpisodeInfo(name, i, ep.id, ep.num_micro_turns, ep.has_audio, ep.has_video))
+    index = 0
+    for ep in group:
+      records = episode_records(ep, chunk_seconds)
+      for r in records:
+        writer.write(r)
+      entries.append(EpisodeInfo(name, index, len(records), ep.id, ep.num_micro_turns, ep.has_audio, ep.has_video))
+      index += len(records)
     writer.close()
     os.replace(tmp, out / name)
   manifest = {
@@ -334,9 +497,10 @@ def write_dataset(episodes: Iterable[Episode], out_dir: str | os.PathLike, episo
 class EpisodeReader:
   """Random access to a dataset directory's episodes by manifest position.
 
-  Shards open lazily, so a reader is cheap to pickle into Grain worker processes. A truncated
-  shard fails when it is opened; a corrupted chunk fails when its record is read. Both raise
-  DataError naming the shard file and record.
+  `read(i)` returns a whole episode; `header(i)` only its header record and `span(i, ...)` only the
+  chunks a window needs, which is what the training pipeline reads. Shards open lazily, so a
+  reader is cheap to pickle into Grain worker processes. A truncated shard or a corrupted chunk
+  fails when its record is read, with a DataError naming the shard file and record.
   """
 
   def __init__(self, directory: str | os.PathLike):
@@ -373,15 +537,60 @@ class EpisodeReader:
         ) from None
     return self._readers[shard]
 
-  def read(self, i: int) -> Episode:
+  def _where(self, i: int, record: int) -> str:
     info = self.episodes[i]
-    where = f"{self.directory / info.shard} record {info.index} (episode {info.id!r})"
+    return f"{self.directory / info.shard} record {info.index + record} (episode {info.id!r})"
+
+  def _records(self, i: int, which: list[int]) -> list[bytes]:
+    info = self.episodes[i]
     reader = self._reader(info.shard)
     try:
-      (data,) = reader.read([info.index])
+      return reader.read([info.index + r for r in which])
     except Exception as e:
-      raise DataError("corrupt", where, f"cannot read record (corrupted chunk): {e}") from None
-    return from_bytes(data, where)
+      raise DataError("corrupt", self._where(i, which[0]), f"cannot read record (corrupted chunk): {e}") from None
+
+  def header(self, i: int) -> EpisodeHeader:
+    """The episode's header record: text, events, frame times and the layout of its media."""
+    head = _parse_header(self._records(i, [0])[0], self._where(i, 0))
+    if head.media.chunks + 1 != self.episodes[i].records:
+      raise DataError(
+        "schema", self._where(i, 0), f"has {head.media.chunks} chunks; the manifest says {self.episodes[i].records - 1}"
+      )
+    return head
+
+  def span(self, i: int, head: EpisodeHeader, start_window: int, end_window: int) -> Span:
+    """The media of the chunks that cover windows [start_window, end_window) (clipped to the episode)."""
+    m = head.media
+    if m.chunks == 0:
+      return Span(None, None, 0, None, 0)
+    first = min(max(start_window, 0) // m.chunk_windows, m.chunks - 1)
+    last = min(max(end_window - 1, 0) // m.chunk_windows, m.chunks - 1)
+    chunks = list(range(first, last + 1))
+    data = self._records(i, [1 + k for k in chunks])
+    parts = [_check_chunk(d, self._where(i, 1 + k), head, k) for d, k in zip(data, chunks)]
+    audio = {}
+    if m.audio_dtype is not None:
+      for name in ("user_audio", "model_audio"):
+        audio[name] = parts[0][name] if len(parts) == 1 else np.concatenate([p[name] for p in parts])
+    frames, frame_offset = None, 0
+    if m.frame_shape is not None:
+      frames = parts[0]["frames"] if len(parts) == 1 else np.concatenate([p["frames"] for p in parts])
+      frame_offset = int(sum(m.chunk_of_frame(float(t)) < first for t in head.frame_times))
+    return Span(
+      audio.get("user_audio"),
+      audio.get("model_audio"),
+      first * m.chunk_windows * SAMPLES_PER_MICRO_TURN,
+      frames,
+      frame_offset,
+    )
+
+  def read(self, i: int) -> Episode:
+    """The whole episode, validated."""
+    head = self.header(i)
+    span = self.span(i, head, 0, head.media.chunks * head.media.chunk_windows)
+    ep = dataclasses.replace(head.episode, user_audio=span.user_audio, model_audio=span.model_audio, frames=span.frames)
+    validate(ep, self._where(i, 0))
+    return ep
 
   def __getstate__(self):
     return {"directory": self.directory, "episodes": self.episodes}

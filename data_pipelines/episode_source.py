@@ -27,7 +27,7 @@ import numpy as np
 from data_pipelines import dmel, video
 from data_pipelines.align import AlignSpec, Layout, align
 from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, Kind, RowSpec
-from data_pipelines.episode import SKIP_REASONS, DataError, Episode, EpisodeReader
+from data_pipelines.episode import SKIP_REASONS, DataError, EpisodeHeader, EpisodeReader, Span
 from data_pipelines.tokenizer import Tokenizer
 
 FRAMES_PER_MICRO_TURN = 16  # dMel frames (12.5 ms) per 200 ms window
@@ -87,12 +87,14 @@ class EpisodeSourceSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Window:
-  """`length` micro-turns of episode `episode` of dataset `dataset`, from micro-turn `start`."""
+  """`length` micro-turns of episode `episode` of dataset `dataset`, from micro-turn `start`, and
+  the media chunks they need (None when planned without reading media)."""
 
   dataset: int
   episode: int
   start: int
   length: int
+  media: Span | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class EpisodeSource:
@@ -140,8 +142,9 @@ class EpisodeSource:
 
   # -- episodes ------------------------------------------------------------------------------
 
-  def load(self, dataset: int, episode: int) -> tuple[Episode, Layout]:
-    """Reads, validates and aligns one episode (cached); raises DataError when it is bad."""
+  def load(self, dataset: int, episode: int) -> tuple[EpisodeHeader, Layout]:
+    """Reads, validates and aligns one episode's header record (cached); raises DataError when it
+    is bad."""
     key = (dataset, episode)
     with self._lock:
       if key in self._cache:
@@ -152,10 +155,10 @@ class EpisodeSource:
         return hit
     reader = self.readers[dataset]
     try:
-      ep = reader.read(episode)
+      head = reader.header(episode)
       info = reader.episodes[episode]
       where = f"{reader.directory / info.shard} record {info.index} (episode {info.id!r})"
-      value: tuple | DataError = (ep, align(ep, self.tokenizer, self.spec.align, where))
+      value: tuple | DataError = (head, align(head, self.tokenizer, self.spec.align, where))
     except DataError as e:
       value = e
     with self._lock:
@@ -175,8 +178,12 @@ class EpisodeSource:
   def _rng(self, step: int, index: int) -> np.random.Generator:
     return np.random.default_rng([self.spec.seed, self._key, step, index])
 
-  def plan(self, step: int, index: int) -> tuple[list[Window], dict[str, np.ndarray]]:
-    """The windows that fill row (step, index), and the counts of windows used and skipped."""
+  def plan(self, step: int, index: int, read_media: bool = True) -> tuple[list[Window], dict[str, np.ndarray]]:
+    """The windows that fill row (step, index), and the counts of windows used and skipped.
+
+    With `read_media` each window's media chunks are read (and checked) here, so a bad chunk is
+    skipped like a bad header; without, the plan assumes every chunk is readable (for statistics
+    over many rows)."""
     rng = self._rng(step, index)
     d = int(rng.choice(len(self.readers), p=self._dataset_p))
     stats = empty_stats()
@@ -187,7 +194,11 @@ class EpisodeSource:
     while True:
       e = int(rng.choice(len(self._episode_p[d]), p=self._episode_p[d]))
       try:
-        _, layout = self.load(d, e)
+        head, layout = self.load(d, e)
+        start = int(rng.integers(0, len(layout)))
+        n = self._fit(layout, start, room, patch_room)
+        # The chunks of windows start-1 .. start+n+1: the audio context of dMel frames on both sides.
+        media = self.readers[d].span(e, head, start - 1, start + n + 2) if read_media and n else None
       except DataError as err:
         if self.spec.on_error == "raise":
           raise
@@ -197,20 +208,26 @@ class EpisodeSource:
           raise DataError(err.reason, err.where, f"{skips} bad episodes drawn in a row; last: {err}") from None
         continue
       skips = 0
-      start = int(rng.integers(0, len(layout)))
-      stop = len(layout) if self.spec.max_window <= 0 else min(len(layout), start + self.spec.max_window)
-      n = 0
-      for t in range(start, stop):
-        p = layout.patches_per_frame if layout.frame[t] >= 0 else 0
-        if layout.sizes[t] > room or p > patch_room:
-          break
-        room -= int(layout.sizes[t])
-        patch_room -= p
-        n += 1
       if n == 0:
         return windows, stats
-      windows.append(Window(d, e, start, n))
+      for t in range(start, start + n):
+        room -= int(layout.sizes[t])
+        patch_room -= layout.patches_per_frame if layout.frame[t] >= 0 else 0
+      windows.append(Window(d, e, start, n, media))
       stats["windows"] += 1
+
+  def _fit(self, layout: Layout, start: int, room: int, patch_room: int) -> int:
+    """How many micro-turns from `start` fit `room` positions and `patch_room` patches."""
+    stop = len(layout) if self.spec.max_window <= 0 else min(len(layout), start + self.spec.max_window)
+    n = 0
+    for t in range(start, stop):
+      p = layout.patches_per_frame if layout.frame[t] >= 0 else 0
+      if layout.sizes[t] > room or p > patch_room:
+        break
+      room -= int(layout.sizes[t])
+      patch_room -= p
+      n += 1
+    return n
 
   # -- rows ----------------------------------------------------------------------------------
 
@@ -226,16 +243,20 @@ class EpisodeSource:
     return out, stats
 
   def _write_window(self, out: dict, w: Window, segment: int, pos: int, num_patches: int) -> tuple[int, int]:
-    ep, layout = self.load(w.dataset, w.episode)
+    _, layout = self.load(w.dataset, w.episode)
+    media = w.media
+    if media is None:
+      raise ValueError("rows are written from windows planned with read_media=True")
     a = AUDIO_POSITIONS_PER_MICRO_TURN
     f = FRAMES_PER_MICRO_TURN // a
     if layout.has_audio:
       frames = FRAMES_PER_MICRO_TURN * w.length
-      heard = dmel.dmel_bins(
-        ep.user_audio, causal=self.spec.causal, start_frame=FRAMES_PER_MICRO_TURN * w.start, num_frames=frames
-      ).reshape(w.length, a, f, -1)
+      frame0 = FRAMES_PER_MICRO_TURN * w.start - media.sample_offset // dmel.HOP_LENGTH
+      heard = dmel.dmel_bins(media.user_audio, causal=self.spec.causal, start_frame=frame0, num_frames=frames).reshape(
+        w.length, a, f, -1
+      )
       spoken = dmel.log_mel(
-        ep.model_audio, causal=self.spec.causal, start_frame=FRAMES_PER_MICRO_TURN * (w.start + 1), num_frames=frames
+        media.model_audio, causal=self.spec.causal, start_frame=frame0 + FRAMES_PER_MICRO_TURN, num_frames=frames
       )
       mel = dmel.normalize(spoken).astype(np.float16).reshape(w.length, a, f, -1)
       spoken_bins = dmel.quantize(dmel.denormalize(mel))
@@ -250,7 +271,7 @@ class EpisodeSource:
       out["kind"][pos : pos + len(text)] = Kind.TEXT_IN
       pos += len(text)
       if layout.frame[t] >= 0:
-        patches, rowcol = video.patchify(ep.frames[layout.frame[t]])
+        patches, rowcol = video.patchify(media.frames[layout.frame[t] - media.frame_offset])
         p = len(patches)
         out["patches"][num_patches : num_patches + p] = patches
         out["patch_rowcol"][num_patches : num_patches + p] = rowcol

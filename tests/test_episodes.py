@@ -17,7 +17,7 @@ from data_pipelines.align import AlignSpec, align
 from data_pipelines.contract import Kind, check_batch
 from data_pipelines.episode import DataError, Episode, Event, Word
 from data_pipelines.tokenizer import ByteTokenizer
-from tests.helpers import ROOT, tiny_config
+from tests.helpers import ROOT, run_main, tiny_config
 
 SR = ep_lib.SAMPLE_RATE
 MT = ep_lib.SAMPLES_PER_MICRO_TURN
@@ -237,19 +237,30 @@ def test_mixture_spec_errors_name_the_field(tmp_path):
 # -- bad data ------------------------------------------------------------------------------------
 
 
-def _write_raw(directory: pathlib.Path, records: list[tuple[str, bytes, int]]) -> None:
-  """Writes records (id, bytes, micro-turns) without validation, as a foreign tool might."""
+def _write_raw(directory: pathlib.Path, episodes: list[Episode]) -> None:
+  """Writes episodes without validating them, as a foreign tool might."""
   directory.mkdir(parents=True)
   name = "episodes-00000-of-00001.array_record"
   w = ArrayRecordWriter(str(directory / name), ep_lib.WRITER_OPTIONS)
-  for _, data, _ in records:
-    w.write(data)
+  entries, index = [], 0
+  for e in episodes:
+    records = ep_lib.episode_records(e)
+    for r in records:
+      w.write(r)
+    entries.append(
+      {
+        "shard": name,
+        "index": index,
+        "records": len(records),
+        "id": e.id,
+        "num_micro_turns": e.num_micro_turns,
+        "has_audio": True,
+        "has_video": False,
+      }
+    )
+    index += len(records)
   w.close()
-  episodes = [
-    {"shard": name, "index": i, "id": eid, "num_micro_turns": n, "has_audio": True, "has_video": False}
-    for i, (eid, _, n) in enumerate(records)
-  ]
-  (directory / ep_lib.MANIFEST).write_text(json.dumps({"schema": 1, "shards": [name], "episodes": episodes}))
+  (directory / ep_lib.MANIFEST).write_text(json.dumps({"schema": 1, "shards": [name], "episodes": entries}))
 
 
 def _bad(case: str) -> Episode:
@@ -270,27 +281,26 @@ def _bad(case: str) -> Episode:
   return e
 
 
-BAD = {
-  "sample_rate": ("sample_rate", "field 'sample_rate' is 8000"),
-  "length": ("length", "field 'model_audio' has 31600 samples"),
-  "non_finite": ("non_finite", "field 'user_audio' has 1 NaN/Inf samples"),
-  "range": ("timestamps", r"field 'model_words'\[1\] time 2.5 is outside"),
-  "order": ("timestamps", r"field 'bg_results'\[1\] time 0.4 comes before"),
-  "token_range": ("token_range", "field 'model_words'.*token id 211 >= model.vocab_size=200"),
+BAD = {  # reason, record (the good episode takes records 0-1: a header and one chunk), message
+  "sample_rate": ("sample_rate", 2, "field 'sample_rate' is 8000"),
+  "length": ("length", 3, r"field 'model_audio' of chunk 0 is int16\[31600\]; want <i2\[32000\]"),
+  "non_finite": ("non_finite", 3, "field 'user_audio' has 1 NaN/Inf samples"),
+  "range": ("timestamps", 2, r"field 'model_words'\[1\] time 2.5 is outside"),
+  "order": ("timestamps", 2, r"field 'bg_results'\[1\] time 0.4 comes before"),
+  "token_range": ("token_range", 2, "field 'model_words'.*token id 211 >= model.vocab_size=200"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_malformed_episodes_raise_naming_file_record_and_field_or_are_counted(tmp_path, case):
-  reason, message = BAD[case]
+  reason, record, message = BAD[case]
   good = known_episode("good", windows=10, video=False)
-  records = [("good", ep_lib.to_bytes(good), 9), (case, ep_lib.to_bytes(_bad(case)), 9)]
-  _write_raw(tmp_path / "ds", records)
+  _write_raw(tmp_path / "ds", [good, _bad(case)])
   c = _episode_config(str(tmp_path / "ds"))
   c.model.vocab_size = 200  # byte tokens of 'é' (0xC3 + 16) are past it; ASCII letters are not
   source = data_pipelines.make_source(c)
   with pytest.raises(
-    DataError, match=rf"ds/episodes-00000-of-00001.array_record record 1 \(episode '{case}'\): {message}"
+    DataError, match=rf"ds/episodes-00000-of-00001.array_record record {record} \(episode '{case}'\): {message}"
   ):
     for r in range(20):
       source.row(0, r)
@@ -326,6 +336,12 @@ def test_corrupt_chunk_and_truncated_shard(tmp_path):
       failures.append((i, e.reason, str(e)))
   assert len(failures) == 1 and failures[0][1] == "corrupt"
   assert f"{shard.name} record {failures[0][0]}" in failures[0][2] and "hash mismatch" in failures[0][2]
+  # With the skip policy the pipeline draws around it and counts it.
+  c = _episode_config(str(bad), on_error="skip")
+  counts = collections.Counter()
+  for _, stats in _batches(c, start_step=0, num_steps=3, process_index=0, process_count=1):
+    counts.update({k: int(v) for k, v in stats.items()})
+  assert counts["skipped_corrupt"] > 0 and counts["windows"] > 0
   # Truncated shard: its records cannot be read.
   (bad / shard.name).write_bytes(shard.read_bytes()[: len(data) // 3])
   with pytest.raises(DataError, match=rf"{shard.name}.*(cannot open shard|cannot read record)"):
@@ -333,7 +349,7 @@ def test_corrupt_chunk_and_truncated_shard(tmp_path):
       ep_lib.EpisodeReader(bad).read(i)
 
 
-def test_skip_ratio_above_the_threshold_stops_training():
+def test_skip_ratio_above_the_threshold_stops_training(tmp_path):
   from tmlx.train import DataStats
 
   stats = DataStats(max_skip_ratio=0.05)
@@ -385,3 +401,53 @@ def test_inspect_cli_renders_a_row_and_prints_stats(tmp_path):
   assert "stats over 3 row(s) of 256 positions" in proc.stdout and "padding_ratio" in proc.stdout
   assert "AUDIO_IN" in proc.stdout and "O: " in proc.stdout
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+
+  # Through the entry point: half the episodes are bad, so the run stops once 100 draws are made.
+  _write_raw(
+    tmp_path / "half_bad",
+    [known_episode("good", 10, False), _bad("sample_rate")],
+  )
+  proc = run_main(
+    "experiments/tiny.py:tiny",
+    tmp_path / "run",
+    f"--config.data.mixture={tmp_path / 'half_bad'}",
+    "--config.data.max_skip_ratio=0.1",
+    "--config.train.num_steps=20",
+    "--config.checkpoint.every=0",
+  )
+  assert proc.returncode != 0
+  assert "episode draws were bad and skipped" in proc.stderr and "sample_rate:" in proc.stderr
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_windows_across_chunk_boundaries_equal_the_whole_episode(tmp_path, causal):
+  """Rows read only the chunks a window needs; their features equal those of the whole arrays."""
+  from data_pipelines import dmel, video
+
+  rng = np.random.default_rng(1)
+  e = known_episode("long", windows=70, video=True)
+  e.user_audio = rng.normal(0, 3000, e.user_audio.shape).astype(np.int16)
+  e.model_audio = rng.normal(0, 3000, e.model_audio.shape).astype(np.int16)
+  e.frames = rng.integers(0, 256, e.frames.shape, dtype=np.uint8)
+  ep_lib.write_dataset([e], tmp_path / "ds", chunk_seconds=1.0)  # 14 chunks of 5 windows
+  c = _episode_config(str(tmp_path / "ds"), audio_causal=causal)
+  source = data_pipelines.make_source(c)
+  checked = 0
+  for r in range(6):
+    windows, _ = source.plan(0, r)
+    row = source.row(0, r)
+    for segment, w in enumerate(windows, start=1):
+      assert w.media.sample_offset < 3200 * w.start or w.media.sample_offset == 0
+      assert len(w.media.user_audio) < len(e.user_audio) or w.length > 60
+      at = row["segment_ids"] == segment
+      frames = slice(16 * w.start, 16 * (w.start + w.length))
+      heard = dmel.dmel_bins(e.user_audio, causal=causal)[frames]
+      spoken = dmel.log_mel(e.model_audio, causal=causal)[16 * (w.start + 1) : 16 * (w.start + 1 + w.length)]
+      np.testing.assert_array_equal(row["dmel"][at & (row["kind"] == Kind.AUDIO_IN)].reshape(-1, 80), heard)
+      mel = dmel.normalize(spoken).astype(np.float16)
+      np.testing.assert_array_equal(row["mel"][at & (row["kind"] == Kind.AUDIO_OUT)].reshape(-1, 80), mel)
+      patch_at = at & (row["kind"] == Kind.PATCH)
+      want = np.concatenate([video.patchify(e.frames[t])[0] for t in range(w.start, w.start + w.length)])
+      np.testing.assert_array_equal(row["patches"][row["patch_index"][patch_at]], want)
+      checked += 1
+  assert checked >= 6
