@@ -6,8 +6,9 @@ In one run it measures
   (1) pipeline throughput on one core (one thread, one process, `EpisodeSource.row_and_stats`),
       in seconds of conversation packed per second, on generated episodes of 60 s: audio only
       (the tiny preset's rows) and with 320x240 video at 5 fps (48 patches per micro-turn, rows of
-      2048 positions). The episode cache holds 2 episodes of the 16, so most windows read and
-      decode their episode from the ArrayRecord shard, as with a corpus larger than memory;
+      2048 positions). The header cache holds 2 episodes of the 16, so most windows read their
+      episode's header record and then the 5 s media chunks they cover from the ArrayRecord
+      shard, as with a corpus larger than memory;
   (2) for the tiny and `cpu_bench` presets on the committed sample corpus: rows per second the
       configured Grain pipeline delivers (`make_dataset`, its threads, this machine's cores)
       against rows per second their training steps consume (`python -m tmlx.main` in a child

@@ -152,7 +152,7 @@ def get_config(arg=None):
   # With 'skip': training stops when the skipped fraction of episode draws passes this (checked
   # once 100 draws have been made).
   c.data.max_skip_ratio = 0.01
-  # Decoded, aligned episodes cached per process (or worker).
+  # Episode headers (text, events, alignment; no media) cached per process (or worker).
   c.data.episode_cache = 64
   # Positions per row (S) and rows per global batch (B).
   c.data.seq_len = 256
