@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, PATCH_SIZE
+from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, patches_per_frame
 from data_pipelines.episode import MICRO_TURN_SECONDS, DataError, Episode, EpisodeHeader
 from data_pipelines.tokenizer import Tokenizer
 
@@ -37,7 +37,7 @@ class AlignSpec:
 
   @property
   def patches_per_frame(self) -> int:
-    return (self.frame_height // PATCH_SIZE) * (self.frame_width // PATCH_SIZE)
+    return patches_per_frame(self.frame_height, self.frame_width)
 
 
 @dataclasses.dataclass(frozen=True)

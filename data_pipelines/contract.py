@@ -76,6 +76,11 @@ class RowSpec:
     return row
 
 
+def patches_per_frame(frame_height: int, frame_width: int) -> int:
+  """Whole 40x40 patches in a frame."""
+  return (frame_height // PATCH_SIZE) * (frame_width // PATCH_SIZE)
+
+
 def min_positions_per_micro_turn(patches_per_frame: int) -> int:
   """Smallest micro-turn: <mt>, a frame's patches, AUDIO_IN x4, <eot>, AUDIO_OUT x4."""
   return 1 + patches_per_frame + 2 * AUDIO_POSITIONS_PER_MICRO_TURN + 1

@@ -196,7 +196,7 @@ class EpisodeSource:
       try:
         head, layout = self.load(d, e)
         start = int(rng.integers(0, len(layout)))
-        n = self._fit(layout, start, room, patch_room)
+        n, used, patches = self._fit(layout, start, room, patch_room)
         # The chunks of windows start-1 .. start+n+1: the audio context of dMel frames on both sides.
         media = self.readers[d].span(e, head, start - 1, start + n + 2) if read_media and n else None
       except DataError as err:
@@ -210,24 +210,24 @@ class EpisodeSource:
       skips = 0
       if n == 0:
         return windows, stats
-      for t in range(start, start + n):
-        room -= int(layout.sizes[t])
-        patch_room -= layout.patches_per_frame if layout.frame[t] >= 0 else 0
+      room -= used
+      patch_room -= patches
       windows.append(Window(d, e, start, n, media))
       stats["windows"] += 1
 
-  def _fit(self, layout: Layout, start: int, room: int, patch_room: int) -> int:
-    """How many micro-turns from `start` fit `room` positions and `patch_room` patches."""
+  def _fit(self, layout: Layout, start: int, room: int, patch_room: int) -> tuple[int, int, int]:
+    """How many micro-turns from `start` fit `room` positions and `patch_room` patches, and the
+    positions and patches they take."""
     stop = len(layout) if self.spec.max_window <= 0 else min(len(layout), start + self.spec.max_window)
-    n = 0
+    n = used = patches = 0
     for t in range(start, stop):
       p = layout.patches_per_frame if layout.frame[t] >= 0 else 0
-      if layout.sizes[t] > room or p > patch_room:
+      if used + layout.sizes[t] > room or patches + p > patch_room:
         break
-      room -= int(layout.sizes[t])
-      patch_room -= p
+      used += int(layout.sizes[t])
+      patches += p
       n += 1
-    return n
+    return n, used, patches
 
   # -- rows ----------------------------------------------------------------------------------
 

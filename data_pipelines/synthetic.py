@@ -15,14 +15,14 @@ import dataclasses
 
 import numpy as np
 
-from data_pipelines import dmel
+from data_pipelines import dmel, video
 from data_pipelines.contract import (
   AUDIO_POSITIONS_PER_MICRO_TURN,
   NUM_MELS,
-  PATCH_SIZE,
   Kind,
   RowSpec,
   min_positions_per_micro_turn,
+  patches_per_frame,
 )
 from data_pipelines.tokenizer import ByteTokenizer
 
@@ -67,7 +67,7 @@ class SyntheticSpec:
 
   @property
   def patches_per_frame(self) -> int:
-    return (self.frame_height // PATCH_SIZE) * (self.frame_width // PATCH_SIZE)
+    return patches_per_frame(self.frame_height, self.frame_width)
 
 
 class _Tables:
@@ -160,11 +160,7 @@ class SyntheticSource:
       frame = np.clip(
         tab.colours[word] + rng.normal(0, 20, size=(spec.frame_height, spec.frame_width, 3)), 0, 255
       ).astype(np.uint8)
-      cols = spec.frame_width // PATCH_SIZE
-      for i in range(ppf):
-        r, c = divmod(i, cols)
-        patches.append(frame[r * PATCH_SIZE : (r + 1) * PATCH_SIZE, c * PATCH_SIZE : (c + 1) * PATCH_SIZE])
-        rowcol.append((r, c))
+      patches, rowcol = video.patchify(frame)
       tokens += [0] * ppf
       kinds += [Kind.PATCH] * ppf
     a = AUDIO_POSITIONS_PER_MICRO_TURN

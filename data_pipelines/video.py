@@ -12,9 +12,9 @@ import os
 import av
 import numpy as np
 
+from data_pipelines.contract import PATCH_SIZE as PATCH
 from data_pipelines.episode import SAMPLE_RATE, DataError
 
-PATCH = 40
 _LAYOUTS = {1: "mono", 2: "stereo"}
 
 
