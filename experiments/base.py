@@ -201,6 +201,9 @@ def get_config(arg=None):
   c.train.num_steps = 300
   # Check every batch against the packed-batch contract on the host before it is sharded.
   c.train.check_batches = True
+  # A step with a non-finite loss or gradient leaves the state unchanged (counted as
+  # `bad_steps`); more than this many in a row saves a checkpoint and stops the run.
+  c.train.max_consecutive_bad_steps = 5
 
   c.checkpoint = mlc.ConfigDict()
   # Save every this many steps (and at the last step); 0 disables checkpoints.

@@ -1,15 +1,20 @@
 """Training through the public entry points: every preset's :tiny variant, learning, resume."""
 
+import functools
 import importlib
 import json
 import logging
 import pathlib
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from tests.helpers import run_main
+from data_pipelines.contract import Kind
+from tests.helpers import run_main, synthetic_batch
 from tests.test_config import PRESETS
-from tmlx import train
+from tmlx import sharding, train
 
 
 def _metrics(workdir) -> list[dict]:
@@ -114,3 +119,44 @@ def test_all_to_all_transport_trains_like_local(tmp_path):
   for r_local, r_a2a in zip(local, a2a):
     for key in ("loss", "text_loss", "flow_loss", "moe_dropped_fraction", "grad_norm"):
       assert r_a2a[key] == pytest.approx(r_local[key], rel=2e-5, abs=1e-6), (r_local["step"], key)
+
+
+def test_non_finite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path):
+  """A NaN in the loss at a step leaves params, optimizer and router state bitwise unchanged; the
+  loop counts bad steps and, past `max_consecutive_bad_steps`, saves and stops."""
+  config = importlib.import_module("experiments.tiny").get_config("tiny")
+  config.data.source = "synthetic"
+  config.model.moe.bias_update_rate = 0.01
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_table(config.mesh.rules)
+  spec = train.state_spec(config, mesh, rules)
+  step_fn = jax.jit(functools.partial(train.train_step, sc=train.step_config(config, spec, mesh, rules)))
+  state = jax.jit(spec.init, out_shardings=spec.shardings)()
+  batch = synthetic_batch(config)
+  state, m = step_fn(state, batch)
+  assert float(m["bad_step"]) == 0 and int(state.step) == 1
+  before = jax.device_get(state)
+  mel = np.asarray(batch["mel"]).copy()
+  mel[np.asarray(batch["kind"]) == Kind.AUDIO_OUT] = np.nan  # a corrupt flow target: the loss is NaN
+  bad, m = step_fn(state, {**batch, "mel": jnp.asarray(mel)})
+  assert not np.isfinite(float(m["loss"])) and float(m["bad_step"]) == 1
+  assert int(bad.step) == 2
+  after = jax.device_get(bad)
+  for name in ("params", "model_state", "opt_state"):
+    for a, b in zip(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(after, name))):
+      assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), name
+  good, m = step_fn(bad, batch)
+  assert float(m["bad_step"]) == 0 and np.isfinite(float(m["loss"]))
+
+  # In the loop: a learning rate that blows the parameters up makes every step after the first
+  # non-finite; the run saves and stops with an error naming the field.
+  config.optimizer.learning_rate = 1e30
+  config.optimizer.warmup_steps = 0
+  config.optimizer.clip_norm = 0.0
+  config.train.num_steps = 20
+  config.train.max_consecutive_bad_steps = 2
+  config.checkpoint.every = 0
+  with pytest.raises(train.BadStepsError, match="max_consecutive_bad_steps=2"):
+    train.run(config, str(tmp_path))
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and 3 <= saved[-1] <= 6

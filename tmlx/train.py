@@ -130,7 +130,15 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
     updates, opt_state = sc.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model_state = _update_router_biases(state.model_state, moe.expert_load / n, sc.bias_update_rate)
-    new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    # A non-finite loss or gradient skips the update: the step advances, nothing else changes.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = TrainState(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      model_state=keep(model_state, state.model_state),
+      opt_state=keep(opt_state, state.opt_state),
+    )
 
     assignments = jnp.maximum(moe.assignments, 1.0)  # [L], summed over micro-batches
     metrics = {
@@ -148,6 +156,7 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
       "moe/load_balance_loss": moe.load_balance_loss / n,
       "moe/router_z_loss": moe.z_loss / n,
       "grad_norm": grad_norm,
+      "bad_step": 1.0 - ok.astype(jnp.float32),
       "learning_rate": sc.schedule(state.step),
       "text_targets": text_norm,
       "audio_targets": audio_norm,
@@ -322,6 +331,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard)
   progress = Progress(start, num_steps)
   data_stats = DataStats(config.data.max_skip_ratio)
+  bad_steps = BadSteps(config.train.max_consecutive_bad_steps)
   last_metrics: dict[str, float] = {}
   t_log, step_log = time.perf_counter(), start
   try:
@@ -331,6 +341,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       if config.train.check_batches:
         data_pipelines.check_batch(local, row, config.model.vocab_size, where=f"data batch of step {step}")
       state, metrics = compiled(state, _global_batch(local, batch_sh))
+      # The previous step's flag: reading it does not wait for the step just dispatched.
+      try:
+        bad_steps.observe()
+      except BadStepsError:
+        ckpt.save(step, state, resolved)
+        raise
+      bad_steps.pending = (step, metrics["bad_step"])
       if every(step, config.logging.every, last=num_steps):
         m, arrays = _host_metrics(jax.device_get(metrics))
         now = time.perf_counter()
@@ -338,6 +355,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         m["tokens_per_s"] = m["tokens"] / m["step_time_s"]
         m.update(_throughput(m["positions"] / m["step_time_s"], flops_per_pos, peak))
         m.update(data_stats.metrics())
+        m["bad_steps"] = float(bad_steps.total)
         t_log, step_log = now, step
         writer.write(step, m, arrays)
         progress.log(step, m)
@@ -345,10 +363,49 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         last_metrics = m
       if every(step, config.checkpoint.every, last=num_steps if config.checkpoint.every > 0 else None):
         ckpt.save(step, state, resolved)
+    bad_steps.observe()
   finally:
     ckpt.close()
     writer.close()
   return last_metrics
+
+
+class BadStepsError(RuntimeError):
+  """More consecutive non-finite steps than `train.max_consecutive_bad_steps`."""
+
+
+class BadSteps:
+  """Counts steps whose update was skipped for a non-finite loss or gradient (`bad_step` flag),
+  and raises BadStepsError after more than `limit` in a row."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.total = 0
+    self.consecutive = 0
+    self.pending: tuple[int, jax.Array] | None = None  # (step, its device flag), not read yet
+
+  def observe(self) -> None:
+    if self.pending is None:
+      return
+    step, flag = self.pending
+    self.pending = None
+    if float(flag) == 0.0:
+      self.consecutive = 0
+      return
+    self.total += 1
+    self.consecutive += 1
+    logging.warning(
+      "step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
+      step,
+      self.consecutive,
+      self.total,
+    )
+    if self.consecutive > self.limit:
+      raise BadStepsError(
+        f"{self.consecutive} consecutive steps up to step {step} had a non-finite loss or gradient "
+        f"(more than config.train.max_consecutive_bad_steps={self.limit}); the last good state is saved. "
+        "Check the data and the learning rate, or lower it and resume."
+      )
 
 
 class DataStats:
