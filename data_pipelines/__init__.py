@@ -11,6 +11,7 @@ _EXPORTS = {
   "Kind": "data_pipelines.contract",
   "RowSpec": "data_pipelines.contract",
   "check_batch": "data_pipelines.contract",
+  "data_spec_hash": "data_pipelines.pipeline",
   "make_dataset": "data_pipelines.pipeline",
   "make_source": "data_pipelines.pipeline",
   "make_tokenizer": "data_pipelines.tokenizer",

@@ -7,6 +7,8 @@ worker processes (`data.num_workers`) change the speed, never the output.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
 
 import grain
@@ -71,6 +73,15 @@ def make_source(config: ml_collections.ConfigDict):
       make_tokenizer(d.tokenizer),
     )
   raise ValueError(f"config.data.source={d.source!r} is not a known source; known: {SOURCES}")
+
+
+def data_spec_hash(config: ml_collections.ConfigDict) -> str:
+  """A hash of everything the rows depend on: the seed, `config.data`, the row geometry and, for
+  episode data, the datasets' manifests and weights. A checkpoint records it with its step."""
+  parts = {"seed": config.seed, "data": config.data.to_dict(), "frames_per_position": config.model.frames_per_position}
+  if config.data.source == "episodes":
+    parts["episodes"] = make_source(config).fingerprint
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _row_and_stats(source, step: int, index: int) -> tuple[dict, dict]:

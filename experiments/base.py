@@ -210,6 +210,8 @@ def get_config(arg=None):
   c.checkpoint.every = 100
   # Keep the latest this many checkpoints.
   c.checkpoint.keep = 3
+  # Also keep every checkpoint whose step is a multiple of this (0: none beyond the latest ones).
+  c.checkpoint.keep_every = 0
   # Write checkpoints in a background thread while training goes on.
   c.checkpoint.async_save = True
 

@@ -1,58 +1,194 @@
-"""Orbax checkpoints of the train state and the resolved config.
+"""Orbax checkpoints: the train state, the resolved config and a metadata record, with integrity
+checks.
 
-Restore precedence (what `restore_or_init` in tmlx.train does, in order):
-  1. the latest complete checkpoint in `<workdir>/checkpoints` (a rerun or preemption resume);
+Restore precedence (what tmlx.train.run does, in order):
+  1. the latest checkpoint in `<workdir>/checkpoints` that is complete and whose arrays match
+     their fingerprints (a rerun or preemption resume); a step that fails either check is skipped
+     with the reason logged and the one before it is tried;
   2. scratch: a fresh, sharded initialization.
 A restore always targets the current mesh's shardings (the abstract state carries them), so a
 checkpoint is resharded on read; restoring without target shardings is refused.
+
+Items of a checkpoint step (no pickle anywhere):
+  state   the TrainState arrays (Orbax StandardSave: tensorstore, one array per leaf)
+  config  the resolved config (JSON)
+  meta    JSON: tmlx version, step, mesh shape, process count, data position (step, seed and
+          data-spec hash) and a fingerprint per array
+A fingerprint is two wrapping uint32 sums over the array's bit patterns, one of them weighted by
+element index: integer sums do not depend on the reduction order, so the fingerprint of an array
+is the same on every mesh and process count, and any changed element changes it.
+
+Inspect a checkpoint directory:  python -m tmlx.checkpoint inspect PATH [--step=N] [--verify]
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+
+import tmlx
+
+_GOLDEN = np.uint32(2654435761)  # odd multiplier that spreads element indices over 32 bits
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The array's bit patterns as uint32, flattened."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  width = x.dtype.itemsize * 8
+  if width > 32:
+    raise ValueError(f"cannot fingerprint a {x.dtype} array (wider than 32 bits)")
+  unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[width]
+  if x.dtype != unsigned:
+    x = jax.lax.bitcast_convert_type(x, unsigned)
+  return x.reshape(-1).astype(jnp.uint32)
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+  bits = _bits(x)
+  index = jnp.arange(bits.size, dtype=jnp.uint32)
+  weighted = bits * (index * _GOLDEN + np.uint32(1))
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
+
+
+_fingerprints_jit = jax.jit(lambda tree: jax.tree.map(_fingerprint, tree))
+
+
+def fingerprints(state) -> dict[str, list[int]]:
+  """{leaf path: [sum, weighted sum]} of every array of `state` (computed where the arrays live)."""
+  prints = jax.device_get(_fingerprints_jit(state))
+  return {leaf_name(path): [int(v) for v in fp] for path, fp in jax.tree.leaves_with_path(prints)}
+
+
+def leaf_name(path) -> str:
+  """'params/blocks/attn/wq' for a key path, whatever containers (dataclass, dict, tuple) hold it,
+  so that a tree read back from the checkpoint's own metadata gets the same names."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint although some exist."""
 
 
 class Checkpointer:
-  """Saves {state, config} into `directory` when asked (the train loop decides when), keeping the
-  latest `keep`."""
+  """Saves {state, config, meta} into `directory` when asked (the train loop decides when),
+  keeping the latest `keep` steps and, with `keep_every` > 0, every step divisible by it."""
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool):
+  def __init__(self, directory: str, *, keep: int, async_save: bool, keep_every: int = 0):
     self.directory = os.path.abspath(directory)
+    policies = [checkpoint_managers.LatestN(keep)]
+    if keep_every > 0:
+      policies.append(checkpoint_managers.EveryNSteps(keep_every))
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.LatestN(keep),
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
       ),
-      item_names=("state", "config"),
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      },
     )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, config: dict) -> None:
-    """Starts a save of `state` (a pytree of global arrays) and the resolved `config`."""
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state, config: dict, *, mesh_shape: dict | None = None, data: dict | None = None):
+    """Starts a save of `state` (a pytree of global arrays), the resolved `config` and the metadata.
+
+    `data` is the data position ({"step", "seed", "spec_hash"}); fingerprints are computed here,
+    before the (possibly asynchronous) write begins.
+    """
+    meta = {
+      "tmlx_version": tmlx.__version__,
+      "step": int(step),
+      "mesh": dict(mesh_shape or {}),
+      "process_count": jax.process_count(),
+      "data": data or {},
+      "fingerprints": fingerprints(state),
+    }
     self._manager.save(
       step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)
+      ),
       force=True,
     )
 
   def restore(self, step: int, abstract_state):
-    """Restores `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+    """Restores `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs) and
+    checks every array against its fingerprint; raises CheckpointError naming the first mismatch."""
     for path, leaf in jax.tree.leaves_with_path(abstract_state):
       if getattr(leaf, "sharding", None) is None:
         raise ValueError(
           f"refusing to restore {jax.tree_util.keystr(path)} without a target sharding: pass "
           "ShapeDtypeStructs with the current mesh's shardings"
         )
-    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    out = self._manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    )
+    verify(out.state, out.meta, f"{self.directory}/{step}")
     return out.state
+
+  def restore_latest(self, abstract_state) -> tuple[object, int] | None:
+    """The newest step that restores and verifies, falling back past bad steps (each logged);
+    None when there is no checkpoint; CheckpointError when none of them is usable."""
+    failures = []
+    found = None
+    for step in reversed(self.all_steps()):
+      try:
+        found = self.restore(step, abstract_state), step
+        break
+      except Exception as e:  # Orbax and tensorstore raise many types for missing or bad files
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        logging.warning("checkpoint step %d in %s is unusable, trying the one before: %s", step, self.directory, reason)
+        failures.append((step, reason))
+    if failures:
+      self._quarantine([step for step, _ in failures])
+    if found is None and failures:
+      raise CheckpointError(
+        f"no usable checkpoint in {self.directory}: " + "; ".join(f"step {s}: {r}" for s, r in failures)
+      )
+    return found
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves unusable steps aside (kept for a post-mortem) so that the run can save them again."""
+    if jax.process_index() == 0:
+      for step in steps:
+        bad = os.path.join(self.directory, str(step))
+        aside = f"{bad}.unusable-{int(time.time())}"
+        os.rename(bad, aside)
+        logging.warning("moved unusable checkpoint step %d to %s", step, aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("tmlx checkpoint quarantine")
+    self._manager.reload()
+
+  def restore_meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def restore_config(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
@@ -63,3 +199,86 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def verify(state, meta: dict, where: str) -> None:
+  """Raises CheckpointError if an array of `state` does not match its fingerprint in `meta`."""
+  saved = meta.get("fingerprints")
+  if not saved:
+    raise CheckpointError(f"{where}: the metadata has no fingerprints")
+  now = fingerprints(state)
+  if set(now) != set(saved):
+    missing = sorted(set(saved) ^ set(now))
+    raise CheckpointError(f"{where}: arrays differ from the fingerprinted ones: {missing[:5]}")
+  for path, fp in now.items():
+    if fp != saved[path]:
+      raise CheckpointError(f"{where}: array {path} does not match its fingerprint (saved {saved[path]}, read {fp})")
+
+
+# -- inspection ------------------------------------------------------------------------------------
+
+
+def inspect(path: str, step: int | None = None, check: bool = False, out=sys.stdout) -> None:
+  """Prints the steps, the resolved config, the array tree (shape, dtype, size) and, with
+  `check`, whether every array matches its fingerprint (restored onto this process's first device)."""
+  import json
+
+  ckpt = Checkpointer(path, keep=1_000_000, async_save=False)
+  steps = ckpt.all_steps()
+  print(f"checkpoints in {ckpt.directory}: steps {steps}", file=out)
+  if not steps:
+    return
+  step = steps[-1] if step is None else step
+  meta = ckpt.restore_meta(step)
+  config = ckpt.restore_config(step)
+  print(
+    f"step {step}: tmlx {meta.get('tmlx_version')}, mesh {meta.get('mesh')}, "
+    f"{meta.get('process_count')} process(es), data position {meta.get('data')}",
+    file=out,
+  )
+  print("resolved config:", file=out)
+  print(json.dumps(config, indent=1, sort_keys=True), file=out)
+  tree = ckpt._manager.item_metadata(step).state
+  total = 0
+  print("arrays (path, shape, dtype, size, saved sharding):", file=out)
+  for p, leaf in jax.tree.leaves_with_path(tree):
+    shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    total += size
+    sharding = getattr(leaf, "sharding", None)
+    spec = getattr(sharding, "spec", None) if sharding is not None else None
+    print(f"  {leaf_name(p):60s} {str(shape):20s} {dtype.name:9s} {size / 2**20:10.3f} MiB  {spec}", file=out)
+  print(f"total {total / 2**30:.4f} GiB in {len(jax.tree.leaves(tree))} arrays", file=out)
+  if check:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=device), tree)
+    try:
+      ckpt.restore(step, abstract)
+      print(f"fingerprints: all {len(meta['fingerprints'])} arrays match", file=out)
+    except CheckpointError as e:
+      print(f"fingerprints: MISMATCH: {e}", file=out)
+      raise SystemExit(1) from None
+    except Exception as e:  # unreadable files: Orbax and tensorstore raise many types
+      print(f"arrays: UNREADABLE: {type(e).__name__}: {e}", file=out)
+      raise SystemExit(1) from None
+  ckpt.close()
+
+
+def main(argv=None) -> None:
+  import argparse
+
+  parser = argparse.ArgumentParser(prog="python -m tmlx.checkpoint", description="Inspect tmlx checkpoints.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("inspect", help="steps, config, arrays and fingerprint check of a checkpoint directory")
+  p.add_argument("path", help="a checkpoint directory (<workdir>/checkpoints) or a workdir")
+  p.add_argument("--step", type=int, default=None, help="step to inspect (default: the latest)")
+  p.add_argument("--verify", action="store_true", help="restore every array and check its fingerprint")
+  args = parser.parse_args(argv)
+  path = args.path
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  inspect(path, args.step, args.verify)
+
+
+if __name__ == "__main__":
+  main()

@@ -33,10 +33,20 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   # Before JAX creates its CPU backend: fake CPU devices for single-machine runs.
+  # In a multi-process job this is the device count of each process (see tmlx.distributed).
   if config.runtime.cpu_devices > 0:
     import jax
 
     jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
+
+  # Also before any JAX computation: join a multi-process job if the environment describes one.
+  from tmlx import distributed
+
+  try:
+    distributed.initialize_from_env()
+  except distributed.DistributedEnvError as e:
+    logging.error("%s", e)
+    sys.exit(f"invalid multi-process environment: {e}")
 
   from tmlx import config as config_lib
   from tmlx import train

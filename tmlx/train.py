@@ -273,18 +273,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   ckpt = Checkpointer(
     os.path.join(workdir, "checkpoints"),
     keep=config.checkpoint.keep,
+    keep_every=config.checkpoint.keep_every,
     async_save=config.checkpoint.async_save,
   )
-  latest = ckpt.latest_step()
-  if latest is not None:
-    target = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings
-    )
-    state = ckpt.restore(latest, target)
+  data_spec = data_pipelines.data_spec_hash(config)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings)
+  restored = ckpt.restore_latest(target)
+  if restored is not None:
+    state, latest = restored
     logging.info("resumed from checkpoint step %d in %s", latest, ckpt.directory)
+    saved_spec = ckpt.restore_meta(latest).get("data", {}).get("spec_hash")
+    if saved_spec != data_spec:
+      logging.warning(
+        "the data spec changed since checkpoint step %d (hash %s, now %s): rows from here on differ from "
+        "those the original run would have read",
+        latest,
+        saved_spec,
+        data_spec,
+      )
   else:
     state = jax.jit(spec.init, out_shardings=spec.shardings)()
     logging.info("initialized from scratch (no checkpoint in %s)", ckpt.directory)
+
+  def save(step: int, state: TrainState) -> None:
+    data = {"step": step, "seed": config.seed, "spec_hash": data_spec}
+    ckpt.save(step, state, resolved, mesh_shape=dict(mesh.shape), data=data)
+
   start = int(state.step)
 
   # Data: this process's rows of each global batch, from the restored step on.
@@ -345,7 +359,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       try:
         bad_steps.observe()
       except BadStepsError:
-        ckpt.save(step, state, resolved)
+        save(step, state)
         raise
       bad_steps.pending = (step, metrics["bad_step"])
       if every(step, config.logging.every, last=num_steps):
@@ -362,7 +376,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         _warn_about(step, m, config)
         last_metrics = m
       if every(step, config.checkpoint.every, last=num_steps if config.checkpoint.every > 0 else None):
-        ckpt.save(step, state, resolved)
+        save(step, state)
     bad_steps.observe()
   finally:
     ckpt.close()

@@ -1,0 +1,127 @@
+"""Real multi-process jobs on loopback (tmlx.local_cluster): 2 processes x 4 fake devices train like
+1 process x 8, share one workdir, and write checkpoints a 1-process run restores."""
+
+import json
+import shutil
+import signal
+import time
+
+import pytest
+
+from tests.helpers import ROOT, run_main
+from tmlx import distributed, local_cluster
+
+TINY = "experiments/tiny.py:tiny"
+# fp32, and a constant learning rate: runs of different lengths then take identical steps.
+COMMON = (
+  "--config.model.compute_dtype=float32",
+  "--config.checkpoint.every=2",
+  "--config.optimizer.warmup_steps=0",
+  "--config.optimizer.final_lr_fraction=1.0",
+)
+
+
+def _metrics(workdir) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _failure(results) -> str:
+  return "\n".join(f"--- process {r.process_id}: exit {r.returncode}\n{r.log[-3000:]}" for r in results if not r.ok)
+
+
+def test_two_processes_train_like_one_and_checkpoint_across_process_counts(tmp_path):
+  two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "resumed"
+  # The 2-process job and the 1-process reference (one more step, for the resume below) side by side.
+  cluster = local_cluster.start_local(
+    2,
+    [f"--config={TINY}", f"--workdir={two}", "--config.train.num_steps=4", *COMMON],
+    devices_per_process=4,
+    timeout_s=150,
+    log_dir=tmp_path / "logs",
+    cwd=ROOT,
+  )
+  with cluster:
+    ref = run_main(TINY, one, "--config.train.num_steps=5", *COMMON, timeout=150)
+    results = cluster.wait()
+  assert all(r.ok for r in results), _failure(results)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1} on 2 processes" in results[1].log
+  assert "distributed: process 1 of 2" in results[1].log
+
+  # Same global batches and the same losses. Only process 0 wrote metrics: the file is opened for
+  # appending, so a second writer would repeat every step. Progress lines come from process 0 only.
+  rows, ref_rows = _metrics(two), _metrics(one)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert "step 4/4" in results[0].log and "step 4/4" not in results[1].log
+  for r, r_ref in zip(rows, ref_rows):
+    assert r["data/windows"] == r_ref["data/windows"]  # summed over both processes
+    for key in ("loss", "text_loss", "flow_loss", "grad_norm", "moe_dropped_fraction"):
+      assert r[key] == pytest.approx(r_ref[key], rel=1e-5, abs=1e-6), (r["step"], key, r[key], r_ref[key])
+  config = json.loads((two / "config.json").read_text())["config"]
+  assert (config["runtime"]["cpu_devices"], config["train"]["num_steps"]) == (4, 4)
+  assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["2", "4"]
+
+  # The 2-process checkpoint restores on 1 process x 8 devices and continues exactly like the reference.
+  shutil.copytree(two, resumed)
+  proc = run_main(TINY, resumed, "--config.train.num_steps=5", *COMMON, timeout=150)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resumed from checkpoint step 4" in proc.stderr and "step 5/5" in proc.stderr
+  rows = _metrics(resumed)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+  for key in ("loss", "text_loss", "flow_loss", "grad_norm"):
+    assert rows[-1][key] == pytest.approx(ref_rows[-1][key], rel=1e-5, abs=1e-6), (key, rows[-1][key])
+
+
+def test_harness_times_out_and_kills_peers_of_a_failed_process(tmp_path):
+  """Processes that wait for a third that never comes: the deadline, then a failure with a grace period."""
+  args = [f"--config={TINY}", f"--workdir={tmp_path / 'w'}"]
+  hang = {distributed.ENV_NUM_PROCESSES: "3"}  # only 2 start: both block in initialize
+  t0 = time.monotonic()
+  results = local_cluster.run_local(2, args, timeout_s=6, log_dir=tmp_path / "a", env=hang, cwd=ROOT)
+  assert [(r.timed_out, r.killed, r.returncode) for r in results] == [(True, True, -signal.SIGKILL)] * 2
+  cluster = local_cluster.start_local(2, args, timeout_s=60, log_dir=tmp_path / "b", env=hang, cwd=ROOT, grace_s=1)
+  with cluster:
+    assert cluster.wait_for_log(1, "Connecting to JAX distributed service", timeout=30), cluster.log(1)
+    cluster.signal(0, signal.SIGKILL)
+    results = cluster.wait()
+  assert [(r.timed_out, r.killed, r.returncode) for r in results] == [
+    (False, False, -signal.SIGKILL),
+    (False, True, -signal.SIGKILL),
+  ]
+  assert time.monotonic() - t0 < 45
+  assert all(p.poll() is not None for p in cluster.processes)
+
+
+@pytest.mark.parametrize(
+  "env, message",
+  [
+    ({"TMLX_NUM_PROCESSES": "2"}, "TMLX_COORDINATOR_ADDRESS, TMLX_PROCESS_ID missing"),
+    ({"TMLX_COORDINATOR_ADDRESS": "127.0.0.1", "TMLX_NUM_PROCESSES": "2", "TMLX_PROCESS_ID": "0"}, "not host:port"),
+    ({"TMLX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "TMLX_NUM_PROCESSES": "2", "TMLX_PROCESS_ID": "2"}, "below"),
+    ({"TMLX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "TMLX_NUM_PROCESSES": "two", "TMLX_PROCESS_ID": "0"}, "integer"),
+  ],
+)
+def test_bad_environment_names_the_variable(monkeypatch, env, message):
+  for name in (*distributed.EXPLICIT_VARS, distributed.ENV_INIT_TIMEOUT, distributed.ENV_HEARTBEAT_TIMEOUT):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.initialize_from_env() is None  # nothing set: a single process, nothing done
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(distributed.DistributedEnvError, match=message):
+    distributed.initialize_from_env()
+
+
+def test_settings_from_env():
+  s = distributed.settings_from_env(
+    {"TMLX_COORDINATOR_ADDRESS": "localhost:5000", "TMLX_NUM_PROCESSES": "4", "TMLX_PROCESS_ID": "3"}
+  )
+  assert (s.num_processes, s.process_id, s.init_timeout_s, s.loopback_host) == (4, 3, 300, "127.0.0.1")
+  s = distributed.settings_from_env(
+    {
+      "TMLX_COORDINATOR_ADDRESS": "10.0.0.1:5000",
+      "TMLX_NUM_PROCESSES": "2",
+      "TMLX_PROCESS_ID": "0",
+      "TMLX_INIT_TIMEOUT_S": "9",
+    }
+  )
+  assert (s.init_timeout_s, s.loopback_host) == (9, None)
