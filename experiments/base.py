@@ -205,6 +205,18 @@ def get_config(arg=None):
   # `bad_steps`); more than this many in a row saves a checkpoint and stops the run.
   c.train.max_consecutive_bad_steps = 5
 
+  c.init = mlc.ConfigDict()
+  # Where a run whose workdir has no checkpoint starts (a workdir's own latest checkpoint always
+  # wins): the full state of another run's latest checkpoint (a workdir or checkpoint directory)...
+  c.init.resume_from = ""
+  # ...else only the parameters of another run's latest checkpoint, with a fresh optimizer.
+  # Parameters it lacks are initialized (and listed in the log); one whose leading (expert)
+  # dimension grew gets the saved rows first; any other shape change is an error.
+  c.init.params_from = ""
+  # With params_from: parameter name prefixes to initialize fresh anyway, comma separated (e.g.
+  # "text_head,text_embed" after a vocabulary change).
+  c.init.reinit = ""
+
   c.checkpoint = mlc.ConfigDict()
   # Save every this many steps (and at the last step); 0 disables checkpoints.
   c.checkpoint.every = 100

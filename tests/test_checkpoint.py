@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tests.helpers import ROOT, synthetic_batch
 from tmlx import sharding, train
-from tmlx.checkpoint import Checkpointer, fingerprints
+from tmlx.checkpoint import Checkpointer, CheckpointError, fingerprints, grown_axis, leaf_name
 
 
 def _config(**mesh):
@@ -121,3 +121,47 @@ def test_a_corrupted_newest_step_falls_back_to_the_previous_one(tmp_path, caplog
   # The bad step was moved aside for a post-mortem, and the rerun saved step 4 afresh.
   assert len(list(checkpoints.glob("4.unusable-*"))) == 1
   assert Checkpointer(str(checkpoints), keep=3, async_save=False).all_steps() == [2, 4, 5]
+
+
+def _restore_params(cfg, directory, step):
+  mesh = sharding.make_mesh(cfg.mesh)
+  spec = train.state_spec(cfg, mesh, sharding.rules_table(cfg.mesh.rules))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings)
+  ckpt = Checkpointer(str(directory / "checkpoints"), keep=3, async_save=False)
+  state = ckpt.restore(step, target)
+  ckpt.close()
+  return {leaf_name(p): np.asarray(a) for p, a in jax.tree.leaves_with_path(jax.device_get(state.params))}
+
+
+def test_params_only_restore_into_a_model_with_more_experts_a_larger_vocabulary_and_a_new_head(tmp_path, caplog):
+  a = _config()
+  a.checkpoint.every = 2
+  _run(a, tmp_path / "a", 2)
+  b = _config()
+  b.model.moe.num_experts = 12  # experts 8..11 are new
+  b.model.vocab_size = a.model.vocab_size + 64  # token ids 320..383 are new
+  b.model.flow.width = a.model.flow.width // 2  # a different flow head
+  b.init.params_from = str(tmp_path / "a")
+  b.optimizer.learning_rate = 0.0  # the first step leaves the parameters as they were placed
+  b.checkpoint.every = 1
+  with pytest.raises(CheckpointError, match=r"parameter flow_head/\S+ is \[.*\] in the checkpoint.*init.reinit"):
+    _run(b, tmp_path / "b0", 1)
+  b.init.reinit = "flow_head"
+  with caplog.at_level(logging.INFO):
+    _run(b, tmp_path / "b", 1)
+  log = "\n".join(r.getMessage() for r in caplog.records if "params_from" in r.getMessage())
+  assert "initialized fresh" in log and "flow_head/" in log and ": 8..11)" in log and ": 320..383)" in log
+  old, new = _restore_params(a, tmp_path / "a", 2), _restore_params(b, tmp_path / "b", 1)
+  grown = 0
+  for name, value in old.items():
+    if name.startswith("flow_head"):
+      continue
+    if new[name].shape == value.shape:
+      assert new[name].tobytes() == value.tobytes(), name
+      continue
+    axis = grown_axis(value.shape, new[name].shape)
+    assert axis is not None, name
+    head = np.take(new[name], np.arange(value.shape[axis]), axis=axis)
+    assert head.tobytes() == value.tobytes(), name  # the saved part, placed first
+    grown += 1
+  assert grown >= 4  # router, experts, text embedding and head

@@ -4,8 +4,14 @@ checks.
 Restore precedence (what tmlx.train.run does, in order):
   1. the latest checkpoint in `<workdir>/checkpoints` that is complete and whose arrays match
      their fingerprints (a rerun or preemption resume); a step that fails either check is skipped
-     with the reason logged and the one before it is tried;
-  2. scratch: a fresh, sharded initialization.
+     with the reason logged, moved aside (`<step>.unusable-<time>`) and the one before it is tried;
+  2. `config.init.resume_from`: the full state (step, parameters, optimizer) of another run's
+     latest usable checkpoint;
+  3. `config.init.params_from`: only the parameters of another run's latest checkpoint, with a
+     fresh optimizer; parameters it lacks (or that `config.init.reinit` names) are initialized and
+     listed in the log, a parameter that grew in one dimension (more experts, a larger vocabulary)
+     gets the saved values first, and any other shape change is an error naming the parameter;
+  4. scratch: a fresh, sharded initialization.
 A restore always targets the current mesh's shardings (the abstract state carries them), so a
 checkpoint is resharded on read; restoring without target shardings is refused.
 
@@ -154,9 +160,10 @@ class Checkpointer:
     verify(out.state, out.meta, f"{self.directory}/{step}")
     return out.state
 
-  def restore_latest(self, abstract_state) -> tuple[object, int] | None:
+  def restore_latest(self, abstract_state, quarantine: bool = True) -> tuple[object, int] | None:
     """The newest step that restores and verifies, falling back past bad steps (each logged);
-    None when there is no checkpoint; CheckpointError when none of them is usable."""
+    None when there is no checkpoint; CheckpointError when none of them is usable. Unusable steps
+    are moved aside when `quarantine` (the run's own directory), left alone otherwise."""
     failures = []
     found = None
     for step in reversed(self.all_steps()):
@@ -167,7 +174,7 @@ class Checkpointer:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         logging.warning("checkpoint step %d in %s is unusable, trying the one before: %s", step, self.directory, reason)
         failures.append((step, reason))
-    if failures:
+    if failures and quarantine:
       self._quarantine([step for step, _ in failures])
     if found is None and failures:
       raise CheckpointError(
@@ -187,6 +194,63 @@ class Checkpointer:
       multihost_utils.sync_global_devices("tmlx checkpoint quarantine")
     self._manager.reload()
 
+  def restore_params(
+    self, step: int, abstract_params, reinit: tuple[str, ...] = ()
+  ) -> tuple[dict, list[str], list[str]]:
+    """Reads the parameters of `step` that the current model shares with it.
+
+    `abstract_params` carries the current shapes and target shardings. Returns {leaf name:
+    array} of the restored leaves (each checked against its fingerprint), the names of leaves the
+    checkpoint lacks or that `reinit` (name prefixes) asks to initialize fresh, and the names of
+    checkpoint parameters the model does not have. A leaf whose shape differs is an error naming
+    it, unless exactly one dimension grew (more experts): then the saved array is returned as it
+    is, for the caller to place at the start of that dimension (`grown_axis`).
+    """
+    saved = {leaf_name(p): leaf for p, leaf in jax.tree.leaves_with_path(self._manager.item_metadata(step).state)}
+    prints = self.restore_meta(step).get("fingerprints", {})
+    current = {leaf_name(("params",) + tuple(p)): leaf for p, leaf in jax.tree.leaves_with_path(abstract_params)}
+    wanted, fresh = {}, []
+    for name, leaf in current.items():
+      short = name.removeprefix("params/")
+      if name not in saved or any(short.startswith(r) for r in reinit):
+        fresh.append(short)
+        continue
+      old_shape, new_shape = tuple(saved[name].shape), tuple(leaf.shape)
+      axis = grown_axis(old_shape, new_shape)
+      if old_shape != new_shape and axis is None:
+        raise CheckpointError(
+          f"{self.directory}/{step}: parameter {short} is {list(old_shape)} in the checkpoint but "
+          f"{list(new_shape)} in this model; list it in config.init.reinit to initialize it fresh"
+        )
+      if old_shape != new_shape:
+        fresh.append(f"{short} (axis {axis}: {old_shape[axis]}..{new_shape[axis] - 1})")
+        sharding = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
+      else:
+        sharding = leaf.sharding
+      wanted[name] = jax.ShapeDtypeStruct(old_shape, leaf.dtype, sharding=sharding)
+    unused = sorted(n.removeprefix("params/") for n in saved if n.startswith("params/") and n not in current)
+    tree: dict = {}
+    for name, sds in wanted.items():
+      node = tree
+      *parents, last = name.split("/")
+      for part in parents:
+        node = node.setdefault(part, {})
+      node[last] = sds
+    restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(self.directory, str(step), "state"),
+      args=ocp.args.PyTreeRestore(
+        item=tree,
+        restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), tree),
+        partial_restore=True,
+      ),
+    )
+    out = {leaf_name(p): a for p, a in jax.tree.leaves_with_path(restored)}
+    now = fingerprints(out)
+    for name in out:
+      if prints.get(name) != now[name]:
+        raise CheckpointError(f"{self.directory}/{step}: parameter {name} does not match its fingerprint")
+    return out, fresh, unused
+
   def restore_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
@@ -199,6 +263,16 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def grown_axis(old_shape: tuple, new_shape: tuple) -> int | None:
+  """The one dimension in which `new_shape` is larger than `old_shape`, all others equal; else None."""
+  if len(old_shape) != len(new_shape):
+    return None
+  differ = [i for i, (a, b) in enumerate(zip(old_shape, new_shape)) if a != b]
+  if len(differ) == 1 and new_shape[differ[0]] > old_shape[differ[0]]:
+    return differ[0]
+  return None
 
 
 def verify(state, meta: dict, where: str) -> None:
