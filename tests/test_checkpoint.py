@@ -3,6 +3,7 @@ and the inspect command."""
 
 import functools
 import importlib
+import json
 import logging
 import pathlib
 import subprocess
@@ -165,3 +166,12 @@ def test_params_only_restore_into_a_model_with_more_experts_a_larger_vocabulary_
     assert head.tobytes() == value.tobytes(), name  # the saved part, placed first
     grown += 1
   assert grown >= 4  # router, experts, text embedding and head
+
+  # init.resume_from takes the whole state of another run, step included, into a new workdir.
+  c = _config()
+  c.init.resume_from = str(tmp_path / "a")
+  with caplog.at_level(logging.INFO):
+    _run(c, tmp_path / "c", 3)
+  assert any("resumed from checkpoint step 2 of" in r.getMessage() for r in caplog.records)
+  steps = [json.loads(line)["step"] for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [3]
