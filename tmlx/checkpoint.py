@@ -47,7 +47,7 @@ _GOLDEN = np.uint32(2654435761)  # odd multiplier that spreads element indices o
 
 
 def _bits(x: jax.Array) -> jax.Array:
-  """The array's bit patterns as uint32, flattened."""
+  """The array's bit patterns as uint32, same shape (elementwise: the sharding is kept)."""
   x = jnp.asarray(x)
   if x.dtype == jnp.bool_:
     x = x.astype(jnp.uint8)
@@ -57,12 +57,17 @@ def _bits(x: jax.Array) -> jax.Array:
   unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[width]
   if x.dtype != unsigned:
     x = jax.lax.bitcast_convert_type(x, unsigned)
-  return x.reshape(-1).astype(jnp.uint32)
+  return x.astype(jnp.uint32)
 
 
 def _fingerprint(x: jax.Array) -> jax.Array:
   bits = _bits(x)
-  index = jnp.arange(bits.size, dtype=jnp.uint32)
+  # Row-major element index from per-dimension iotas: no reshape, so no resharding of the array.
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(bits.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * np.uint32(stride % 2**32)
+    stride *= bits.shape[d]
   weighted = bits * (index * _GOLDEN + np.uint32(1))
   return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
 
