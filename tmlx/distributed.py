@@ -126,6 +126,9 @@ def initialize(settings: Settings) -> None:
   # (the option set to None) every multi-process CPU collective would fail.
   if jax.config.jax_cpu_collectives_implementation is None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Preemption (SIGTERM) is tmlx.train.Preemption's: JAX's preemption service would take SIGTERM
+  # over at initialize, and its sync point can miss a notice (see that class).
+  jax.config.update("jax_enable_preemption_service", False)
   loopback = settings.loopback_host
   jax.distributed.initialize(
     coordinator_address=settings.coordinator_address,

@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -25,6 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipelines
+from tmlx import checkpoint as checkpoint_lib
 from tmlx import config as config_lib
 from tmlx import flops, sharding
 from tmlx.checkpoint import Checkpointer
@@ -292,8 +295,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         data_spec,
       )
   else:
-    state = jax.jit(spec.init, out_shardings=spec.shardings)()
-    logging.info("initialized from scratch (no checkpoint in %s)", ckpt.directory)
+    state = _initial_state(config, spec, target)
 
   def save(step: int, state: TrainState) -> None:
     data = {"step": step, "seed": config.seed, "spec_hash": data_spec}
@@ -348,10 +350,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   bad_steps = BadSteps(config.train.max_consecutive_bad_steps)
   last_metrics: dict[str, float] = {}
   t_log, step_log = time.perf_counter(), start
+  preemption = Preemption()
   try:
     for step in range(start + 1, num_steps + 1):
       local, stats = next(data)
       data_stats.add(stats)
+      if preemption.agreed():  # a SIGTERM in any process: every process stops here, after step - 1
+        done = step - 1
+        if config.checkpoint.every > 0 and done > start and not every(done, config.checkpoint.every):
+          save(done, state)
+        ckpt.wait()
+        if done in ckpt.all_steps():
+          logging.warning("preempted at step %d: saved (checkpoint complete); rerun to resume", done)
+        else:
+          logging.warning("preempted at step %d: no checkpoint of it (checkpoint.every=0 or no step taken)", done)
+        break
       if config.train.check_batches:
         data_pipelines.check_batch(local, row, config.model.vocab_size, where=f"data batch of step {step}")
       state, metrics = compiled(state, _global_batch(local, batch_sh))
@@ -379,9 +392,104 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         save(step, state)
     bad_steps.observe()
   finally:
-    ckpt.close()
-    writer.close()
+    try:
+      ckpt.close()
+      writer.close()
+    finally:
+      preemption.close()  # only now: a SIGTERM while the last save finishes does not cut it short
   return last_metrics
+
+
+def _checkpoint_dir(path: str) -> str:
+  """A checkpoint directory, given it or the workdir that holds it."""
+  inner = os.path.join(path, "checkpoints")
+  return inner if os.path.isdir(inner) else path
+
+
+def _initial_state(config: ml_collections.ConfigDict, spec: StateSpec, target: TrainState) -> TrainState:
+  """The state of a run whose workdir has no checkpoint: `init.resume_from` (the full state of
+  another run), else `init.params_from` (its parameters, with a fresh optimizer), else scratch."""
+  init = config.init
+  if init.resume_from:
+    other = Checkpointer(_checkpoint_dir(init.resume_from), keep=1_000_000, async_save=False)
+    restored = other.restore_latest(target, quarantine=False)
+    other.close()
+    if restored is None:
+      raise FileNotFoundError(f"config.init.resume_from={init.resume_from!r}: no checkpoint there")
+    logging.info("resumed from checkpoint step %d of %s (config.init.resume_from)", restored[1], other.directory)
+    return restored[0]
+  state = jax.jit(spec.init, out_shardings=spec.shardings)()
+  if not init.params_from:
+    logging.info("initialized from scratch")
+    return state
+  other = Checkpointer(_checkpoint_dir(init.params_from), keep=1_000_000, async_save=False)
+  step = other.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config.init.params_from={init.params_from!r}: no checkpoint there")
+  reinit = tuple(r.strip() for r in init.reinit.split(",") if r.strip())
+  loaded, fresh, unused = other.restore_params(step, target.params, reinit)
+  other.close()
+
+  def place(path, leaf, sharding_):
+    got = loaded.get(checkpoint_lib.leaf_name(("params",) + tuple(path)))
+    if got is None:
+      return leaf
+    if got.shape == leaf.shape:
+      return got
+    axis = checkpoint_lib.grown_axis(got.shape, leaf.shape)  # more experts: saved first, new as initialized
+    grow = jax.jit(lambda new, old: jax.lax.dynamic_update_slice_in_dim(new, old, 0, axis), out_shardings=sharding_)
+    return grow(leaf, got)
+
+  params = jax.tree.map_with_path(place, state.params, spec.shardings.params)
+  logging.info(
+    "parameters from checkpoint step %d of %s (config.init.params_from), fresh optimizer: %d restored; "
+    "initialized fresh: %s; in the checkpoint but not in this model: %s",
+    step,
+    other.directory,
+    len(loaded),
+    fresh or "none",
+    unused or "none",
+  )
+  return dataclasses.replace(state, params=params)
+
+
+class Preemption:
+  """SIGTERM as a preemption notice, acted on at a step boundary that every process agrees on.
+
+  Every process installs a SIGTERM handler that only sets a flag. `agreed()`, called by every
+  process once per step at the same point, is True from the first step boundary at which any
+  process has the flag: with several processes the flags are all-gathered (one small host
+  collective per step, next to the data statistics' own, so it adds no wait for the device), so a
+  notice that reaches one process stops all of them after the same step.
+
+  JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`) is not used: its
+  manager keeps one "current step" per process, and Orbax's CheckpointManager calls it too, from
+  its finalize thread with the step it just saved. Such a stale call can make the agreed step one
+  that every process has already passed, and the notice is then never acted on (reproduced with
+  jax 0.10.2). `tmlx.distributed.initialize` turns that service off; until `run` installs this
+  handler, SIGTERM ends a process as usual.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._notice)
+
+  def _notice(self, signum, frame) -> None:
+    if not self.requested:
+      logging.warning("SIGTERM received: stopping at the next step boundary with a checkpoint")
+    self.requested = True
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 class BadStepsError(RuntimeError):
