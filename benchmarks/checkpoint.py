@@ -1,16 +1,16 @@
 """Checkpoint save and restore throughput against raw disk I/O, and how long an async save blocks.
 
-Run:  python benchmarks/checkpoint.py              (1 GiB state, 3 rounds: about 3 minutes on 2 shared
-                                                   cores; peak RSS about 17 GB, nearly all of it
-                                                   tmlx.checkpoint.fingerprints on sharded arrays)
-      python benchmarks/checkpoint.py --gib 4 --rounds 5 --dir /some/disk
+Run:  python benchmarks/checkpoint.py              (1 GiB state, 4 rounds: under a minute on 2 shared
+                                                   cores; peak RSS about 4 GB)
+      python benchmarks/checkpoint.py --gib 4 --rounds 6 --dir /some/disk
 
 In one process, on --devices fake CPU devices (a mesh fsdp x tensor, arrays sharded by the default
 logical-axis rules: embed -> fsdp, heads/mlp/vocab -> tensor), it builds a train-state-like dict of
 float32 arrays of at least --gib GiB (params, Adam mu and nu of a stacked-layer transformer with
 D=1024, SwiGLU F=2816, GQA kv width 256; layers and vocabulary chosen to fill the size; random
 normal values, so that compression gains little), and then, in --rounds interleaved rounds
-(the order of candidate and reference flips every round), measures:
+(the order of candidate and reference flips every round; os.sync() before each write, untimed),
+measures:
 
   save     tmlx.checkpoint.Checkpointer(async_save=True).save(...) and then .wait(): the time
            until the checkpoint is committed (Orbax finalized the step directory);
@@ -24,15 +24,18 @@ still resident (printed). A virtual disk may still be cached by its host, below 
 that affects candidate and reference alike.
 
 Throughputs count the state's array bytes (logical size) for both; the checkpoint's on-disk size
-is printed too. Headline ratios are ratios of the medians (MB/s of checkpoint / MB/s of raw).
-The blocking fraction is the median over rounds of (time until save() returns) / (time until
-wait() returns): save() returns once the fingerprints are computed and Orbax has copied the
-arrays to host memory and started its background write, so the training loop is blocked that
-long. The breakdown splits it into the fingerprints (+ metadata) and the Orbax
-CheckpointManager.save call, timed by wrapping that call (the restore likewise into the Orbax
-restore and the fingerprint verification); an informational line gives Orbax's figures without the
-fingerprints. One untimed save + restore runs first (compilation of the fingerprint function,
-Orbax's first-use costs). Disk use: --rounds + 1 checkpoints and one raw file, all removed at the end.
+is printed too. Headline save and restore ratios (MB/s of checkpoint / MB/s of raw) are geometric
+means of the per-round ratios: on a virtual disk whichever writes second in a round can pay for
+the first one's data (the host flushes it then), and such a factor cancels between the rounds of
+either order. The blocking fraction is the median over rounds of (time until save() returns) /
+(time until wait() returns): save() returns once it has taken views of the shards for the
+fingerprints (computed in the background) and Orbax has the arrays in host memory and has
+started its background write, so the training loop is blocked that long. The breakdown splits
+it into our part (fingerprint setup + metadata) and the Orbax CheckpointManager.save call, timed
+by wrapping that call (the restore likewise into the Orbax restore and the fingerprint
+verification); an informational line gives Orbax's figures without our part. One untimed save +
+restore runs first (Orbax's first-use costs). Disk use: --rounds + 1 checkpoints and one raw file,
+all removed at the end.
 
 The output ends with one line per headline figure: '<name> <value> target<op><value>'.
 """
@@ -70,7 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--gib", type=float, default=1.0, help="state size in GiB, at least (default: %(default)s)")
   p.add_argument(
-    "--rounds", type=int, default=3, help="interleaved timing rounds; medians over them (default: %(default)s)"
+    "--rounds",
+    type=int,
+    default=4,
+    help="interleaved timing rounds, an even number so that each order comes as often (default: %(default)s)",
   )
   p.add_argument(
     "--dir",
@@ -257,6 +263,8 @@ def du(path: str) -> int:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  if args.rounds % 2:
+    raise SystemExit(f"--rounds={args.rounds}: use an even number, so that each order comes as often")
   # Orbax adds the time spent in an explicit wait_until_finished() to its "waiting for previous
   # save" warning at the next save; that wait is ours, outside the save, so the warning is noise.
   logging.getLogger("absl").addFilter(lambda record: "Waiting for previous save" not in record.getMessage())
@@ -352,6 +360,7 @@ def run(args, work: str, mesh, mesh_cfg: dict, ckpt_lib) -> None:
     row = {}
     order = (0, 1) if r % 2 else (1, 0)
     for which in order:  # writes: candidate and reference in this round's order
+      os.sync()  # untimed: no dirty data of the previous write left for this one to flush
       if which == 0:
         row["block"], row["save"], row["orbax_save"] = save(r)
       else:
@@ -376,10 +385,13 @@ def run(args, work: str, mesh, mesh_cfg: dict, ckpt_lib) -> None:
 
   med = {k: statistics.median(row[k] for row in rows) for k in ("save", "block", "fp", "orbax_save", "write")}
   med.update({k: statistics.median(row[k] for row in rows) for k in ("restore", "orbax_restore", "read")})
-  save_ratio = med["write"] / med["save"]
-  restore_ratio = med["read"] / med["restore"]
+  # Geometric means of the per-round ratios: a position effect that multiplies the time of whoever
+  # goes second in a round cancels between the rounds of either order.
+  gmean = lambda xs: math.exp(statistics.fmean(math.log(x) for x in xs))
+  save_ratio = gmean(row["write"] / row["save"] for row in rows)
+  restore_ratio = gmean(row["read"] / row["restore"] for row in rows)
   blocking = statistics.median(row["block"] / row["save"] for row in rows)
-  print(f"\nmedians over {args.rounds} rounds, {mb:.0f} MB each way:")
+  print(f"\nmedians over {args.rounds} rounds, {mb:.0f} MB each way (headline ratios: geometric means of the rounds'):")
   print(f"  checkpoint save (save + wait)       {mb / med['save']:8.0f} MB/s  ({med['save']:.2f} s)")
   print(f"  raw write (write + fsync)           {mb / med['write']:8.0f} MB/s  ({med['write']:.2f} s)")
   print(f"  checkpoint restore (incl. verify)   {mb / med['restore']:8.0f} MB/s  ({med['restore']:.2f} s)")

@@ -204,6 +204,9 @@ def get_config(arg=None):
   # A step with a non-finite loss or gradient leaves the state unchanged (counted as
   # `bad_steps`); more than this many in a row saves a checkpoint and stops the run.
   c.train.max_consecutive_bad_steps = 5
+  # Fault drill: steps (comma separated, e.g. "120,121") whose loss is made NaN on device, to check
+  # the bad-step path of a deployment end to end. Empty in real runs.
+  c.train.inject_nan_at_steps = ""
 
   c.init = mlc.ConfigDict()
   # Where a run whose workdir has no checkpoint starts (a workdir's own latest checkpoint always

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tests.helpers import ROOT, synthetic_batch
 from tmlx import sharding, train
-from tmlx.checkpoint import Checkpointer, CheckpointError, fingerprints, grown_axis, leaf_name
+from tmlx.checkpoint import Checkpointer, CheckpointError, fingerprints, fingerprints_async, grown_axis, leaf_name
 
 
 def _config(**mesh):
@@ -33,10 +33,24 @@ def test_fingerprints_do_not_depend_on_the_mesh_and_see_every_element():
   x = jax.random.normal(jax.random.key(0), (64, 48))
   tree = {"a": x, "b": x.astype(jnp.bfloat16), "c": jnp.arange(10, dtype=jnp.int32), "d": jnp.float32(3.0)}
   mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  sharded = dict(tree, a=jax.device_put(x, NamedSharding(mesh, PartitionSpec("x", "y"))))
-  assert fingerprints(tree) == fingerprints(sharded)
+  put = lambda v, *spec: jax.device_put(v, NamedSharding(mesh, PartitionSpec(*spec)))
+  y = jax.random.randint(jax.random.key(1), (4, 6, 12), -(2**31), 2**31 - 1, jnp.int32)
+  sharded = [
+    dict(tree, a=put(x, "x", "y")),
+    dict(tree, a=put(x, "y", "x"), b=put(tree["b"], None, "x")),  # b: replicated over y
+    dict(tree, a=put(x, None, ("x", "y")), c=put(tree["c"], None)),
+  ]
+  reference = fingerprints(tree)
+  for t in sharded:
+    assert fingerprints(t) == reference
+  # The host path (CPU arrays) and the device path (accelerators) compute the same numbers.
+  for t in (tree, sharded[0], {"y": put(y, "y", None, "x"), "m": put(y > 0, None, "y"), "h": y.astype(jnp.uint16)}):
+    assert fingerprints(t, on_host=True) == fingerprints(t, on_host=False)
+    for on_host in (True, False):  # what a save uses: finished in the background
+      assert fingerprints_async(t, on_host=on_host).result(timeout=60) == fingerprints(t)
   for changed in (x.at[17, 5].add(1e-6), x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])):  # a value; a swap
-    assert fingerprints(dict(tree, a=changed))["a"] != fingerprints(tree)["a"]
+    assert fingerprints(dict(tree, a=changed))["a"] != reference["a"]
+    assert fingerprints(dict(tree, a=put(changed, "x", "y")))["a"] != reference["a"]
 
 
 def test_retention_keeps_the_latest_and_every_kth(tmp_path):

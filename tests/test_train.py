@@ -15,6 +15,7 @@ from data_pipelines.contract import Kind
 from tests.helpers import run_main, synthetic_batch
 from tests.test_config import PRESETS
 from tmlx import sharding, train
+from tmlx.checkpoint import Checkpointer
 
 
 def _metrics(workdir) -> list[dict]:
@@ -121,32 +122,53 @@ def test_all_to_all_transport_trains_like_local(tmp_path):
       assert r_a2a[key] == pytest.approx(r_local[key], rel=2e-5, abs=1e-6), (r_local["step"], key)
 
 
-def test_non_finite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path):
-  """A NaN in the loss at a step leaves params, optimizer and router state bitwise unchanged; the
-  loop counts bad steps and, past `max_consecutive_bad_steps`, saves and stops."""
+def test_non_finite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path, caplog):
+  """A NaN injected into the loss of step 3 (`train.inject_nan_at_steps`) leaves params, optimizer
+  and router state bitwise unchanged, and the loop logs and counts it; a corrupt flow target does
+  the same; past `max_consecutive_bad_steps` the run saves and stops."""
   config = importlib.import_module("experiments.tiny").get_config("tiny")
   config.data.source = "synthetic"
   config.model.moe.bias_update_rate = 0.01
+  config.train.num_steps = 4
+  config.train.inject_nan_at_steps = "3"
+  config.checkpoint.every = 1
+  config.checkpoint.async_save = False
+  config.logging.tensorboard = False
+  with caplog.at_level(logging.WARNING):
+    train.run(config, str(tmp_path / "drill"))
+  assert any("step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in all)" in r.getMessage()
+             for r in caplog.records)
+  rows = {r["step"]: r for r in _metrics(tmp_path / "drill")}
+  assert [rows[s]["bad_step"] for s in (1, 2, 3, 4)] == [0, 0, 1, 0]
+  assert [rows[s]["bad_steps"] for s in (2, 4)] == [0, 1]  # step 3's flag is read after step 4 starts
+  assert not np.isfinite(rows[3]["loss"]) and np.isfinite(rows[4]["loss"])
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_table(config.mesh.rules)
   spec = train.state_spec(config, mesh, rules)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings)
+  ckpt = Checkpointer(str(tmp_path / "drill" / "checkpoints"), keep=10, async_save=False)
+  saved = {step: jax.device_get(ckpt.restore(step, target)) for step in (2, 3, 4)}
+  ckpt.close()
+  assert [int(saved[s].step) for s in (2, 3, 4)] == [2, 3, 4]
+  same = lambda a, b: all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(a, b))
+  for name in ("params", "model_state", "opt_state"):
+    leaves = {s: jax.tree.leaves(getattr(saved[s], name)) for s in (2, 3, 4)}
+    assert same(leaves[2], leaves[3]), f"{name} changed in the skipped step"
+    assert not same(leaves[3], leaves[4]), f"{name} did not change in the step after"
+
+  # A NaN in the data (a corrupt flow target) is caught the same way.
+  config.train.inject_nan_at_steps = ""
   step_fn = jax.jit(functools.partial(train.train_step, sc=train.step_config(config, spec, mesh, rules)))
-  state = jax.jit(spec.init, out_shardings=spec.shardings)()
+  state = jax.device_put(saved[4], spec.shardings)
   batch = synthetic_batch(config)
-  state, m = step_fn(state, batch)
-  assert float(m["bad_step"]) == 0 and int(state.step) == 1
   before = jax.device_get(state)
   mel = np.asarray(batch["mel"]).copy()
-  mel[np.asarray(batch["kind"]) == Kind.AUDIO_OUT] = np.nan  # a corrupt flow target: the loss is NaN
+  mel[np.asarray(batch["kind"]) == Kind.AUDIO_OUT] = np.nan
   bad, m = step_fn(state, {**batch, "mel": jnp.asarray(mel)})
-  assert not np.isfinite(float(m["loss"])) and float(m["bad_step"]) == 1
-  assert int(bad.step) == 2
+  assert not np.isfinite(float(m["loss"])) and float(m["bad_step"]) == 1 and int(bad.step) == 5
   after = jax.device_get(bad)
   for name in ("params", "model_state", "opt_state"):
-    for a, b in zip(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(after, name))):
-      assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), name
-  good, m = step_fn(bad, batch)
-  assert float(m["bad_step"]) == 0 and np.isfinite(float(m["loss"]))
+    assert same(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(after, name))), name
 
   # In the loop: a learning rate that blows the parameters up makes every step after the first
   # non-finite; the run saves and stops with an error naming the field.

@@ -16,7 +16,7 @@ A restore always targets the current mesh's shardings (the abstract state carrie
 checkpoint is resharded on read; restoring without target shardings is refused.
 
 Items of a checkpoint step (no pickle anywhere):
-  state   the TrainState arrays (Orbax StandardSave: tensorstore, one array per leaf)
+  state   the TrainState arrays (Orbax PyTree item: tensorstore OCDBT, uncompressed)
   config  the resolved config (JSON)
   meta    JSON: tmlx version, step, mesh shape, process count, data position (step, seed and
           data-spec hash) and a fingerprint per array
@@ -29,6 +29,10 @@ Inspect a checkpoint directory:  python -m tmlx.checkpoint inspect PATH [--step=
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -43,7 +47,87 @@ from orbax.checkpoint import checkpoint_managers
 
 import tmlx
 
-_GOLDEN = np.uint32(2654435761)  # odd multiplier that spreads element indices over 32 bits
+_GOLDEN = 2654435761  # odd multiplier that spreads element indices over 32 bits
+_MASK = np.uint64(2**32 - 1)
+
+
+# A fingerprint of an array x is the pair (S, G * W + S) mod 2**32, with S = sum(bits(x)) and
+# W = sum(bits(x) * flat index), bits(x) the element bit patterns zero-extended to uint32. Both sums
+# are additive over any split of the array, so each shard contributes its part (with its global
+# offsets) and the total is the same whatever the sharding. Two ways to compute the same numbers:
+# on the host over the shards' memory (CPU arrays: numpy reductions, several times faster there
+# than XLA's) and on the devices (accelerators: no copy to the host).
+
+
+def _unsigned_view(a: np.ndarray) -> np.ndarray:
+  if a.dtype == np.bool_:
+    return a.view(np.uint8)
+  if a.dtype.itemsize > 4:
+    raise ValueError(f"cannot fingerprint a {a.dtype} array (wider than 32 bits)")
+  return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def _shard_sums(data: np.ndarray, offsets: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, int]:
+  """(S, W) mod 2**32 of one block of an array of `shape` that starts at `offsets`.
+
+  The block's last-axis runs are contiguous in the flat index: with row sums r_k, column sums c_j
+  and g_k the flat index of run k's first element, W = sum_k g_k r_k + sum_j j c_j. Two passes
+  over the data; the rest is on vectors."""
+  u = _unsigned_view(data if data.flags.c_contiguous else data.copy(order="C"))
+  if u.ndim == 0:
+    return int(u), 0
+  runs = u.reshape(-1, u.shape[-1])
+  row = runs.sum(axis=1, dtype=np.uint32).astype(np.uint64)
+  col = runs.sum(axis=0, dtype=np.uint32).astype(np.uint64)
+  strides = np.cumprod((shape[1:] + (1,))[::-1], dtype=np.uint64)[::-1] & _MASK  # row-major
+  first = np.full(row.shape, np.uint64(offsets[-1]), np.uint64)
+  if u.ndim > 1:
+    lead = np.indices(u.shape[:-1], dtype=np.uint64).reshape(u.ndim - 1, -1)
+    for d in range(u.ndim - 1):
+      first += (lead[d] + np.uint64(offsets[d])) * strides[d]
+  first &= _MASK
+  # uint64 sums wrap modulo 2**64, which keeps them right modulo 2**32.
+  w = np.sum(first * row, dtype=np.uint64) + np.sum(np.arange(col.size, dtype=np.uint64) * col, dtype=np.uint64)
+  return int(np.sum(row, dtype=np.uint64) & _MASK), int(w & _MASK)
+
+
+def _blocks(i: int, x) -> list[tuple[int, np.ndarray, tuple[int, ...], tuple[int, ...]]]:
+  """(leaf index, host view, offsets, global shape) of the parts of `x` this process holds, each
+  element counted once. The views are zero-copy, and while they live JAX does not donate the
+  buffers under them (a train step then allocates afresh, as it does while Orbax writes)."""
+  if not isinstance(x, jax.Array):
+    return [(i, np.asarray(x), (0,) * np.ndim(x), tuple(np.shape(x)))]
+  out = []
+  for shard in x.addressable_shards:
+    if shard.replica_id == 0:
+      offsets = tuple(sl.indices(n)[0] for sl, n in zip(shard.index, x.shape))
+      out.append((i, np.asarray(shard.data), offsets, tuple(x.shape)))
+  return out
+
+
+_POOLS: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _pool(name: str, workers: int) -> concurrent.futures.ThreadPoolExecutor:
+  if name not in _POOLS:
+    _POOLS[name] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"tmlx-{name}")
+  return _POOLS[name]
+
+
+def _local_sums(blocks: list, n: int) -> np.ndarray:
+  """[n, 2] uint64 (S, W) partial sums of this process's blocks, over a thread per core (numpy
+  releases the GIL in the reductions)."""
+  pool = _pool("fingerprint", max(1, os.cpu_count() or 1))
+  tasks = [(i, pool.submit(_shard_sums, data, off, shape)) for i, data, off, shape in blocks]
+  sums = np.zeros((n, 2), np.uint64)
+  for i, task in tasks:
+    sums[i] += np.array(task.result(), np.uint64)
+  return sums
+
+
+def _combine(sums: np.ndarray) -> np.ndarray:
+  s, w = sums[:, 0] & _MASK, sums[:, 1] & _MASK
+  return np.stack([s, (w * np.uint64(_GOLDEN) + s) & _MASK], axis=1).astype(np.uint32)
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -60,7 +144,7 @@ def _bits(x: jax.Array) -> jax.Array:
   return x.astype(jnp.uint32)
 
 
-def _fingerprint(x: jax.Array) -> jax.Array:
+def _device_fingerprint(x: jax.Array) -> jax.Array:
   bits = _bits(x)
   # Row-major element index from per-dimension iotas: no reshape, so no resharding of the array.
   index = jnp.zeros(bits.shape, jnp.uint32)
@@ -68,17 +152,89 @@ def _fingerprint(x: jax.Array) -> jax.Array:
   for d in reversed(range(bits.ndim)):
     index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * np.uint32(stride % 2**32)
     stride *= bits.shape[d]
-  weighted = bits * (index * _GOLDEN + np.uint32(1))
+  weighted = bits * (index * np.uint32(_GOLDEN) + np.uint32(1))
   return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
 
 
-_fingerprints_jit = jax.jit(lambda tree: jax.tree.map(_fingerprint, tree))
+_device_fingerprints = jax.jit(lambda leaves: [_device_fingerprint(x) for x in leaves])
 
 
-def fingerprints(state) -> dict[str, list[int]]:
-  """{leaf path: [sum, weighted sum]} of every array of `state` (computed where the arrays live)."""
-  prints = jax.device_get(_fingerprints_jit(state))
-  return {leaf_name(path): [int(v) for v in fp] for path, fp in jax.tree.leaves_with_path(prints)}
+def _on_host(leaves) -> bool:
+  return all(not isinstance(x, jax.Array) or next(iter(x.sharding.device_set)).platform == "cpu" for x in leaves)
+
+
+def fingerprints_async(state, on_host: bool | None = None) -> concurrent.futures.Future:
+  """A future of `fingerprints(state)` that does on the calling thread only what must happen in
+  program order (taking views of the shards, or dispatching the device computation), and the rest
+  in a background thread. With several processes and CPU arrays the cross-process sum is a
+  collective, so it all happens here."""
+  paths, leaves = _paths_and_leaves(state)
+  on_host = _on_host(leaves) if on_host is None else on_host
+  if on_host and jax.process_count() > 1:
+    done = concurrent.futures.Future()
+    done.set_result(fingerprints(state, on_host=True))
+    return done
+  if on_host:
+    blocks = [block for i, x in enumerate(leaves) for block in _blocks(i, x)]
+    finish = lambda: _combine(_local_sums(blocks, len(leaves)))
+  else:
+    prints = _device_fingerprints(list(leaves))  # dispatched now, fetched in the background
+    finish = lambda: np.asarray(jax.device_get(prints))
+  return _pool("fingerprint-save", 1).submit(lambda: _named(paths, finish()))
+
+
+def fingerprints(state, on_host: bool | None = None) -> dict[str, list[int]]:
+  """{leaf path: [sum, weighted sum]} of every array of `state`, the same on every mesh and process
+  count. Computed on the host when every array lives in CPU memory (or `on_host`), else on the
+  devices where the arrays live."""
+  paths, leaves = _paths_and_leaves(state)
+  if not (_on_host(leaves) if on_host is None else on_host):
+    return _named(paths, np.asarray(jax.device_get(_device_fingerprints(list(leaves)))))
+  sums = _local_sums([block for i, x in enumerate(leaves) for block in _blocks(i, x)], len(leaves))
+  if jax.process_count() > 1:
+    sums = multihost_utils.process_allgather(sums).sum(axis=0, dtype=np.uint64)
+  return _named(paths, _combine(sums))
+
+
+def _paths_and_leaves(state) -> tuple[tuple, tuple]:
+  pairs = jax.tree.leaves_with_path(state)
+  return tuple(p for p, _ in pairs), tuple(x for _, x in pairs)
+
+
+def _named(paths, prints: np.ndarray) -> dict[str, list[int]]:
+  return {leaf_name(path): [int(v) for v in fp] for path, fp in zip(paths, prints)}
+
+
+class _MetaHandler(ocp.JsonCheckpointHandler):
+  """The `meta` item: JSON whose values may be futures (the fingerprints), awaited in Orbax's
+  background commit, so that a save blocks the train loop only for what must happen in order."""
+
+  async def async_save(self, directory, item=None, args=None):
+    meta = dict(args.item)
+
+    async def write():
+      for key, value in meta.items():
+        if isinstance(value, concurrent.futures.Future):
+          meta[key] = await asyncio.wrap_future(value)
+      if jax.process_index() == 0:
+        (directory / _META_FILE).write_text(json.dumps(meta))
+
+    return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="tmlx_meta_save")]
+
+
+_META_FILE = "metadata"  # the file name JsonCheckpointHandler reads back
+
+
+@ocp.args.register_with_handler(_MetaHandler, for_save=True)
+@dataclasses.dataclass
+class _MetaSave(ocp.args.CheckpointArgs):
+  item: dict
+
+
+@ocp.args.register_with_handler(_MetaHandler, for_restore=True)
+@dataclasses.dataclass
+class _MetaRestore(ocp.args.CheckpointArgs):
+  pass
 
 
 def leaf_name(path) -> str:
@@ -116,9 +272,11 @@ class Checkpointer:
         cleanup_tmp_directories=True,
       ),
       item_handlers={
-        "state": ocp.StandardCheckpointHandler(),
+        # Uncompressed: zstd saves ~8% of the bytes of trained float weights, and costs more in
+        # CPU time than the disk time it saves (benchmarks/checkpoint.py).
+        "state": ocp.PyTreeCheckpointHandler(use_compression=False),
         "config": ocp.JsonCheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler(),
+        "meta": _MetaHandler(_META_FILE),
       },
     )
 
@@ -131,8 +289,8 @@ class Checkpointer:
   def save(self, step: int, state, config: dict, *, mesh_shape: dict | None = None, data: dict | None = None):
     """Starts a save of `state` (a pytree of global arrays), the resolved `config` and the metadata.
 
-    `data` is the data position ({"step", "seed", "spec_hash"}); fingerprints are computed here,
-    before the (possibly asynchronous) write begins.
+    `data` is the data position ({"step", "seed", "spec_hash"}). The fingerprints are of the arrays
+    as they are now; they are computed in the background with the rest of an async save.
     """
     meta = {
       "tmlx_version": tmlx.__version__,
@@ -140,13 +298,11 @@ class Checkpointer:
       "mesh": dict(mesh_shape or {}),
       "process_count": jax.process_count(),
       "data": data or {},
-      "fingerprints": fingerprints(state),
+      "fingerprints": fingerprints_async(state),
     }
     self._manager.save(
       step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)
-      ),
+      args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config), meta=_MetaSave(meta)),
       force=True,
     )
 
@@ -160,7 +316,13 @@ class Checkpointer:
           "ShapeDtypeStructs with the current mesh's shardings"
         )
     out = self._manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        ),
+        meta=_MetaRestore(),
+      ),
     )
     verify(out.state, out.meta, f"{self.directory}/{step}")
     return out.state
@@ -257,7 +419,7 @@ class Checkpointer:
     return out, fresh, unused
 
   def restore_meta(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return self._manager.restore(step, args=ocp.args.Composite(meta=_MetaRestore())).meta
 
   def restore_config(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
@@ -300,8 +462,6 @@ def verify(state, meta: dict, where: str) -> None:
 def inspect(path: str, step: int | None = None, check: bool = False, out=sys.stdout) -> None:
   """Prints the steps, the resolved config, the array tree (shape, dtype, size) and, with
   `check`, whether every array matches its fingerprint (restored onto this process's first device)."""
-  import json
-
   ckpt = Checkpointer(path, keep=1_000_000, async_save=False)
   steps = ckpt.all_steps()
   print(f"checkpoints in {ckpt.directory}: steps {steps}", file=out)

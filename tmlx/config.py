@@ -156,6 +156,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       f"config.data.global_batch_size={d.global_batch_size} is not divisible by "
       f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}"
     )
+  step_list(config.train.inject_nan_at_steps, "train.inject_nan_at_steps")
   try:
     table = sharding.rules_table(config.mesh.rules)
   except sharding.ShardingError as e:
@@ -181,9 +182,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     )
 
 
+def step_list(value: str, field: str) -> tuple[int, ...]:
+  """'3, 5,9' → (3, 5, 9): a comma-separated list of positive step numbers in config.<field>."""
+  try:
+    steps = tuple(int(part) for part in str(value).split(",") if part.strip())
+  except ValueError:
+    steps = (0,)
+  if any(s < 1 for s in steps):
+    raise ConfigError(f"config.{field}={value!r}: expected comma-separated step numbers ≥ 1, e.g. '3,5'")
+  return steps
+
+
 def config_hash(config: ml_collections.ConfigDict) -> str:
   """A short, stable hash of the resolved config."""
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
 
 
-__all__ = ["ConfigError", "config_hash", "validate"]
+__all__ = ["ConfigError", "config_hash", "step_list", "validate"]

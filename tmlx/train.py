@@ -60,6 +60,7 @@ class StepConfig:
   seed: int
   mesh: Any
   rules: Any
+  nan_steps: tuple[int, ...] = ()  # fault drill: steps (1-based, as logged) whose loss is NaN
 
 
 def new_model(cfg: ModelConfig, seed: int) -> InteractionModel:
@@ -109,6 +110,9 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
       flow = sums.flow_sum / audio_norm
       lb, z = jnp.mean(out.moe.load_balance_loss), jnp.mean(out.moe.z_loss)
       loss = lc.text_weight * text + lc.flow_weight * flow + (lc.load_balance_weight * lb + lc.z_loss_weight * z) / n
+      if sc.nan_steps:  # a multiplied NaN also makes every gradient NaN, like a real blow-up
+        drill = jnp.isin(state.step + 1, jnp.asarray(sc.nan_steps, jnp.int32))
+        loss = loss * jnp.where(drill, jnp.nan, 1.0).astype(loss.dtype)
       return loss, (sums, out.moe)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -227,6 +231,7 @@ def step_config(config: ml_collections.ConfigDict, spec: StateSpec, mesh, rules)
     seed=config.seed,
     mesh=mesh,
     rules=rules,
+    nan_steps=config_lib.step_list(config.train.inject_nan_at_steps, "train.inject_nan_at_steps"),
   )
 
 
