@@ -136,8 +136,10 @@ def test_non_finite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path, ca
   config.logging.tensorboard = False
   with caplog.at_level(logging.WARNING):
     train.run(config, str(tmp_path / "drill"))
-  assert any("step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in all)" in r.getMessage()
-             for r in caplog.records)
+  assert any(
+    "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in all)" in r.getMessage()
+    for r in caplog.records
+  )
   rows = {r["step"]: r for r in _metrics(tmp_path / "drill")}
   assert [rows[s]["bad_step"] for s in (1, 2, 3, 4)] == [0, 0, 1, 0]
   assert [rows[s]["bad_steps"] for s in (2, 4)] == [0, 1]  # step 3's flag is read after step 4 starts
