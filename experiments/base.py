@@ -122,13 +122,31 @@ def get_config(arg=None):
   c.loss.max_audio_target_fraction = 0.5
 
   c.mesh = mlc.ConfigDict()
-  # Mesh axis sizes; their product must equal the device count; one may be -1 (fills the rest).
+  # Mesh axis sizes within one ICI domain (a TPU slice; a GPU or CPU host when mesh.dcn is used,
+  # else all devices); their product must equal its device count; one may be -1 (fills the rest).
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.expert = 1
   c.mesh.tensor = 1
+  # Axis sizes across ICI domains (over the data-center network: TPU slices, or hosts, one process
+  # each). All 1: one ICI domain. Each mesh axis is dcn x ici devices long (a hybrid mesh).
+  c.mesh.dcn = mlc.ConfigDict()
+  c.mesh.dcn.data = 1
+  c.mesh.dcn.fsdp = 1
+  c.mesh.dcn.expert = 1
+  c.mesh.dcn.tensor = 1
   # Logical-axis rules (see DEFAULT_RULES).
   c.mesh.rules = DEFAULT_RULES
+
+  # Per-accelerator settings, chosen at start-up (`tmlx.accelerators`): name -> row with
+  #   match      case-insensitive substrings of the accelerator's name ("h100", "tpu v5p", "cpu"),
+  #              comma separated; rows are tried in the order of their names (a ConfigDict sorts
+  #              its keys) and the first with a matching substring wins;
+  #   mesh       ICI axis sizes, e.g. {"fsdp": 8, "expert": 8}; dcn  DCN axis sizes, e.g. {"data": 4};
+  #   xla_flags  appended to XLA_FLAGS (LIBTPU_INIT_ARGS on TPU) before JAX starts;
+  #   remat      model.remat for this accelerator ("" keeps the preset's).
+  # Fields a row leaves out keep the preset's values. No row matches: the preset is used as is.
+  c.mesh_rules = mlc.ConfigDict()
 
   c.data = mlc.ConfigDict()
   # Row source: 'episodes' (episode datasets built by `python -m data_pipelines.build`) or
@@ -235,6 +253,9 @@ def get_config(arg=None):
   c.logging.every = 10
   # Also write TensorBoard event files.
   c.logging.tensorboard = True
+  # Each process logs a CRC32 of every global batch row its devices hold, per step: compare the
+  # logs of two runs to check that they trained on the same rows (e.g. N processes against one).
+  c.logging.row_digests = False
 
   c.runtime = mlc.ConfigDict()
   # Fake CPU devices to create (applied by tmlx.main before JAX starts); 0 leaves the default.

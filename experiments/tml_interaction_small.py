@@ -43,6 +43,27 @@ def get_config(arg=None):
   c.mesh.fsdp = -1
   c.mesh.expert = 16
   c.mesh.tensor = 4
+  # Per accelerator (tmlx.accelerators; the chosen row is logged). On TPU, one slice of 256
+  # chips holds a model replica's fsdp x expert x tensor; further slices add data parallelism
+  # over DCN. On H100/H200 nodes of 8 GPUs (one process per node), experts stay within a node's
+  # NVLink and FSDP spans the nodes.
+  c.mesh_rules.tpu_v5p = dict(
+    match="tpu v5p",
+    mesh=dict(data=1, fsdp=4, expert=16, tensor=4),
+    dcn=dict(data=-1, fsdp=1, expert=1, tensor=1),
+    xla_flags=(
+      "--xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
+      "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true"
+    ),
+    remat="full",
+  )
+  c.mesh_rules.gpu_hopper = dict(
+    match="h100,h200",
+    mesh=dict(data=1, fsdp=1, expert=8, tensor=1),
+    dcn=dict(data=1, fsdp=-1, expert=1, tensor=1),
+    xla_flags="--xla_gpu_enable_latency_hiding_scheduler=true",
+    remat="full",
+  )
   if arg == "tiny":
     # Same structure (GQA 4:1, top-6 of many experts, 2 shared, untied vocab), CPU-sized.
     m.vocab_size = 320

@@ -51,6 +51,11 @@ def _check_schema(config, schema, prefix: str) -> None:
     raise ConfigError(f"config.{prefix}{missing[0]}: missing (experiments/base.py defines it)")
   for key, ref in schema.items():
     value, name = config[key], f"{prefix}{key}"
+    if name == "mesh_rules":  # rows named by the experiment, each with a fixed set of fields
+      from tmlx import accelerators
+
+      accelerators.check_rules(value)
+      continue
     if isinstance(ref, _GROUP):
       if not isinstance(value, _GROUP):
         raise ConfigError(f"config.{name}: expected a group of fields, got {type(value).__name__}")

@@ -27,13 +27,9 @@ from collections.abc import Mapping, Sequence
 from tmlx import distributed
 
 DEFAULT_TOTAL_DEVICES = 8
-# Inherited variables that would change the children's devices or job membership.
-_DROPPED_ENV = (
-  "XLA_FLAGS",
-  *distributed.EXPLICIT_VARS,
-  distributed.ENV_INIT_TIMEOUT,
-  distributed.ENV_HEARTBEAT_TIMEOUT,
-)
+# Inherited variables that would change the children's devices or job membership (a local cluster
+# started inside a SLURM allocation, a TPU VM or a Kubernetes pod is a job of its own).
+_DROPPED_ENV = ("XLA_FLAGS", *distributed.DETECTED_VARS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,14 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment file, e.g. experiments/tiny.py (or experiments/tiny.py:tiny).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.")
+# A multi-process job on a machine no detector knows, or an override of the detected one
+# (tmlx.distributed): all three of the first flags, or none.
+_COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1.")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+  "local_device_ids", None, "Devices of this process, as indices among the visible ones (default: detected)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,21 +40,31 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
-  # Before JAX creates its CPU backend: fake CPU devices for single-machine runs.
+  # Before JAX creates a backend: the experiment's row for this accelerator (mesh, XLA flags).
+  from tmlx import accelerators
+
+  accelerators.apply(config)
+  # Also before: fake CPU devices for single-machine runs.
   # In a multi-process job this is the device count of each process (see tmlx.distributed).
   if config.runtime.cpu_devices > 0:
     import jax
 
     jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
 
-  # Also before any JAX computation: join a multi-process job if the environment describes one.
+  # Also before any JAX computation: join a multi-process job if the flags or the environment describe one.
   from tmlx import distributed
 
+  overrides = distributed.Overrides(
+    coordinator_address=_COORDINATOR_ADDRESS.value,
+    num_processes=_NUM_PROCESSES.value,
+    process_id=_PROCESS_ID.value,
+    local_device_ids=_LOCAL_DEVICE_IDS.value,
+  )
   try:
-    distributed.initialize_from_env()
+    distributed.initialize_from_env(overrides=overrides)
   except distributed.DistributedEnvError as e:
     logging.error("%s", e)
-    sys.exit(f"invalid multi-process environment: {e}")
+    sys.exit(f"invalid multi-process setup: {e}")
 
   from tmlx import config as config_lib
   from tmlx import train

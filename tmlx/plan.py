@@ -18,6 +18,7 @@ import sys
 import jax
 import ml_collections
 import optax
+from jax.sharding import PartitionSpec
 
 from tmlx import config as config_lib
 from tmlx import sharding, train
@@ -60,6 +61,13 @@ class PodPlan:
     return self.total_bytes / chip_bytes
 
 
+@dataclasses.dataclass(frozen=True)
+class VariableLayout:
+  shape: tuple[int, ...]
+  dtype: str  # numpy name, e.g. 'float32'
+  spec: PartitionSpec  # over the mesh's axes, from the logical names and config.mesh.rules
+
+
 def abstract_mesh(mesh_config, num_devices: int) -> jax.sharding.AbstractMesh:
   """The experiment's mesh as names and sizes only (no devices), in GSPMD (Auto) mode like make_mesh."""
   sizes = sharding.mesh_shape(mesh_config, num_devices)
@@ -87,11 +95,37 @@ def _bytes(shape_dtype) -> int:
   return math.prod(shape_dtype.shape) * shape_dtype.dtype.itemsize
 
 
+def _state_spec(config: ml_collections.ConfigDict, mesh) -> train.StateSpec:
+  return train.state_spec(config, mesh, sharding.rules_table(config.mesh.rules))
+
+
+def variable_layouts(config: ml_collections.ConfigDict, mesh) -> dict[str, dict[str, VariableLayout]]:
+  """Shape, dtype and PartitionSpec of every model variable of `config` on `mesh` (a Mesh or an
+  AbstractMesh), as {'params': {path: layout}, 'model_state': {path: layout}} with '/'-joined paths.
+
+  This is the layout a run gives its state (the optimizer state follows the parameters), in a form
+  that can be printed, compared and stored: the golden files of tests/test_golden.py hold it.
+  """
+  spec = _state_spec(config, mesh)
+
+  def table(abstract: dict, shardings: dict) -> dict[str, VariableLayout]:
+    out = {}
+    for (path, x), s in zip(jax.tree.leaves_with_path(abstract), jax.tree.leaves(shardings), strict=True):
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      out[name] = VariableLayout(tuple(x.shape), x.dtype.name, s.spec)
+    return out
+
+  return {
+    "params": table(spec.abstract.params, spec.shardings.params),
+    "model_state": table(spec.abstract.model_state, spec.shardings.model_state),
+  }
+
+
 def plan(config: ml_collections.ConfigDict, num_devices: int) -> PodPlan:
   """Per-device parameter and optimizer bytes of `config` on a pod of `num_devices` chips."""
   config_lib.validate(config, num_devices)
   mesh = abstract_mesh(config.mesh, num_devices)
-  spec = train.state_spec(config, mesh, sharding.rules_table(config.mesh.rules))
+  spec = _state_spec(config, mesh)
   state, shardings = spec.abstract, spec.shardings
 
   groups = jax.tree.map_with_path(lambda path, _: _group(path), state.params)
@@ -195,4 +229,4 @@ if __name__ == "__main__":
   _cli()
 
 
-__all__ = ["CHIPS", "PlanRow", "PodPlan", "abstract_mesh", "format_plan", "plan"]
+__all__ = ["CHIPS", "PlanRow", "PodPlan", "VariableLayout", "abstract_mesh", "format_plan", "plan", "variable_layouts"]

@@ -25,37 +25,92 @@ class ShardingError(ValueError):
   """A mesh or rules table that cannot shard the model as asked."""
 
 
-def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
-  """Axis sizes from `config.mesh`, with one -1 filled so that the product is `num_devices`."""
-  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
-  fill = [a for a, n in sizes.items() if n == -1]
+def _dcn_sizes(mesh_config) -> dict[str, int]:
+  """Axis sizes across slices or hosts (`config.mesh.dcn`; all 1, or absent, for one ICI domain);
+  -1 marks the one axis to fill."""
+  dcn = mesh_config.get("dcn") if hasattr(mesh_config, "get") else None
+  sizes = {a: int(dcn[a]) if dcn is not None and a in dcn else 1 for a in MESH_AXES}
   bad = [a for a, n in sizes.items() if n == 0 or n < -1]
   if bad:
-    raise ShardingError(f"config.mesh.{bad[0]}={sizes[bad[0]]}: axis sizes must be ≥ 1 or -1 (fill)")
-  if len(fill) > 1:
-    raise ShardingError(f"config.mesh: only one axis may be -1, got {fill}")
+    raise ShardingError(f"config.mesh.dcn.{bad[0]}={sizes[bad[0]]}: DCN axis sizes must be ≥ 1 or -1 (fill)")
+  return sizes
+
+
+def _fill(sizes: dict[str, int], total: int, where: str, prefix: str) -> dict[str, int]:
   known = math.prod(n for n in sizes.values() if n != -1)
+  fill = [a for a, n in sizes.items() if n == -1]
   if fill:
-    if num_devices % known:
+    if total % known:
       raise ShardingError(
-        f"config.mesh: {num_devices} devices cannot fill axis {fill[0]!r}: the other axes "
-        f"multiply to {known}, which does not divide {num_devices}"
+        f"config.{prefix}: {where} cannot fill axis {fill[0]!r}: the other axes multiply to {known}, "
+        f"which does not divide {total}"
       )
-    sizes[fill[0]] = num_devices // known
-  if math.prod(sizes.values()) != num_devices:
+    sizes = dict(sizes, **{fill[0]: total // known})
+  if math.prod(sizes.values()) != total:
     raise ShardingError(
-      f"config.mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())} but there are "
-      f"{num_devices} devices; make the product equal the device count (or set one axis to -1)"
+      f"config.{prefix}: axis sizes {sizes} multiply to {math.prod(sizes.values())} but there are "
+      f"{where}; make the product equal that (or set one axis to -1)"
     )
   return sizes
 
 
+def _ici_and_dcn(mesh_config, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
+  """(ICI sizes, DCN sizes) with the one -1 of either filled so that they multiply to `num_devices`."""
+  ici = {a: int(mesh_config[a]) for a in MESH_AXES}
+  dcn = _dcn_sizes(mesh_config)
+  bad = [a for a, n in ici.items() if n == 0 or n < -1]
+  if bad:
+    raise ShardingError(f"config.mesh.{bad[0]}={ici[bad[0]]}: axis sizes must be ≥ 1 or -1 (fill)")
+  fills = [f"mesh.{a}" for a, n in ici.items() if n == -1] + [f"mesh.dcn.{a}" for a, n in dcn.items() if n == -1]
+  if len(fills) > 1:
+    raise ShardingError(f"config.mesh: only one axis size may be -1, got {', '.join(fills)}")
+  if any(n == -1 for n in dcn.values()):  # the number of ICI domains follows from the devices
+    dcn = _fill(dcn, num_devices // math.prod(ici.values()), f"{num_devices} devices", "mesh.dcn")
+    if math.prod(ici.values()) * math.prod(dcn.values()) != num_devices:
+      raise ShardingError(f"config.mesh: ICI sizes {ici} do not divide the {num_devices} devices")
+    return ici, dcn
+  granules = math.prod(dcn.values())
+  if num_devices % granules:
+    raise ShardingError(
+      f"config.mesh.dcn: axis sizes {dcn} multiply to {granules}, which does not divide the {num_devices} devices"
+    )
+  where = f"{num_devices // granules} devices per ICI domain" if granules > 1 else f"{num_devices} devices"
+  return _fill(ici, num_devices // granules, where, "mesh"), dcn
+
+
+def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """Total axis sizes of the mesh over `num_devices`: ICI size x DCN size per axis."""
+  ici, dcn = _ici_and_dcn(mesh_config, num_devices)
+  return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh over `devices` (default: all) with the axes of MESH_AXES, in GSPMD (Auto) mode."""
+  """A mesh over `devices` (default: all) with the axes of MESH_AXES, in GSPMD (Auto) mode.
+
+  With `config.mesh.dcn` sizes above 1 it is a hybrid mesh: each axis is DCN-major, ICI-minor,
+  the ICI part laid out within one granule (a TPU slice; on GPU and CPU a process, i.e. a host)
+  and the DCN part across granules, so that the collectives of ICI axes never leave a granule.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = mesh_shape(mesh_config, len(devices))
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
+  ici, dcn = _ici_and_dcn(mesh_config, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if math.prod(dcn.values()) == 1:
+    shape = tuple(ici[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  from jax.experimental import mesh_utils
+
+  ici_shape = tuple(ici[a] for a in MESH_AXES)
+  dcn_shape = tuple(dcn[a] for a in MESH_AXES)
+  by_slice = all(getattr(d, "slice_index", None) is not None for d in devices) and devices[0].platform == "tpu"
+  granules = len({d.slice_index for d in devices}) if by_slice else len({d.process_index for d in devices})
+  if granules != math.prod(dcn_shape):
+    kind = "TPU slices" if by_slice else "processes (hosts)"
+    raise ShardingError(
+      f"config.mesh.dcn: axis sizes {dcn} multiply to {math.prod(dcn_shape)}, but the devices span "
+      f"{granules} {kind}; the DCN product must equal that number"
+    )
+  grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, process_is_granule=not by_slice)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def rules_table(rules: Sequence[tuple[str, str | Sequence[str] | None]]) -> dict[str, tuple[str, ...]]:

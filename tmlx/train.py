@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 from typing import Any
 
 import flax.struct
@@ -320,6 +321,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
   )
   batch_sh = {k: sharding.batch_sharding(mesh, rules, len(shape) + 1) for k, (shape, _) in row.fields().items()}
+  local_rows = config.data.global_batch_size // jax.process_count()
+  logging.info(
+    "data: process %d reads rows %d..%d of each global batch of %d",
+    jax.process_index(),
+    jax.process_index() * local_rows,
+    (jax.process_index() + 1) * local_rows - 1,
+    config.data.global_batch_size,
+  )
 
   # Compile once.
   sc = step_config(config, spec, mesh, rules)
@@ -372,7 +381,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         break
       if config.train.check_batches:
         data_pipelines.check_batch(local, row, config.model.vocab_size, where=f"data batch of step {step}")
-      state, metrics = compiled(state, _global_batch(local, batch_sh))
+      batch = _global_batch(local, batch_sh)
+      if config.logging.row_digests:
+        logging.info("row digests of step %d: %s", step, _row_digests(batch))
+      state, metrics = compiled(state, batch)
       # The previous step's flag: reading it does not wait for the step just dispatched.
       try:
         bad_steps.observe()
@@ -403,6 +415,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     finally:
       preemption.close()  # only now: a SIGTERM while the last save finishes does not cut it short
   return last_metrics
+
+
+def _row_digests(batch: dict) -> str:
+  """'row:crc32 ...' of the global batch rows held by this process's devices (all fields, in
+  name order), so that the rows of different runs can be compared from their logs."""
+  crcs: dict[int, int] = {}
+  for name in sorted(batch):
+    seen = set()
+    for shard in batch[name].addressable_shards:
+      first = shard.index[0].indices(batch[name].shape[0])[0]
+      if first in seen:
+        continue  # the same rows on another device (replicated over a non-batch axis)
+      seen.add(first)
+      data = np.asarray(shard.data)
+      for i in range(data.shape[0]):
+        crcs[first + i] = zlib.crc32(np.ascontiguousarray(data[i]).tobytes(), crcs.get(first + i, 0))
+  return " ".join(f"{r}:{crcs[r]:08x}" for r in sorted(crcs))
 
 
 def _checkpoint_dir(path: str) -> str:
