@@ -222,6 +222,10 @@ def get_config(arg=None):
   # A step with a non-finite loss or gradient leaves the state unchanged (counted as
   # `bad_steps`); more than this many in a row saves a checkpoint and stops the run.
   c.train.max_consecutive_bad_steps = 5
+  # A process in which no step finishes for this long (a peer stuck in a collective while its
+  # heartbeats go on, a wedged data loader) logs every thread's stack and exits with an error;
+  # its peers then fail through the heartbeat check. 0 disables. Compilation is not counted.
+  c.train.step_timeout_s = 1800
   # Fault drill: steps (comma separated, e.g. "120,121") whose loss is made NaN on device, to check
   # the bad-step path of a deployment end to end. Empty in real runs.
   c.train.inject_nan_at_steps = ""

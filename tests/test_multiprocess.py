@@ -169,3 +169,40 @@ def test_settings_from_env():
     }
   )
   assert (s.init_timeout_s, s.loopback_host) == (9, None)
+
+
+def test_a_hung_peer_fails_the_job_within_the_heartbeat_timeout(tmp_path):
+  """SIGSTOP one of 2 processes mid-run (hung: no heartbeats): the other ends with an error naming
+  the silent process within the heartbeat timeout (10 s here), instead of waiting for ever."""
+  cluster = local_cluster.start_local(
+    2,
+    [f"--config={TINY}", f"--workdir={tmp_path / 'w'}", "--config.train.num_steps=200", "--config.checkpoint.every=0"],
+    devices_per_process=4,
+    timeout_s=200,
+    log_dir=tmp_path / "logs",
+    cwd=ROOT,
+    heartbeat_timeout_s=10,
+  )
+  with cluster:
+    assert cluster.wait_for_log(0, "step 3/200", 150), cluster.log(0)[-3000:]
+    cluster.signal(1, signal.SIGSTOP)
+    stopped = time.monotonic()
+    while cluster.processes[0].poll() is None and time.monotonic() - stopped < 60:
+      time.sleep(0.2)
+    waited = time.monotonic() - stopped
+    cluster.signal(1, signal.SIGKILL)
+    results = cluster.wait()
+  assert results[0].returncode not in (0, None) and not results[0].killed, results[0].log[-3000:]
+  assert waited < 30, waited
+  assert "stopped sending heartbeats" in results[0].log, results[0].log[-3000:]
+
+
+def test_the_watchdog_ends_a_process_that_makes_no_progress():
+  """A process alive but stuck (heartbeats go on) ends by itself after train.step_timeout_s."""
+  code = "import time; from tmlx.train import Watchdog; w = Watchdog(1.0); w.beat(7); time.sleep(60)"
+  t0 = time.monotonic()
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "no progress for" in proc.stderr and "on step 7" in proc.stderr and "step_timeout_s=1" in proc.stderr
+  assert "tmlx-watchdog" in proc.stderr or "Thread 0x" in proc.stderr  # the stacks
+  assert time.monotonic() - t0 < 50

@@ -365,8 +365,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   last_metrics: dict[str, float] = {}
   t_log, step_log = time.perf_counter(), start
   preemption = Preemption()
+  watchdog = Watchdog(config.train.step_timeout_s)
   try:
     for step in range(start + 1, num_steps + 1):
+      watchdog.beat(step)
       local, stats = next(data)
       data_stats.add(stats)
       if preemption.agreed():  # a SIGTERM in any process: every process stops here, after step - 1
@@ -414,6 +416,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       writer.close()
     finally:
       preemption.close()  # only now: a SIGTERM while the last save finishes does not cut it short
+      watchdog.close()
   return last_metrics
 
 
@@ -524,6 +527,49 @@ class Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+class Watchdog:
+  """Ends the process when `beat` is not called for `timeout_s` seconds.
+
+  JAX's heartbeats catch a peer that died or stopped; a peer that is alive but never reaches the
+  next collective (a wedged data loader, a deadlock) leaves the others blocked in it for ever.
+  The loop beats once per step: if no beat comes in time, this logs the step it waited for and
+  every thread's stack, and exits the process with status 1 (os._exit: the main thread may be
+  blocked inside XLA); the other processes then fail through the heartbeat check.
+  """
+
+  def __init__(self, timeout_s: float):
+    self.timeout_s = timeout_s
+    self._step = None
+    self._last = time.monotonic()
+    self._done = threading.Event()
+    if timeout_s > 0:
+      threading.Thread(target=self._watch, name="tmlx-watchdog", daemon=True).start()
+
+  def beat(self, step: int) -> None:
+    self._step, self._last = step, time.monotonic()
+
+  def close(self) -> None:
+    self._done.set()
+
+  def _watch(self) -> None:
+    while not self._done.wait(min(5.0, self.timeout_s / 4)):
+      idle = time.monotonic() - self._last
+      if idle > self.timeout_s:
+        import faulthandler
+        import sys
+
+        logging.error(
+          "no progress for %.0f s while on step %s (config.train.step_timeout_s=%g): a peer process may be "
+          "hung, or this one is; the stacks of every thread follow. Exiting.",
+          idle,
+          self._step,
+          self.timeout_s,
+        )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(1)
 
 
 class BadStepsError(RuntimeError):
