@@ -6,12 +6,21 @@ G = N / K query heads per kv head, H head dim.
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from tmlx import sharding
 from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, param
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of the positions seen so far, preallocated to a fixed length T."""
+
+  k: jax.Array  # [B, T, K, H] (a leading L when stacked over layers)
+  v: jax.Array
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -63,7 +72,7 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(head_dim, rngs=rngs, dtypes=dtypes, eps=eps) if qk_norm else None
     self.k_norm = RMSNorm(head_dim, rngs=rngs, dtypes=dtypes, eps=eps) if qk_norm else None
 
-  def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  def _qkv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
     dt = self.dtypes.compute
     x = x.astype(dt)
     q = jnp.einsum("bsd,dnh->bsnh", x, self.wq[...].astype(dt))
@@ -72,11 +81,38 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    q = sharding.constrain(q, ("batch", "act_seq", "act_heads", None))
+    return sharding.constrain(q, ("batch", "act_seq", "act_heads", None)), k, v
+
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B, S, N, H] over keys/values [B, T, K, H] where mask [B, S, T] → [B, S, D]."""
+    dt = self.dtypes.compute
     b, s, n, h = q.shape
     q = q.reshape(b, s, self.num_kv_heads, n // self.num_kv_heads, h)
     logits = jnp.einsum("bskgh,btkh->bkgst", q, k, preferred_element_type=jnp.float32) * h**-0.5
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bkgst,btkh->bskgh", probs, v).reshape(b, s, n, h)
+    out = jnp.einsum("bkgst,btkh->bskgh", probs, v.astype(dt)).reshape(b, s, n, h)
     return jnp.einsum("bsnh,nhd->bsd", out, self.wo[...].astype(dt))
+
+  def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    q, k, v = self._qkv(x, rope)
+    return self._attend(q, k, v, mask)
+
+  def extend(
+    self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: KVCache, start: jax.Array
+  ) -> tuple[jax.Array, KVCache]:
+    """Attention of S new positions [B, S, D] that follow the `start` positions held in `cache`.
+
+    Their keys and values are written into the cache at start..start+S-1 and every new position
+    attends to the cache up to itself; nothing before `start` is recomputed. Positions of the
+    chunk past the caller's real ones may be padding: their entries sit beyond the causal
+    horizon of every real position and are overwritten by the next chunk.
+    """
+    q, k, v = self._qkv(x, rope)
+    zero = jnp.zeros((), jnp.int32)
+    keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, start, zero, zero))
+    values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, start, zero, zero))
+    s, t = x.shape[1], cache.k.shape[1]
+    mask = jnp.arange(t)[None, :] <= start + jnp.arange(s)[:, None]  # [S, T]: causal over the cache
+    out = self._attend(q, keys, values, jnp.broadcast_to(mask, (x.shape[0], s, t)))
+    return out, KVCache(keys, values)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from data_pipelines.contract import NUM_KINDS, Kind
 from tmlx import sharding
-from tmlx.nn.attention import Attention, attention_mask, rope_angles
+from tmlx.nn.attention import Attention, KVCache, attention_mask, rope_angles
 from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, param, scan_modules, stack_modules
 from tmlx.nn.embed import NUM_MELS, DmelBagEmbed, HMLPStem, TextEmbed
 from tmlx.nn.flow_head import FlowConfig, FlowHead
@@ -102,6 +102,13 @@ class Block(nnx.Module):
     x = sharding.constrain(x + y, ("batch", "act_seq", "act_embed"))
     return x, stats
 
+  def extend(self, x, rope, cache: KVCache, start):
+    """The block over new positions that follow the cached ones (`Attention.extend`)."""
+    a, cache = self.attn.extend(self.attn_norm(x), rope, cache, start)
+    x = x + a
+    y, _ = self.moe(self.mlp_norm(x), jnp.ones(x.shape[:2], bool), dropless=True)
+    return x + y, cache
+
 
 class InteractionModel(nnx.Module):
   """The packed batch (`data_pipelines.contract`) → final hidden states and router statistics."""
@@ -148,6 +155,31 @@ class InteractionModel(nnx.Module):
       unroll=cfg.scan_unroll,
     )
     return ModelOutput(hidden=self.final_norm(x), moe=stats)
+
+  def empty_cache(self, batch: int, length: int) -> KVCache:
+    """A KV cache of `length` positions for every layer: k, v [L, B, length, K, H] (compute dtype)."""
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, cfg.dtypes.compute), jnp.zeros(shape, cfg.dtypes.compute))
+
+  def extend(self, chunk: dict[str, jax.Array], cache: KVCache, start: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Final hidden states [B, S, D] of S new positions (a packed-batch-like dict of [B, S] fields,
+    `positions` included, plus `patches` [B, P, 40, 40, 3] and `patch_rowcol`) that follow the
+    `start` positions already in `cache`; returns them with the cache extended. The streaming
+    session's step: with the same inputs it gives what `__call__` gives at those positions.
+    Routing is dropless, so compare with a dropless (capacity_factor ≤ 0) full pass."""
+    cfg = self.cfg
+    x = self.embed(chunk)
+    rope = rope_angles(chunk["positions"], cfg.head_dim, cfg.rope_theta)
+    graphdef, state = nnx.split(self.blocks)
+
+    def body(x, layer):
+      block_state, k, v = layer
+      x, new = nnx.merge(graphdef, block_state).extend(x, rope, KVCache(k, v), start)
+      return x, (new.k, new.v)
+
+    x, (k, v) = jax.lax.scan(body, x, (state, cache.k, cache.v))
+    return self.final_norm(x), KVCache(k, v)
 
   def text_logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states [..., D] → fp32 logits [..., V]."""

@@ -326,14 +326,17 @@ class MoE(nnx.Module):
       self.shared_up = param(rngs, fan_in_init(), (d_model, fs), ("embed", "mlp"), pd)
       self.shared_down = param(rngs, fan_in_init(), (fs, d_model), ("mlp", "embed"), pd)
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, MoEStats]:
+  def __call__(self, x: jax.Array, mask: jax.Array, *, dropless: bool = False) -> tuple[jax.Array, MoEStats]:
+    """`dropless` gives every expert room for every token (inference: a token's output must not
+    depend on which other tokens share its chunk)."""
     cfg, dt = self.cfg, self.dtypes.compute
     x = x.astype(dt)
     logits = jnp.einsum("bsd,de->bse", x.astype(jnp.float32), self.router[...])
     routing = route(
       logits, cfg.num_experts_per_tok, score=cfg.router_score, renormalize=cfg.renormalize, bias=self.router_bias[...]
     )
-    plan = dispatch_plan(routing.experts, mask, cfg.num_experts, capacity(cfg, x.shape[1]))
+    cap = x.shape[1] if dropless else capacity(cfg, x.shape[1])
+    plan = dispatch_plan(routing.experts, mask, cfg.num_experts, cap)
     w = ExpertWeights(*(p[...].astype(dt) for p in (self.w_gate, self.w_up, self.w_down)))
     y = combine(run_experts(cfg.transport, x, plan, w), routing.weights)
     if cfg.num_shared_experts:
