@@ -261,6 +261,20 @@ def get_config(arg=None):
   # logs of two runs to check that they trained on the same rows (e.g. N processes against one).
   c.logging.row_digests = False
 
+  c.stream = mlc.ConfigDict()
+  # Streaming sessions (tmlx.stream): preallocated KV-cache length in positions. A session that
+  # would outgrow it stops with an error naming this field.
+  c.stream.max_positions = 8192
+  # Positions of an input block (<mt>, typed text and background results, a frame's patches,
+  # 4 AUDIO_IN) prefilled per call; longer blocks take several calls. Fixed: no recompilation.
+  c.stream.input_chunk = 64
+  # Text sampling: temperature (0 = greedy) and nucleus top-p.
+  c.stream.temperature = 0.0
+  c.stream.top_p = 1.0
+  # Audio: noise temperature τ of the flow head's x0 ~ N(0, τ²I), and Euler steps.
+  c.stream.audio_temperature = 1.0
+  c.stream.audio_steps = 10
+
   c.runtime = mlc.ConfigDict()
   # Fake CPU devices to create (applied by tmlx.main before JAX starts); 0 leaves the default.
   c.runtime.cpu_devices = 0

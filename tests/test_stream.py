@@ -1,0 +1,80 @@
+"""Streaming sessions (tmlx.stream): parity with the full forward pass, fixed shapes, limits."""
+
+import numpy as np
+import pytest
+
+from data_pipelines.contract import Kind
+from tests.helpers import synthetic_batch, tiny_config
+from tmlx.nn.model import ModelConfig
+from tmlx.stream import InputBlock, Session, SessionFull
+from tmlx.train import new_model
+
+
+def _setup(**stream):
+  c = tiny_config("tiny")
+  c.model.compute_dtype = "float32"
+  c.model.moe.capacity_factor = 0.0  # the session routes dropless; so must the reference pass
+  c.stream.max_positions = 256
+  c.stream.input_chunk = 16  # smaller than most input blocks here: they take several chunks
+  c.stream.update(stream)
+  return c, new_model(ModelConfig.from_config(c.model), 0)
+
+
+def test_teacher_forced_session_matches_one_full_forward_pass():
+  """A recorded row fed through Session.run_block micro-turn by micro-turn (its outputs forced)
+  gives the text logits and flow-head conditioning vectors of one forward pass over the row."""
+  c, model = _setup()
+  batch = synthetic_batch(c, step=0, rows=1)
+  row = {k: np.asarray(v[0]) for k, v in batch.items()}
+  n = int((row["segment_ids"] == 1).sum())
+  kind = row["kind"][:n]
+  assert (kind == Kind.PATCH).any() and (kind == Kind.TEXT_IN).any()  # frames and typed text too
+  hidden = model(batch).hidden[0, :n]
+  ref_logits = np.stack([model.text_logits(hidden[p]) for p in range(n - 1) if kind[p + 1] == Kind.TEXT_OUT])
+  ref_cond = np.stack([model.flow_head.cond(hidden[p]) for p in range(n - 1) if kind[p + 1] == Kind.AUDIO_OUT])
+
+  session = Session(model, c)
+  starts = [i for i in range(n) if kind[i] == Kind.MT] + [n]
+  logits, cond = [], []
+  for a, b in zip(starts[:-1], starts[1:]):
+    k = kind[a:b]
+    out_at = a + int(np.argmax(k == Kind.TEXT_OUT))
+    block = InputBlock(
+      *(row[f][a:out_at] for f in ("kind", "tokens", "dmel", "patch_index")), row["patches"], row["patch_rowcol"]
+    )
+    out = session.run_block(
+      block,
+      forced_text=list(row["tokens"][a:b][k == Kind.TEXT_OUT]),
+      forced_audio=row["dmel"][a:b][k == Kind.AUDIO_OUT],
+      record=True,
+    )
+    logits += list(out.text_logits)
+    cond += list(out.flow_cond)
+  assert session.position == n
+  assert len(logits) == len(ref_logits) and len(cond) == len(ref_cond) == 4 * (len(starts) - 1)
+  # fp32; the cache attends over its whole preallocated length, so sums run in another order.
+  np.testing.assert_allclose(np.stack(logits), ref_logits, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.stack(cond), ref_cond, atol=2e-5, rtol=1e-5)
+
+
+def test_live_steps_keep_fixed_shapes_and_stop_at_the_cache_limit():
+  c, model = _setup(max_positions=128, temperature=0.8, top_p=0.9)
+  session = Session(model, c, seed=1)
+  rng = np.random.default_rng(0)
+  frame = rng.integers(0, 255, (c.data.frame_height, c.data.frame_width, 3), dtype=np.uint8)
+  sizes = []
+  for t in range(3):
+    audio = (rng.standard_normal(3200) * 3000).astype(np.int16)
+    out = session.step(audio, frame=frame if t == 1 else None, typed_text="hi there" if t == 2 else None)
+    assert out.mel.shape == (16, 80) and np.all(np.abs(out.mel) <= 1)
+    assert len(out.text_ids) <= c.data.k_max and all(i < 272 for i in out.text_ids)
+    sizes.append(
+      tuple(p._cache_size() for p in (session._programs.prefill, session._programs.text, session._programs.audio))
+    )
+  assert sizes[0] == sizes[-1] == (1, 1, 1), sizes  # compiled once, whatever the block held
+  assert session.transcript[2][1] == "<user_text>hi there</user_text>"
+  with pytest.raises(SessionFull, match=r"config\.stream\.max_positions=128"):
+    for _ in range(10):
+      session.step(np.zeros(3200, np.int16))
+  with pytest.raises(ValueError, match="3200 samples"):
+    session.step(np.zeros(1600, np.int16))

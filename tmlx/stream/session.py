@@ -1,0 +1,397 @@
+"""A streaming session: every 200 ms the model hears, maybe sees, and answers (MODEL_SPEC.md §9).
+
+Per micro-turn, `Session.step`:
+  1. turns the new 200 ms of user audio into 16 causal dMel frames (4 AUDIO_IN positions), a
+     frame (if any) into its patches, typed text and background results into TEXT_IN spans;
+  2. prefills that input block into the persistent KV cache (`InteractionModel.extend`; the past
+     is never recomputed);
+  3. decodes the model's text one token at a time until `<eot>` (or K_max tokens, then `<eot>`);
+  4. runs the 4 AUDIO_OUT steps: the flow head's Euler sampler turns the last hidden state into
+     the next 4 x 4 mel frames, which are re-quantized to dMel and fed back as the AUDIO_OUT input.
+
+All device work has fixed shapes: the cache is preallocated (`config.stream.max_positions`),
+input blocks go in chunks of `config.stream.input_chunk` positions, text and audio go one
+position per call. Nothing recompiles after the first micro-turn. A session that would outgrow
+the cache raises SessionFull.
+
+Teacher forcing (`run_block(..., forced_text=..., forced_audio=...)`) feeds recorded outputs
+instead of sampling; with `record=True` the step also returns the text logits and flow-head
+conditioning vectors it computed, which the parity test compares with one full forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from data_pipelines import dmel as dmel_lib
+from data_pipelines import video
+from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, PATCH_SIZE, Kind, patches_per_frame
+from data_pipelines.episode_source import FRAMES_PER_MICRO_TURN
+from data_pipelines.tokenizer import Tokenizer, make_tokenizer
+from tmlx.nn.attention import KVCache
+from tmlx.nn.embed import NUM_MELS
+from tmlx.nn.flow_head import sample as flow_sample
+from tmlx.nn.model import InteractionModel
+
+SAMPLES_PER_MICRO_TURN = 3200  # 200 ms at 16 kHz
+_BIN_LO, _BIN_WIDTH, _NUM_BINS = float(dmel_lib.LOG_MEL_MIN), float(dmel_lib.BIN_WIDTH), dmel_lib.NUM_DMEL_BINS
+
+
+class SessionFull(RuntimeError):
+  """The next micro-turn would not fit in the preallocated KV cache."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How a session samples: text temperature (0 = greedy) and top-p; the flow head's noise
+  temperature and Euler steps."""
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+  audio_temperature: float = 1.0
+  audio_steps: int = 10
+
+  @classmethod
+  def from_config(cls, stream: ml_collections.ConfigDict) -> Sampling:
+    return cls(stream.temperature, stream.top_p, stream.audio_temperature, stream.audio_steps)
+
+
+@dataclasses.dataclass
+class InputBlock:
+  """The I block of one micro-turn as model inputs, one entry per position."""
+
+  kind: np.ndarray  # [n] int8
+  tokens: np.ndarray  # [n] int32
+  dmel: np.ndarray  # [n, F, 80] uint8
+  patch_index: np.ndarray  # [n] int32, -1 where not a patch
+  patches: np.ndarray  # [P, 40, 40, 3] uint8
+  patch_rowcol: np.ndarray  # [P, 2] int16
+
+  def __len__(self) -> int:
+    return len(self.kind)
+
+
+@dataclasses.dataclass
+class StepOutput:
+  """What the model said in one micro-turn."""
+
+  text_ids: list[int]  # its text tokens, <eot> excluded
+  text: str
+  mel: np.ndarray  # [16, 80] normalized log-mel frames in [-1, 1]: the next 200 ms of speech
+  bg_calls: list[str]  # texts of the <bg_call> spans it wrote
+  heard: list[int]  # the input block's text tokens (typed text, background results)
+  latency_s: float  # wall time of the step
+  text_logits: np.ndarray | None = None  # [k + 1, V] fp32 before each text token (record=True)
+  flow_cond: np.ndarray | None = None  # [4, W] the flow head's Linear(h) before each AUDIO_OUT
+
+
+def quantize(log_mel: jax.Array) -> jax.Array:
+  """`data_pipelines.dmel.quantize` on device: log10 mel → nearest of the 16 dMel bins."""
+  v = jnp.clip(log_mel, _BIN_LO, float(dmel_lib.LOG_MEL_MAX))
+  return jnp.clip(jnp.round((v - _BIN_LO) / _BIN_WIDTH), 0, _NUM_BINS - 1).astype(jnp.uint8)
+
+
+def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+  """A token id from fp32 logits [V]: greedy at temperature 0, else nucleus sampling."""
+  if temperature <= 0:
+    return jnp.argmax(logits).astype(jnp.int32)
+  logits = logits / temperature
+  if top_p < 1:
+    ordered = jnp.sort(logits)[::-1]
+    probs = jax.nn.softmax(ordered)
+    keep = (jnp.cumsum(probs) - probs) < top_p  # the smallest prefix whose mass reaches top_p
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf))
+    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+  return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def _one_position(kind: int, f: int, token=0, bins=None) -> dict[str, jax.Array]:
+  """A chunk of one position (no patch) for `InteractionModel.extend`."""
+  return {
+    "kind": jnp.full((1, 1), kind, jnp.int8),
+    "tokens": jnp.reshape(jnp.asarray(token, jnp.int32), (1, 1)),
+    "dmel": (jnp.zeros((1, 1, f, NUM_MELS), jnp.uint8) if bins is None else bins.reshape(1, 1, f, NUM_MELS)),
+    "patch_index": jnp.full((1, 1), -1, jnp.int32),
+    "patches": jnp.zeros((1, 1, PATCH_SIZE, PATCH_SIZE, 3), jnp.uint8),
+    "patch_rowcol": jnp.zeros((1, 1, 2), jnp.int16),
+  }
+
+
+class _Programs:
+  """The session's three jitted programs; the cache is donated, so it is updated in place."""
+
+  def __init__(self, graphdef, sampling: Sampling, frames_per_position: int, num_tokens: int):
+    f = frames_per_position
+
+    def prefill(state, chunk, cache, start, last):
+      model = nnx.merge(graphdef, state)
+      h, cache = model.extend(chunk, cache, start)
+      return h[0, last], cache
+
+    def text(state, h, cache, start, key, forced):
+      model = nnx.merge(graphdef, state)
+      logits = model.text_logits(h)
+      # Only ids the tokenizer has (the model's vocabulary may be padded beyond them).
+      allowed = jnp.where(jnp.arange(logits.shape[-1]) < num_tokens, logits, -jnp.inf)
+      token = jnp.where(forced >= 0, forced, sample_token(allowed, key, sampling.temperature, sampling.top_p))
+      chunk = dict(_one_position(Kind.TEXT_OUT, f, token=token), positions=jnp.reshape(start, (1, 1)))
+      h, cache = model.extend(chunk, cache, start)
+      return token, logits, h[0, 0], cache
+
+    def audio(state, h, cache, start, key, forced, use_forced):
+      model = nnx.merge(graphdef, state)
+      x = flow_sample(
+        model.flow_head, h, key, steps=sampling.audio_steps, temperature=sampling.audio_temperature
+      )  # [F * 80] in [-1, 1]
+      bins = quantize(x * 4.5 - 2.5).reshape(f, NUM_MELS)  # dmel.denormalize, then quantize
+      bins = jnp.where(use_forced, forced, bins)
+      cond = model.flow_head.cond(h)
+      chunk = dict(_one_position(Kind.AUDIO_OUT, f, bins=bins), positions=jnp.reshape(start, (1, 1)))
+      h, cache = model.extend(chunk, cache, start)
+      return x, cond, h[0, 0], cache
+
+    self.prefill = jax.jit(prefill, donate_argnums=(2,))
+    self.text = jax.jit(text, donate_argnums=(2,))
+    self.audio = jax.jit(audio, donate_argnums=(2,))
+
+
+class Session:
+  """One conversation with a model, micro-turn by micro-turn (see the module docstring)."""
+
+  def __init__(
+    self,
+    model: InteractionModel,
+    config: ml_collections.ConfigDict,
+    *,
+    tokenizer: Tokenizer | None = None,
+    worker=None,
+    sampling: Sampling | None = None,
+    seed: int = 0,
+  ):
+    self.model = model
+    self.config = config
+    self.sampling = sampling or Sampling.from_config(config.stream)
+    self.max_positions = int(config.stream.max_positions)
+    self.input_chunk = int(config.stream.input_chunk)
+    self.k_max = int(config.data.k_max)
+    self.frame_shape = (int(config.data.frame_height), int(config.data.frame_width))
+    self.tokenizer = tokenizer or make_tokenizer(config.data.tokenizer)
+    self.worker = worker
+    f = model.cfg.frames_per_position
+    if f * AUDIO_POSITIONS_PER_MICRO_TURN != FRAMES_PER_MICRO_TURN:
+      raise ValueError(f"model.frames_per_position={f}: a session needs 4 audio positions of 4 frames")
+    self._frames = f
+    self._patches = max(1, patches_per_frame(*self.frame_shape))
+    graphdef, self._state = nnx.split(model)
+    num_tokens = min(model.cfg.vocab_size, int(getattr(self.tokenizer, "vocab_size", model.cfg.vocab_size)))
+    self._programs = _Programs(graphdef, self.sampling, f, num_tokens)
+    self._eot = self.tokenizer.special("<eot>")
+    self.reset(seed)
+
+  def reset(self, seed: int = 0) -> None:
+    """Forgets the conversation (the cache is reused, not reallocated)."""
+    self.cache: KVCache = self.model.empty_cache(1, self.max_positions)
+    self.position = 0  # positions in the cache
+    self.micro_turn = 0
+    self._key = jax.random.key(seed)
+    self._featurizer = dmel_lib.StreamingFeaturizer()
+    self.transcript: list[tuple[int, str, str]] = []  # (micro-turn, heard text, said text)
+
+  # -- inputs ----------------------------------------------------------------------------------
+
+  def input_block(
+    self,
+    dmel: np.ndarray | None,
+    frame: np.ndarray | None = None,
+    typed_text: str | None = None,
+    bg_results: Sequence[str] = (),
+  ) -> InputBlock:
+    """The I block: <mt>, background results and typed text as TEXT_IN spans, the frame's
+    patches, and the 4 AUDIO_IN positions of `dmel` bins [16, 80] (None: a text-only turn)."""
+    special = self.tokenizer.special
+    text: list[int] = []
+    for result in bg_results:
+      text += [special("<bg_result>"), *self.tokenizer.encode(result), special("</bg_result>")]
+    if typed_text:
+      text += [special("<user_text>"), *self.tokenizer.encode(typed_text), special("</user_text>")]
+    if text and max(text) >= self.model.cfg.vocab_size:
+      raise ValueError(f"input text has token id {max(text)} >= model.vocab_size={self.model.cfg.vocab_size}")
+    kinds = [Kind.MT] + [Kind.TEXT_IN] * len(text)
+    tokens = [special("<mt>"), *text]
+    patches = np.zeros((0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
+    rowcol = np.zeros((0, 2), np.int16)
+    if frame is not None:
+      if tuple(frame.shape[:2]) != self.frame_shape:
+        raise ValueError(
+          f"frame is {frame.shape[0]}x{frame.shape[1]} pixels; the model was trained on "
+          f"config.data.frame_height x frame_width = {self.frame_shape[0]}x{self.frame_shape[1]}"
+        )
+      patches, rowcol = video.patchify(np.asarray(frame, np.uint8))
+      kinds += [Kind.PATCH] * len(patches)
+      tokens += [0] * len(patches)
+    a = AUDIO_POSITIONS_PER_MICRO_TURN
+    n_audio = 0 if dmel is None else a
+    kinds += [Kind.AUDIO_IN] * n_audio
+    tokens += [0] * n_audio
+    n = len(kinds)
+    bins = np.zeros((n, self._frames, NUM_MELS), np.uint8)
+    if dmel is not None:
+      bins[n - a :] = np.asarray(dmel, np.uint8).reshape(a, self._frames, NUM_MELS)
+    index = np.full(n, -1, np.int32)
+    first_patch = 1 + len(text)
+    index[first_patch : first_patch + len(patches)] = np.arange(len(patches))
+    return InputBlock(np.array(kinds, np.int8), np.array(tokens, np.int32), bins, index, patches, rowcol)
+
+  # -- one micro-turn --------------------------------------------------------------------------
+
+  def step(
+    self,
+    audio: np.ndarray,
+    frame: np.ndarray | None = None,
+    typed_text: str | None = None,
+    bg_results: Sequence[str] = (),
+  ) -> StepOutput:
+    """Hears 200 ms of user audio (3200 samples at 16 kHz), and the frame, typed text and
+    background results of this window; returns what the model says next."""
+    audio = np.asarray(audio)
+    if audio.shape != (SAMPLES_PER_MICRO_TURN,):
+      raise ValueError(f"audio: expected {SAMPLES_PER_MICRO_TURN} samples (200 ms at 16 kHz), got {audio.shape}")
+    t0 = time.perf_counter()
+    bins = dmel_lib.quantize(self._featurizer.push(audio))
+    results = list(bg_results) + (list(self.worker.poll()) if self.worker is not None else [])
+    out = self.run_block(self.input_block(bins, frame, typed_text, results), started=t0)
+    if self.worker is not None:
+      for call in out.bg_calls:
+        self.worker.submit(call, self.conversation())
+    return out
+
+  def run_block(
+    self,
+    block: InputBlock,
+    *,
+    forced_text: Sequence[int] | None = None,
+    forced_audio: np.ndarray | None = None,
+    record: bool = False,
+    started: float | None = None,
+  ) -> StepOutput:
+    """Prefills `block`, then decodes the text and the 4 AUDIO_OUT positions of this micro-turn.
+
+    `forced_text` (the tokens, `<eot>` last) and `forced_audio` (dMel bins [4, F, 80]) replace
+    sampling by the recorded outputs (teacher forcing)."""
+    t0 = time.perf_counter() if started is None else started
+    a = AUDIO_POSITIONS_PER_MICRO_TURN
+    needed = len(block) + self.k_max + 1 + a
+    if self.position + needed > self.max_positions:
+      raise SessionFull(
+        f"micro-turn {self.micro_turn} needs up to {needed} more positions but the KV cache holds "
+        f"{self.max_positions - self.position} of config.stream.max_positions={self.max_positions}; "
+        "raise it (memory grows linearly) or start a new session"
+      )
+    programs, state = self._programs, self._state
+    h = None
+    for lo in range(0, len(block), self.input_chunk):
+      hi = min(len(block), lo + self.input_chunk)
+      h, self.cache = programs.prefill(
+        state, self._chunk(block, lo, hi), self.cache, jnp.int32(self.position), hi - lo - 1
+      )
+      self.position += hi - lo
+
+    ids, logits_seen = [], []
+    for i in range(self.k_max + 1):
+      if forced_text is not None:
+        forced = int(forced_text[i])
+      else:
+        forced = self._eot if i == self.k_max else -1  # K_max tokens said: <eot> next
+      self._key, key = jax.random.split(self._key)
+      token, logits, h, self.cache = programs.text(
+        state, h, self.cache, jnp.int32(self.position), key, jnp.int32(forced)
+      )
+      self.position += 1
+      token = int(token)
+      if record:
+        logits_seen.append(logits)
+      if token == self._eot:
+        break
+      ids.append(token)
+
+    mels, conds = [], []
+    zeros = jnp.zeros((self._frames, NUM_MELS), jnp.uint8)
+    for j in range(a):
+      self._key, key = jax.random.split(self._key)
+      forced = zeros if forced_audio is None else jnp.asarray(forced_audio[j], jnp.uint8)
+      x, cond, h, self.cache = programs.audio(
+        state, h, self.cache, jnp.int32(self.position), key, forced, jnp.asarray(forced_audio is not None)
+      )
+      self.position += 1
+      mels.append(x)
+      conds.append(cond)
+    mel = np.asarray(jnp.stack(mels)).reshape(FRAMES_PER_MICRO_TURN, NUM_MELS)
+    text = self.tokenizer.decode(ids)
+    heard = [int(t) for t, k in zip(block.tokens, block.kind) if k == Kind.TEXT_IN]
+    self.transcript.append((self.micro_turn, self.tokenizer.decode(heard), text))
+    self.micro_turn += 1
+    return StepOutput(
+      text_ids=ids,
+      text=text,
+      mel=mel,
+      bg_calls=self._bg_calls(ids),
+      heard=heard,
+      latency_s=time.perf_counter() - t0,
+      text_logits=np.asarray(jnp.stack(logits_seen)) if record else None,
+      flow_cond=np.asarray(jnp.stack(conds)) if record else None,
+    )
+
+  def _chunk(self, block: InputBlock, lo: int, hi: int) -> dict[str, jax.Array]:
+    """Positions lo..hi-1 of `block`, padded to `input_chunk` (the padding is never attended)."""
+    c, n = self.input_chunk, hi - lo
+    pad = lambda x, fill=0: np.concatenate([x[lo:hi], np.full((c - n, *x.shape[1:]), fill, x.dtype)])[None]
+    index = block.patch_index[lo:hi]
+    used = index[index >= 0]
+    patches = np.zeros((1, self._patches, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
+    rowcol = np.zeros((1, self._patches, 2), np.int16)
+    local = np.full(c, -1, np.int32)
+    if used.size:  # this chunk's patches, renumbered from 0
+      patches[0, : used.size] = block.patches[used]
+      rowcol[0, : used.size] = block.patch_rowcol[used]
+      local[:n] = np.where(index >= 0, index - used.min(), -1)
+    return {
+      "kind": jnp.asarray(pad(block.kind)),
+      "tokens": jnp.asarray(pad(block.tokens)),
+      "dmel": jnp.asarray(pad(block.dmel)),
+      "patch_index": jnp.asarray(local[None]),
+      "patches": jnp.asarray(patches),
+      "patch_rowcol": jnp.asarray(rowcol),
+      "positions": jnp.asarray((self.position + np.arange(c, dtype=np.int32))[None]),
+    }
+
+  def _bg_calls(self, ids: list[int]) -> list[str]:
+    """The texts of the complete <bg_call> ... </bg_call> spans in `ids`."""
+    open_, close = self.tokenizer.special("<bg_call>"), self.tokenizer.special("</bg_call>")
+    calls, inside = [], None
+    for token in ids:
+      if token == open_:
+        inside = []
+      elif token == close and inside is not None:
+        calls.append(self.tokenizer.decode(inside))
+        inside = None
+      elif inside is not None:
+        inside.append(token)
+    return calls
+
+  def conversation(self) -> str:
+    """The conversation so far as text, one line per micro-turn with something in it."""
+    lines = []
+    for t, heard, said in self.transcript:
+      if heard:
+        lines.append(f"[{t}] user: {heard}")
+      if said:
+        lines.append(f"[{t}] model: {said}")
+    return "\n".join(lines)
