@@ -1,12 +1,14 @@
 """Streaming sessions (tmlx.stream): parity with the full forward pass, fixed shapes, limits."""
 
+import importlib
+
 import numpy as np
 import pytest
 
 from data_pipelines.contract import Kind
 from tests.helpers import synthetic_batch, tiny_config
 from tmlx.nn.model import ModelConfig
-from tmlx.stream import InputBlock, Session, SessionFull
+from tmlx.stream import InputBlock, LanguageModelWorker, ScriptedWorker, Session, SessionFull
 from tmlx.train import new_model
 
 
@@ -78,3 +80,35 @@ def test_live_steps_keep_fixed_shapes_and_stop_at_the_cache_limit():
       session.step(np.zeros(3200, np.int16))
   with pytest.raises(ValueError, match="3200 samples"):
     session.step(np.zeros(1600, np.int16))
+
+
+def test_a_background_result_arrives_in_the_micro_turn_the_worker_delivers_it():
+  """The model's <bg_call> span (forced here) goes to the worker with the conversation so far; the
+  scripted worker answers 2 micro-turns later, and the answer is a <bg_result> span of that
+  micro-turn's input."""
+  c, model = _setup()
+  worker = ScriptedWorker({"weather Paris": "sunny, 21 C"}, delay=2)
+  session = Session(model, c, worker=worker)
+  tok, eot = session.tokenizer, session.tokenizer.special("<eot>")
+  call = [tok.special("<bg_call>"), *tok.encode("weather Paris"), tok.special("</bg_call>")]
+  k = c.data.k_max  # the span is longer than K_max: it continues in the next micro-turn
+  silence = np.zeros(3200, np.int16)
+  outs = [session.step(silence, typed_text="what's the weather?")]
+  outs.append(session.step(silence, forced_text=[*call[:k], eot]))
+  outs.append(session.step(silence, forced_text=[*call[k:], eot]))
+  outs += [session.step(silence) for _ in range(3)]
+  assert [o.bg_calls for o in outs[:3]] == [[], [], ["weather Paris"]]
+  ((_, text, context),) = worker.calls
+  assert text == "weather Paris" and "user: <user_text>what's the weather?</user_text>" in context
+  heard = [h for _, h, _ in session.transcript]  # submitted after micro-turn 2: due in micro-turn 4
+  assert heard[4] == "<bg_result>sunny, 21 C</bg_result>" and not any(heard[i] for i in (1, 2, 3, 5))
+
+
+def test_language_model_worker_answers_in_a_thread():
+  c = importlib.import_module("experiments.background_lm").get_config("tiny")
+  c.stream.max_positions = 256
+  worker = LanguageModelWorker(new_model(ModelConfig.from_config(c.model), 0), c, max_micro_turns=2)
+  worker.submit("2+2?", "user: hello")
+  worker.close()
+  (answer,) = worker.poll()
+  assert isinstance(answer, str) and worker.poll() == []

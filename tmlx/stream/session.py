@@ -85,7 +85,7 @@ class StepOutput:
 
   text_ids: list[int]  # its text tokens, <eot> excluded
   text: str
-  mel: np.ndarray  # [16, 80] normalized log-mel frames in [-1, 1]: the next 200 ms of speech
+  mel: np.ndarray  # [16, 80] normalized log-mel frames in [-1, 1]: the next 200 ms ([0, 80] if text-only)
   bg_calls: list[str]  # texts of the <bg_call> spans it wrote
   heard: list[int]  # the input block's text tokens (typed text, background results)
   latency_s: float  # wall time of the step
@@ -182,6 +182,7 @@ class Session:
     self.max_positions = int(config.stream.max_positions)
     self.input_chunk = int(config.stream.input_chunk)
     self.k_max = int(config.data.k_max)
+    self.k_max_text = int(config.data.text_only_k_max)  # K_max of a micro-turn without audio
     self.frame_shape = (int(config.data.frame_height), int(config.data.frame_width))
     self.tokenizer = tokenizer or make_tokenizer(config.data.tokenizer)
     self.worker = worker
@@ -204,6 +205,7 @@ class Session:
     self._key = jax.random.key(seed)
     self._featurizer = dmel_lib.StreamingFeaturizer()
     self.transcript: list[tuple[int, str, str]] = []  # (micro-turn, heard text, said text)
+    self._open_call: list[int] | None = None  # tokens of a <bg_call> span not closed yet
 
   # -- inputs ----------------------------------------------------------------------------------
 
@@ -258,16 +260,19 @@ class Session:
     frame: np.ndarray | None = None,
     typed_text: str | None = None,
     bg_results: Sequence[str] = (),
+    *,
+    forced_text: Sequence[int] | None = None,
   ) -> StepOutput:
     """Hears 200 ms of user audio (3200 samples at 16 kHz), and the frame, typed text and
-    background results of this window; returns what the model says next."""
+    background results of this window; returns what the model says next (`forced_text`: say
+    these tokens instead, `<eot>` last, e.g. to replay a script)."""
     audio = np.asarray(audio)
     if audio.shape != (SAMPLES_PER_MICRO_TURN,):
       raise ValueError(f"audio: expected {SAMPLES_PER_MICRO_TURN} samples (200 ms at 16 kHz), got {audio.shape}")
     t0 = time.perf_counter()
     bins = dmel_lib.quantize(self._featurizer.push(audio))
     results = list(bg_results) + (list(self.worker.poll()) if self.worker is not None else [])
-    out = self.run_block(self.input_block(bins, frame, typed_text, results), started=t0)
+    out = self.run_block(self.input_block(bins, frame, typed_text, results), forced_text=forced_text, started=t0)
     if self.worker is not None:
       for call in out.bg_calls:
         self.worker.submit(call, self.conversation())
@@ -287,8 +292,10 @@ class Session:
     `forced_text` (the tokens, `<eot>` last) and `forced_audio` (dMel bins [4, F, 80]) replace
     sampling by the recorded outputs (teacher forcing)."""
     t0 = time.perf_counter() if started is None else started
-    a = AUDIO_POSITIONS_PER_MICRO_TURN
-    needed = len(block) + self.k_max + 1 + a
+    # A block with audio in gets audio out; a text-only block (as in text-only training data) not.
+    a = AUDIO_POSITIONS_PER_MICRO_TURN if (block.kind == Kind.AUDIO_IN).any() else 0
+    k_max = self.k_max if a else self.k_max_text
+    needed = len(block) + k_max + 1 + a
     if self.position + needed > self.max_positions:
       raise SessionFull(
         f"micro-turn {self.micro_turn} needs up to {needed} more positions but the KV cache holds "
@@ -305,11 +312,11 @@ class Session:
       self.position += hi - lo
 
     ids, logits_seen = [], []
-    for i in range(self.k_max + 1):
+    for i in range(k_max + 1):
       if forced_text is not None:
         forced = int(forced_text[i])
       else:
-        forced = self._eot if i == self.k_max else -1  # K_max tokens said: <eot> next
+        forced = self._eot if i == k_max else -1  # K_max tokens said: <eot> next
       self._key, key = jax.random.split(self._key)
       token, logits, h, self.cache = programs.text(
         state, h, self.cache, jnp.int32(self.position), key, jnp.int32(forced)
@@ -333,7 +340,7 @@ class Session:
       self.position += 1
       mels.append(x)
       conds.append(cond)
-    mel = np.asarray(jnp.stack(mels)).reshape(FRAMES_PER_MICRO_TURN, NUM_MELS)
+    mel = np.asarray(jnp.stack(mels)).reshape(-1, NUM_MELS) if mels else np.zeros((0, NUM_MELS), np.float32)
     text = self.tokenizer.decode(ids)
     heard = [int(t) for t, k in zip(block.tokens, block.kind) if k == Kind.TEXT_IN]
     self.transcript.append((self.micro_turn, self.tokenizer.decode(heard), text))
@@ -346,7 +353,7 @@ class Session:
       heard=heard,
       latency_s=time.perf_counter() - t0,
       text_logits=np.asarray(jnp.stack(logits_seen)) if record else None,
-      flow_cond=np.asarray(jnp.stack(conds)) if record else None,
+      flow_cond=np.asarray(jnp.stack(conds)) if record and conds else None,
     )
 
   def _chunk(self, block: InputBlock, lo: int, hi: int) -> dict[str, jax.Array]:
@@ -373,17 +380,18 @@ class Session:
     }
 
   def _bg_calls(self, ids: list[int]) -> list[str]:
-    """The texts of the complete <bg_call> ... </bg_call> spans in `ids`."""
+    """The texts of the <bg_call> ... </bg_call> spans that `ids` completes (a span longer than
+    K_max continues over the next micro-turns, as in the training data)."""
     open_, close = self.tokenizer.special("<bg_call>"), self.tokenizer.special("</bg_call>")
-    calls, inside = [], None
+    calls = []
     for token in ids:
       if token == open_:
-        inside = []
-      elif token == close and inside is not None:
-        calls.append(self.tokenizer.decode(inside))
-        inside = None
-      elif inside is not None:
-        inside.append(token)
+        self._open_call = []
+      elif token == close and self._open_call is not None:
+        calls.append(self.tokenizer.decode(self._open_call))
+        self._open_call = None
+      elif self._open_call is not None:
+        self._open_call.append(token)
     return calls
 
   def conversation(self) -> str:

@@ -1,0 +1,33 @@
+"""A text-only tmlx model to serve as the background model of streaming sessions
+(tmlx.stream.LanguageModelWorker): the interaction model's architecture trained by the same
+trainer on text-only episodes (each micro-turn: typed text in, text out, no audio or video).
+
+Train:  python -m tmlx.main --config=experiments/background_lm.py --workdir=/tmp/tmlx_bg_lm
+Smaller, for tests:  --config=experiments/background_lm.py:tiny
+"""
+
+from experiments import base
+
+
+def get_config(arg=None):
+  c = base.get_config()
+  c.data.source = "episodes"
+  c.data.mixture = "data/sample/text:1.0"
+  c.data.frame_height = 0
+  c.data.frame_width = 0
+  # Text-only rows: almost every position is a text target.
+  c.loss.max_text_target_fraction = 1.0
+  c.loss.flow_weight = 0.0
+  c.mesh.data = 2
+  c.mesh.expert = 4
+  c.runtime.cpu_devices = 8
+  c.checkpoint.every = 50
+  if arg == "tiny":
+    c.model.num_layers = 2
+    c.data.seq_len = 128
+    c.train.num_steps = 2
+    c.logging.every = 1
+    c.checkpoint.every = 2
+  elif arg:
+    raise ValueError(f"experiments/background_lm.py: unknown argument {arg!r} (expected 'tiny' or none)")
+  return c
