@@ -1,12 +1,17 @@
 """Streaming sessions (tmlx.stream): parity with the full forward pass, fixed shapes, limits."""
 
 import importlib
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import soundfile as sf
 
+from data_pipelines import video
 from data_pipelines.contract import Kind
-from tests.helpers import synthetic_batch, tiny_config
+from tests.helpers import ROOT, run_main, synthetic_batch, tiny_config
 from tmlx.nn.model import ModelConfig
 from tmlx.stream import InputBlock, LanguageModelWorker, ScriptedWorker, Session, SessionFull
 from tmlx.train import new_model
@@ -73,8 +78,13 @@ def test_live_steps_keep_fixed_shapes_and_stop_at_the_cache_limit():
     sizes.append(
       tuple(p._cache_size() for p in (session._programs.prefill, session._programs.text, session._programs.audio))
     )
-  assert sizes[0] == sizes[-1] == (1, 1, 1), sizes  # compiled once, whatever the block held
   assert session.transcript[2][1] == "<user_text>hi there</user_text>"
+  session.reset()
+  session.step(np.zeros(3200, np.int16))
+  sizes.append(
+    tuple(p._cache_size() for p in (session._programs.prefill, session._programs.text, session._programs.audio))
+  )
+  assert sizes[0] == sizes[-1] == (1, 1, 1), sizes  # compiled once, whatever the block held, reset included
   with pytest.raises(SessionFull, match=r"config\.stream\.max_positions=128"):
     for _ in range(10):
       session.step(np.zeros(3200, np.int16))
@@ -112,3 +122,35 @@ def test_language_model_worker_answers_in_a_thread():
   worker.close()
   (answer,) = worker.poll()
   assert isinstance(answer, str) and worker.poll() == []
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  """A tiny model trained for 2 steps on the sample corpus, through tmlx.main."""
+  workdir = tmp_path_factory.mktemp("stream_ckpt")
+  proc = run_main("experiments/tiny.py:tiny", workdir, "--config.logging.tensorboard=false", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def test_stream_cli_runs_a_recording_with_video_in_simulated_real_time(tiny_checkpoint, tmp_path):
+  rng = np.random.default_rng(0)
+  seconds = 2.0
+  t = np.arange(int(16000 * seconds)) / 16000
+  speech = (0.3 * np.sin(2 * np.pi * 220 * t) * (rng.random(t.size) > 0.5)).astype(np.float32)
+  wav = tmp_path / "conversation.wav"
+  sf.write(wav, np.stack([speech, np.zeros_like(speech)], axis=1), 16000)  # stereo: channel 0 is the user
+  frames = rng.integers(0, 255, (10, 80, 80, 3), dtype=np.uint8)
+  clip = tmp_path / "clip.mp4"
+  video.render_mp4(clip, frames, fps=5.0, audio=speech[None])
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-m", "tmlx.stream", f"--checkpoint={tiny_checkpoint}", f"--input={wav}", f"--video={clip}"]
+  proc = subprocess.run([*cmd, f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "micro-turn latency p50" in proc.stdout and "real-time factor" in proc.stdout
+  timeline = json.loads((out / "timeline.json").read_text())
+  assert timeline["summary"]["micro_turns"] == 10 and len(timeline["micro_turns"]) == 10
+  assert np.load(out / "mel.npy").shape == (160, 80)
+  audio, rate = sf.read(out / "speech.wav")
+  assert rate == 16000 and audio.size > 0.9 * 16000 * seconds and np.isfinite(audio).all()
+  assert (out / "timeline.png").stat().st_size > 10_000

@@ -418,6 +418,25 @@ class Checkpointer:
         raise CheckpointError(f"{self.directory}/{step}: parameter {name} does not match its fingerprint")
     return out, fresh, unused
 
+  def restore_parts(self, step: int, abstract: dict) -> dict:
+    """Only the named parts of the state (e.g. {"params": ..., "model_state": ...}, the arrays a
+    model needs for inference, without the optimizer), restored onto the shardings the abstract
+    leaves carry and checked against their fingerprints."""
+    for path, leaf in jax.tree.leaves_with_path(abstract):
+      if getattr(leaf, "sharding", None) is None:
+        raise ValueError(f"refusing to restore {jax.tree_util.keystr(path)} without a target sharding")
+    restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(self.directory, str(step), "state"),
+      args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+      ),
+    )
+    saved = self.restore_meta(step).get("fingerprints", {})
+    for name, fp in fingerprints(restored).items():
+      if saved.get(name) != fp:
+        raise CheckpointError(f"{self.directory}/{step}: array {name} does not match its fingerprint")
+    return restored
+
   def restore_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=_MetaRestore())).meta
 

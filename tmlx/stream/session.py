@@ -89,6 +89,7 @@ class StepOutput:
   bg_calls: list[str]  # texts of the <bg_call> spans it wrote
   heard: list[int]  # the input block's text tokens (typed text, background results)
   latency_s: float  # wall time of the step
+  heard_dmel: np.ndarray | None = None  # [16, 80] dMel bins of the step's audio (Session.step)
   text_logits: np.ndarray | None = None  # [k + 1, V] fp32 before each text token (record=True)
   flow_cond: np.ndarray | None = None  # [4, W] the flow head's Linear(h) before each AUDIO_OUT
 
@@ -199,7 +200,12 @@ class Session:
 
   def reset(self, seed: int = 0) -> None:
     """Forgets the conversation (the cache is reused, not reallocated)."""
-    self.cache: KVCache = self.model.empty_cache(1, self.max_positions)
+    # Placed like the programs' outputs (on the parameters' mesh, replicated), so that the first
+    # call after a reset finds the program it compiled before.
+    placed = next(iter(jax.tree.leaves(self._state))).sharding
+    if isinstance(placed, jax.sharding.NamedSharding):
+      placed = jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec())
+    self.cache: KVCache = jax.device_put(self.model.empty_cache(1, self.max_positions), placed)
     self.position = 0  # positions in the cache
     self.micro_turn = 0
     self._key = jax.random.key(seed)
@@ -276,6 +282,7 @@ class Session:
     if self.worker is not None:
       for call in out.bg_calls:
         self.worker.submit(call, self.conversation())
+    out.heard_dmel = bins
     return out
 
   def run_block(

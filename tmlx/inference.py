@@ -1,0 +1,71 @@
+"""Models for inference from checkpoints: the checkpoint's own resolved config, its parameters
+and router state (no optimizer state), on the devices the caller has."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+from flax import nnx
+
+from tmlx import sharding
+from tmlx.checkpoint import Checkpointer
+from tmlx.nn.model import InteractionModel, ModelConfig
+
+
+def checkpoint_dir(path: str) -> str:
+  """The checkpoint directory of `path`, a workdir or a checkpoint directory."""
+  inner = os.path.join(path, "checkpoints")
+  return inner if os.path.isdir(inner) else path
+
+
+def load_model(
+  path: str,
+  *,
+  step: int | None = None,
+  devices: Sequence[jax.Device] | None = None,
+  mesh: dict | None = None,
+) -> tuple[InteractionModel, ml_collections.ConfigDict, int]:
+  """(model, resolved config, step) of checkpoint `step` (default: the latest) under `path`.
+
+  The model lives on `devices` (default: all) with the config's mesh if it fits them, else
+  replicated (or on `mesh`, axis sizes, if given); the arrays are resharded on read and verified
+  against their fingerprints."""
+  ckpt = Checkpointer(checkpoint_dir(path), keep=1_000_000, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint under {path!r}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint step {step} under {path!r} (steps: {steps})")
+    config = ml_collections.ConfigDict(ckpt.restore_config(step))
+    devices = list(jax.devices() if devices is None else devices)
+    if mesh is not None:
+      config.mesh.update(mesh)
+    else:
+      try:
+        sharding.mesh_shape(config.mesh, len(devices))
+      except sharding.ShardingError:  # the training mesh does not fit these devices: replicate
+        config.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
+        config.mesh.dcn.update(data=1, fsdp=1, expert=1, tensor=1)
+    m = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.rules_table(config.mesh.rules)
+    cfg = ModelConfig.from_config(config.model)
+    with nnx.use_eager_sharding(False):
+      abstract_model = nnx.eval_shape(lambda: InteractionModel(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    target = {
+      "params": sharding.state_shardings(params, m, rules),
+      "model_state": sharding.state_shardings(rest, m, rules),
+    }
+    shapes = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(rest)}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, target)
+    restored = ckpt.restore_parts(step, abstract)
+  finally:
+    ckpt.close()
+  nnx.replace_by_pure_dict(params, restored["params"])
+  nnx.replace_by_pure_dict(rest, restored["model_state"])
+  return nnx.merge(graphdef, params, rest), config, step

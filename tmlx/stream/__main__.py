@@ -1,0 +1,195 @@
+"""Runs a recorded conversation through a streaming session, micro-turn by micro-turn.
+
+  python -m tmlx.stream --checkpoint WORKDIR --input conversation.wav [--video clip.mp4] --out DIR
+
+The user's audio (channel 0 of the WAV/FLAC, resampled to 16 kHz) arrives in 200 ms pieces, with
+the video frame of each window if a video is given. Simulated real time: piece t arrives at
+t x 200 ms and its answer is ready when the session has finished it and every earlier piece, so a
+slow micro-turn delays the ones after it (counted as late when its answer comes after its 200 ms
+window ends). Writes into --out:
+  mel.npy         the model's speech as normalized log-mel [frames, 80] (12.5 ms frames)
+  speech.wav      that mel through a Griffin-Lim vocoder (a listening baseline, not a neural vocoder)
+  timeline.json   per micro-turn: what was heard (typed/background text) and said, latency, lateness
+  timeline.png    the user's dMel input, the model's mel, and the words said, on one time axis
+and prints the latency percentiles and the real-time factor (compute time / audio time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m tmlx.stream", description=__doc__.split("\n\n")[0])
+  p.add_argument("--checkpoint", required=True, help="a workdir or checkpoint directory")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--input", required=True, help="the conversation's audio (WAV/FLAC; channel 0 is the user)")
+  p.add_argument("--video", default=None, help="an MP4 of the user, one frame per micro-turn")
+  p.add_argument("--out", required=True, help="directory for mel.npy, speech.wav, timeline.json/png")
+  p.add_argument("--max_seconds", type=float, default=None, help="stop after this much input")
+  p.add_argument("--temperature", type=float, default=None, help="text sampling temperature (config.stream)")
+  p.add_argument("--top_p", type=float, default=None, help="text nucleus mass (config.stream)")
+  p.add_argument("--audio_temperature", type=float, default=None, help="flow-head noise τ (config.stream)")
+  p.add_argument("--audio_steps", type=int, default=None, help="flow-head Euler steps (config.stream)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--griffin_lim_iters", type=int, default=32)
+  return p.parse_args(argv)
+
+
+def read_user_audio(path: str) -> np.ndarray:
+  """Channel 0 of an audio file as float32 at 16 kHz."""
+  import soundfile as sf
+  import soxr
+
+  from data_pipelines.dmel import SAMPLE_RATE
+
+  try:
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+  except (RuntimeError, OSError) as e:
+    raise SystemExit(f"--input {path}: cannot read audio: {e}") from None
+  user = audio[:, 0]
+  if not np.isfinite(user).all():
+    raise SystemExit(f"--input {path}: the audio has NaN or Inf samples")
+  return np.asarray(soxr.resample(user, rate, SAMPLE_RATE), np.float32) if rate != SAMPLE_RATE else user
+
+
+def griffin_lim(mel: np.ndarray, iters: int) -> np.ndarray:
+  """Normalized log-mel [frames, 80] → a 16 kHz waveform (Griffin-Lim over the dMel STFT layout)."""
+  import librosa
+
+  from data_pipelines import dmel
+
+  amplitude = 10.0 ** dmel.denormalize(mel).T  # log10 mel magnitudes → [80, frames]
+  return librosa.feature.inverse.mel_to_audio(
+    amplitude,
+    sr=dmel.SAMPLE_RATE,
+    n_fft=dmel.N_FFT,
+    hop_length=dmel.HOP_LENGTH,
+    win_length=dmel.WIN_LENGTH,
+    power=1.0,
+    n_iter=iters,
+    fmin=dmel.FMIN,
+    fmax=dmel.FMAX,
+    center=False,
+  ).astype(np.float32)
+
+
+def plot_timeline(path: str, heard: np.ndarray, said: np.ndarray, turns: list[dict]) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  seconds = len(turns) * 0.2
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, seconds * 1.5), 6), sharex=True)
+  top.imshow(heard.T, origin="lower", aspect="auto", extent=(0, seconds, 0, 80), cmap="magma")
+  top.set_title("heard: user dMel bins")
+  bottom.imshow(said.T, origin="lower", aspect="auto", extent=(0, seconds, 0, 80), cmap="viridis", vmin=-1, vmax=1)
+  bottom.set_title("said: model mel (played in the next window) and text")
+  for turn in turns:
+    if turn["said"]:
+      bottom.text(turn["t"] * 0.2 + 0.2, 70, turn["said"], fontsize=7, color="white", rotation=90, va="top")
+    if turn["heard"]:
+      top.text(turn["t"] * 0.2, 70, turn["heard"], fontsize=7, color="cyan", rotation=90, va="top")
+  bottom.set_xlabel("seconds")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  import jax
+  import soundfile as sf
+
+  from data_pipelines import dmel
+  from tmlx.inference import load_model
+  from tmlx.stream.session import SAMPLES_PER_MICRO_TURN, Session
+
+  model, config, step = load_model(args.checkpoint, step=args.step, devices=jax.devices()[:1])
+  for name in ("temperature", "top_p", "audio_temperature", "audio_steps"):
+    if getattr(args, name) is not None:
+      config.stream[name] = getattr(args, name)
+  audio = read_user_audio(args.input)
+  if args.max_seconds is not None:
+    audio = audio[: int(args.max_seconds * dmel.SAMPLE_RATE)]
+  turns_total = len(audio) // SAMPLES_PER_MICRO_TURN
+  frames = None
+  if args.video:
+    from data_pipelines.episode import DataError
+    from data_pipelines.video import decode_mp4
+
+    try:  # one frame per 200 ms window, at the model's frame size
+      frames, _, _ = decode_mp4(args.video, fps=5.0, width=config.data.frame_width, height=config.data.frame_height)
+    except DataError as e:
+      raise SystemExit(f"--video {args.video}: {e}") from None
+  session = Session(model, config, seed=args.seed)
+  # Compile outside the timed loop: one micro-turn of silence (with a frame if there is video).
+  session.step(np.zeros(SAMPLES_PER_MICRO_TURN, np.float32), frame=None if frames is None else frames[0])
+  session.reset(args.seed)
+  print(f"checkpoint step {step}: {turns_total} micro-turns ({turns_total * 0.2:.1f} s) of {args.input}", flush=True)
+
+  mels, heard_bins, turns, latencies = [], [], [], []
+  ready = 0.0  # simulated clock: when the previous answer was ready (seconds from the start)
+  busy = 0.0
+  for t in range(turns_total):
+    piece = audio[t * SAMPLES_PER_MICRO_TURN : (t + 1) * SAMPLES_PER_MICRO_TURN]
+    frame = frames[t] if frames is not None and t < len(frames) else None
+    start = time.perf_counter()
+    out = session.step(piece, frame=frame)
+    latency = time.perf_counter() - start
+    busy += latency
+    arrival = (t + 1) * 0.2  # the window's audio is complete at its end
+    ready = max(arrival, ready) + latency
+    late = ready > arrival + 0.2
+    latencies.append(latency)
+    mels.append(out.mel)
+    heard_bins.append(out.heard_dmel)
+    turns.append(
+      {
+        "t": t,
+        "heard": session.transcript[-1][1],
+        "said": out.text,
+        "bg_calls": out.bg_calls,
+        "latency_ms": round(latency * 1000, 3),
+        "answer_ready_s": round(ready, 4),
+        "late": bool(late),
+      }
+    )
+  if not turns:
+    raise SystemExit(f"--input {args.input}: shorter than one 200 ms micro-turn")
+  mel = np.concatenate(mels)
+  np.save(os.path.join(args.out, "mel.npy"), mel)
+  sf.write(os.path.join(args.out, "speech.wav"), griffin_lim(mel, args.griffin_lim_iters), dmel.SAMPLE_RATE)
+  lat = np.array(latencies) * 1000
+  summary = {
+    "checkpoint_step": step,
+    "micro_turns": len(turns),
+    "latency_ms": {q: round(float(np.percentile(lat, p)), 3) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))},
+    "late_micro_turns": sum(turn["late"] for turn in turns),
+    "real_time_factor": round(busy / (len(turns) * 0.2), 4),
+  }
+  with open(os.path.join(args.out, "timeline.json"), "w") as f:
+    json.dump({"summary": summary, "micro_turns": turns}, f, indent=1)
+  plot_timeline(os.path.join(args.out, "timeline.png"), np.concatenate(heard_bins), mel, turns)
+  said = " | ".join(f"{turn['t']}: {turn['said']!r}" for turn in turns if turn["said"])
+  print(f"said: {said[:2000] or '(nothing)'}")
+  lq = summary["latency_ms"]
+  print(
+    f"micro-turn latency p50 {lq['p50']:.1f} ms, p90 {lq['p90']:.1f} ms, p99 {lq['p99']:.1f} ms "
+    f"(budget 200 ms); late micro-turns {summary['late_micro_turns']} of {len(turns)}; "
+    f"real-time factor {summary['real_time_factor']:.3f}"
+  )
+  print(f"wrote {args.out}/mel.npy, speech.wav, timeline.json, timeline.png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
