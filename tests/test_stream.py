@@ -12,6 +12,7 @@ import soundfile as sf
 from data_pipelines import video
 from data_pipelines.contract import Kind
 from tests.helpers import ROOT, run_main, synthetic_batch, tiny_config
+from tmlx import eval as tmlx_eval
 from tmlx.nn.model import ModelConfig
 from tmlx.stream import InputBlock, LanguageModelWorker, ScriptedWorker, Session, SessionFull
 from tmlx.train import new_model
@@ -154,3 +155,25 @@ def test_stream_cli_runs_a_recording_with_video_in_simulated_real_time(tiny_chec
   audio, rate = sf.read(out / "speech.wav")
   assert rate == 16000 and audio.size > 0.9 * 16000 * seconds and np.isfinite(audio).all()
   assert (out / "timeline.png").stat().st_size > 10_000
+
+
+def test_eval_cli_reports_per_stream_losses_and_ablations_change_them(tiny_checkpoint, tmp_path):
+  out = tmp_path / "eval.json"
+  cmd = [sys.executable, "-m", "tmlx.eval", f"--checkpoint={tiny_checkpoint}", "--batches=2", f"--out={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  base = json.loads(out.read_text())
+  assert base["checkpoint_step"] == 2 and base["text_targets"] > 0 and base["audio_targets"] > 0
+  assert all(np.isfinite(base[k]) for k in ("text_loss", "flow_loss", "sampled_mel_mse"))
+  # The same rows in this process, on its 8-device mesh, with each ablation.
+  run = lambda *flags: tmlx_eval.evaluate(
+    tmlx_eval.parse_args([f"--checkpoint={tiny_checkpoint}", "--batches=2", *flags])
+  )
+  same = run()
+  assert same["text_loss"] == pytest.approx(base["text_loss"], rel=1e-4)  # other mesh: fp reduction order
+  assert run("--zero=user_audio,text")["text_loss"] != pytest.approx(same["text_loss"], rel=1e-4)
+  assert run("--disable_experts=0,1,2")["text_loss"] != pytest.approx(same["text_loss"], rel=1e-4)
+  fewer = run("--flow_steps=2")
+  assert fewer["flow_loss"] == pytest.approx(same["flow_loss"]) and fewer["sampled_mel_mse"] != same["sampled_mel_mse"]
+  with pytest.raises(SystemExit, match="--zero: unknown 'audio'"):
+    run("--zero=audio")
