@@ -99,20 +99,31 @@ class Attention(nnx.Module):
     return self._attend(q, k, v, mask)
 
   def extend(
-    self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: KVCache, start: jax.Array
+    self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: KVCache, start: jax.Array, layer=None
   ) -> tuple[jax.Array, KVCache]:
     """Attention of S new positions [B, S, D] that follow the `start` positions held in `cache`.
 
     Their keys and values are written into the cache at start..start+S-1 and every new position
     attends to the cache up to itself; nothing before `start` is recomputed. Positions of the
     chunk past the caller's real ones may be padding: their entries sit beyond the causal
-    horizon of every real position and are overwritten by the next chunk.
+    horizon of every real position and are overwritten by the next chunk. With `layer`, `cache`
+    holds every layer's keys and values ([L, B, T, K, H]) and this layer's part is updated in
+    place (a loop over layers then never copies the whole cache).
     """
     q, k, v = self._qkv(x, rope)
     zero = jnp.zeros((), jnp.int32)
-    keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, start, zero, zero))
-    values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, start, zero, zero))
-    s, t = x.shape[1], cache.k.shape[1]
+    if layer is None:
+      at = (zero, start, zero, zero)
+      keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
+      values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
+      layer_k, layer_v = keys, values
+    else:  # a cache of every layer [L, B, T, K, H]: write and read this layer's part in place
+      at = (layer, zero, start, zero, zero)
+      keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype)[None], at)
+      values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype)[None], at)
+      layer_k = jax.lax.dynamic_index_in_dim(keys, layer, 0, keepdims=False)
+      layer_v = jax.lax.dynamic_index_in_dim(values, layer, 0, keepdims=False)
+    s, t = x.shape[1], layer_k.shape[1]
     mask = jnp.arange(t)[None, :] <= start + jnp.arange(s)[:, None]  # [S, T]: causal over the cache
-    out = self._attend(q, keys, values, jnp.broadcast_to(mask, (x.shape[0], s, t)))
+    out = self._attend(q, layer_k, layer_v, jnp.broadcast_to(mask, (x.shape[0], s, t)))
     return out, KVCache(keys, values)

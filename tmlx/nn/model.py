@@ -102,9 +102,9 @@ class Block(nnx.Module):
     x = sharding.constrain(x + y, ("batch", "act_seq", "act_embed"))
     return x, stats
 
-  def extend(self, x, rope, cache: KVCache, start):
+  def extend(self, x, rope, cache: KVCache, start, layer=None):
     """The block over new positions that follow the cached ones (`Attention.extend`)."""
-    a, cache = self.attn.extend(self.attn_norm(x), rope, cache, start)
+    a, cache = self.attn.extend(self.attn_norm(x), rope, cache, start, layer)
     x = x + a
     y, _ = self.moe(self.mlp_norm(x), jnp.ones(x.shape[:2], bool), dropless=True)
     return x + y, cache
@@ -173,13 +173,14 @@ class InteractionModel(nnx.Module):
     rope = rope_angles(chunk["positions"], cfg.head_dim, cfg.rope_theta)
     graphdef, state = nnx.split(self.blocks)
 
-    def body(x, layer):
-      block_state, k, v = layer
-      x, new = nnx.merge(graphdef, block_state).extend(x, rope, KVCache(k, v), start)
-      return x, (new.k, new.v)
+    def body(carry, layer):
+      x, cache = carry
+      block_state, i = layer
+      x, cache = nnx.merge(graphdef, block_state).extend(x, rope, cache, start, layer=i)
+      return (x, cache), None
 
-    x, (k, v) = jax.lax.scan(body, x, (state, cache.k, cache.v))
-    return self.final_norm(x), KVCache(k, v)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(cfg.num_layers)))
+    return self.final_norm(x), cache
 
   def text_logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states [..., D] → fp32 logits [..., V]."""
