@@ -19,7 +19,7 @@ from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, param
 class KVCache:
   """Keys and values of the positions seen so far, preallocated to a fixed length T."""
 
-  k: jax.Array  # [B, T, K, H] (a leading L when stacked over layers)
+  k: jax.Array  # [B, K, T, H] (a leading L when stacked over layers)
   v: jax.Array
 
 
@@ -106,24 +106,28 @@ class Attention(nnx.Module):
     Their keys and values are written into the cache at start..start+S-1 and every new position
     attends to the cache up to itself; nothing before `start` is recomputed. Positions of the
     chunk past the caller's real ones may be padding: their entries sit beyond the causal
-    horizon of every real position and are overwritten by the next chunk. With `layer`, `cache`
-    holds every layer's keys and values ([L, B, T, K, H]) and this layer's part is updated in
-    place (a loop over layers then never copies the whole cache).
+    horizon of every real position and are overwritten by the next chunk. The cache is laid out
+    [B, K, T, H] (each kv head's keys contiguous) or, with `layer`, [L, B, K, T, H] for every
+    layer, of which this layer's part is updated in place (a loop over layers never copies it).
     """
     q, k, v = self._qkv(x, rope)
+    k, v = (jnp.swapaxes(a, 1, 2).astype(cache.k.dtype) for a in (k, v))  # [B, K, S, H]
     zero = jnp.zeros((), jnp.int32)
     if layer is None:
-      at = (zero, start, zero, zero)
-      keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
-      values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
+      at = (zero, zero, start, zero)
+      keys, values = (jax.lax.dynamic_update_slice(c, a, at) for c, a in ((cache.k, k), (cache.v, v)))
       layer_k, layer_v = keys, values
-    else:  # a cache of every layer [L, B, T, K, H]: write and read this layer's part in place
-      at = (layer, zero, start, zero, zero)
-      keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype)[None], at)
-      values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype)[None], at)
-      layer_k = jax.lax.dynamic_index_in_dim(keys, layer, 0, keepdims=False)
-      layer_v = jax.lax.dynamic_index_in_dim(values, layer, 0, keepdims=False)
-    s, t = x.shape[1], layer_k.shape[1]
+    else:
+      at = (layer, zero, zero, start, zero)
+      keys, values = (jax.lax.dynamic_update_slice(c, a[None], at) for c, a in ((cache.k, k), (cache.v, v)))
+      layer_k, layer_v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (keys, values))
+    dt = self.dtypes.compute
+    b, s, n, h = q.shape
+    t = layer_k.shape[2]
+    q = q.reshape(b, s, self.num_kv_heads, n // self.num_kv_heads, h)
+    logits = jnp.einsum("bskgh,bkth->bkgst", q, layer_k.astype(dt), preferred_element_type=jnp.float32) * h**-0.5
     mask = jnp.arange(t)[None, :] <= start + jnp.arange(s)[:, None]  # [S, T]: causal over the cache
-    out = self._attend(q, layer_k, layer_v, jnp.broadcast_to(mask, (x.shape[0], s, t)))
-    return out, KVCache(keys, values)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum("bkgst,bkth->bskgh", probs, layer_v.astype(dt)).reshape(b, s, n, h)
+    return jnp.einsum("bsnh,nhd->bsd", out, self.wo[...].astype(dt)), KVCache(keys, values)

@@ -157,9 +157,9 @@ class InteractionModel(nnx.Module):
     return ModelOutput(hidden=self.final_norm(x), moe=stats)
 
   def empty_cache(self, batch: int, length: int) -> KVCache:
-    """A KV cache of `length` positions for every layer: k, v [L, B, length, K, H] (compute dtype)."""
+    """A KV cache of `length` positions for every layer: k, v [L, B, K, length, H] (compute dtype)."""
     cfg = self.cfg
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return KVCache(jnp.zeros(shape, cfg.dtypes.compute), jnp.zeros(shape, cfg.dtypes.compute))
 
   def extend(self, chunk: dict[str, jax.Array], cache: KVCache, start: jax.Array) -> tuple[jax.Array, KVCache]:
