@@ -279,3 +279,17 @@ def get_config(arg=None):
   # Fake CPU devices to create (applied by tmlx.main before JAX starts); 0 leaves the default.
   c.runtime.cpu_devices = 0
   return c
+
+
+def tiny_variant(c: mlc.ConfigDict, arg, preset: str) -> mlc.ConfigDict:
+  """A CPU preset's variants: none (as is) or 'tiny' (2 layers, 128 positions, 2 steps, metrics
+  every step, a checkpoint every 2 steps: for tests); `preset` names the file in the error."""
+  if arg == "tiny":
+    c.model.num_layers = 2
+    c.data.seq_len = 128
+    c.train.num_steps = 2
+    c.logging.every = 1
+    c.checkpoint.every = 2
+  elif arg:
+    raise ValueError(f"{preset}: unknown argument {arg!r} (expected 'tiny' or none)")
+  return c

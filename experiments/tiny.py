@@ -24,12 +24,4 @@ def get_config(arg=None):
   c.mesh.expert = 4
   c.runtime.cpu_devices = 8
   c.checkpoint.every = 50
-  if arg == "tiny":
-    c.model.num_layers = 2
-    c.data.seq_len = 128
-    c.train.num_steps = 2
-    c.logging.every = 1
-    c.checkpoint.every = 2
-  elif arg:
-    raise ValueError(f"experiments/tiny.py: unknown argument {arg!r} (expected 'tiny' or none)")
-  return c
+  return base.tiny_variant(c, arg, "experiments/tiny.py")

@@ -206,31 +206,10 @@ def start_local(
   return Cluster(processes, log_paths, deadline, grace_s)
 
 
-def run_local(
-  num_processes: int,
-  main_args: Sequence[str],
-  *,
-  devices_per_process: int | None = None,
-  timeout_s: float = 600,
-  log_dir: str | os.PathLike | None = None,
-  env: Mapping[str, str] | None = None,
-  cwd: str | os.PathLike | None = None,
-  grace_s: float = 10,
-  heartbeat_timeout_s: int = 10,
-) -> list[Result]:
-  """Runs the job to the end (see `start_local`); one Result per process, in process order."""
-  cluster = start_local(
-    num_processes,
-    main_args,
-    devices_per_process=devices_per_process,
-    timeout_s=timeout_s,
-    log_dir=log_dir,
-    env=env,
-    cwd=cwd,
-    grace_s=grace_s,
-    heartbeat_timeout_s=heartbeat_timeout_s,
-  )
-  return cluster.wait()
+def run_local(num_processes: int, main_args: Sequence[str], **options) -> list[Result]:
+  """Runs the job to the end (`start_local` with the same options); one Result per process, in
+  process order."""
+  return start_local(num_processes, main_args, **options).wait()
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
