@@ -251,6 +251,21 @@ def leaf_name(path) -> str:
   return "/".join(parts)
 
 
+def checkpoint_dir(path: str) -> str:
+  """The checkpoint directory of `path`, a workdir or a checkpoint directory."""
+  inner = os.path.join(path, "checkpoints")
+  return inner if os.path.isdir(inner) else path
+
+
+def _require_shardings(abstract) -> None:
+  for path, leaf in jax.tree.leaves_with_path(abstract):
+    if getattr(leaf, "sharding", None) is None:
+      raise ValueError(
+        f"refusing to restore {jax.tree_util.keystr(path)} without a target sharding: pass "
+        "ShapeDtypeStructs with the current mesh's shardings"
+      )
+
+
 class CheckpointError(RuntimeError):
   """No usable checkpoint although some exist."""
 
@@ -309,12 +324,7 @@ class Checkpointer:
   def restore(self, step: int, abstract_state):
     """Restores `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs) and
     checks every array against its fingerprint; raises CheckpointError naming the first mismatch."""
-    for path, leaf in jax.tree.leaves_with_path(abstract_state):
-      if getattr(leaf, "sharding", None) is None:
-        raise ValueError(
-          f"refusing to restore {jax.tree_util.keystr(path)} without a target sharding: pass "
-          "ShapeDtypeStructs with the current mesh's shardings"
-        )
+    _require_shardings(abstract_state)
     out = self._manager.restore(
       step,
       args=ocp.args.Composite(
@@ -374,7 +384,6 @@ class Checkpointer:
     is, for the caller to place at the start of that dimension (`grown_axis`).
     """
     saved = {leaf_name(p): leaf for p, leaf in jax.tree.leaves_with_path(self._manager.item_metadata(step).state)}
-    prints = self.restore_meta(step).get("fingerprints", {})
     current = {leaf_name(("params",) + tuple(p)): leaf for p, leaf in jax.tree.leaves_with_path(abstract_params)}
     wanted, fresh = {}, []
     for name, leaf in current.items():
@@ -403,28 +412,14 @@ class Checkpointer:
       for part in parents:
         node = node.setdefault(part, {})
       node[last] = sds
-    restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(self.directory, str(step), "state"),
-      args=ocp.args.PyTreeRestore(
-        item=tree,
-        restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), tree),
-        partial_restore=True,
-      ),
-    )
-    out = {leaf_name(p): a for p, a in jax.tree.leaves_with_path(restored)}
-    now = fingerprints(out)
-    for name in out:
-      if prints.get(name) != now[name]:
-        raise CheckpointError(f"{self.directory}/{step}: parameter {name} does not match its fingerprint")
-    return out, fresh, unused
+    restored = self.restore_parts(step, tree)
+    return {leaf_name(p): a for p, a in jax.tree.leaves_with_path(restored)}, fresh, unused
 
   def restore_parts(self, step: int, abstract: dict) -> dict:
     """Only the named parts of the state (e.g. {"params": ..., "model_state": ...}, the arrays a
     model needs for inference, without the optimizer), restored onto the shardings the abstract
     leaves carry and checked against their fingerprints."""
-    for path, leaf in jax.tree.leaves_with_path(abstract):
-      if getattr(leaf, "sharding", None) is None:
-        raise ValueError(f"refusing to restore {jax.tree_util.keystr(path)} without a target sharding")
+    _require_shardings(abstract)
     restored = ocp.PyTreeCheckpointer().restore(
       os.path.join(self.directory, str(step), "state"),
       args=ocp.args.PyTreeRestore(
@@ -532,10 +527,7 @@ def main(argv=None) -> None:
   p.add_argument("--step", type=int, default=None, help="step to inspect (default: the latest)")
   p.add_argument("--verify", action="store_true", help="restore every array and check its fingerprint")
   args = parser.parse_args(argv)
-  path = args.path
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  inspect(path, args.step, args.verify)
+  inspect(checkpoint_dir(args.path), args.step, args.verify)
 
 
 if __name__ == "__main__":

@@ -3,22 +3,15 @@ and router state (no optimizer state), on the devices the caller has."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import jax
 import ml_collections
 from flax import nnx
 
-from tmlx import sharding
-from tmlx.checkpoint import Checkpointer
-from tmlx.nn.model import InteractionModel, ModelConfig
-
-
-def checkpoint_dir(path: str) -> str:
-  """The checkpoint directory of `path`, a workdir or a checkpoint directory."""
-  inner = os.path.join(path, "checkpoints")
-  return inner if os.path.isdir(inner) else path
+from tmlx import sharding, train
+from tmlx.checkpoint import Checkpointer, checkpoint_dir
+from tmlx.nn.model import InteractionModel
 
 
 def load_model(
@@ -52,20 +45,17 @@ def load_model(
         config.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
         config.mesh.dcn.update(data=1, fsdp=1, expert=1, tensor=1)
     m = sharding.make_mesh(config.mesh, devices)
-    rules = sharding.rules_table(config.mesh.rules)
-    cfg = ModelConfig.from_config(config.model)
-    with nnx.use_eager_sharding(False):
-      abstract_model = nnx.eval_shape(lambda: InteractionModel(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
-    target = {
-      "params": sharding.state_shardings(params, m, rules),
-      "model_state": sharding.state_shardings(rest, m, rules),
+    spec = train.state_spec(config, m, sharding.rules_table(config.mesh.rules))
+    parts = ("params", "model_state")  # no optimizer state
+    abstract = {
+      part: jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        getattr(spec.abstract, part),
+        getattr(spec.shardings, part),
+      )
+      for part in parts
     }
-    shapes = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(rest)}
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, target)
     restored = ckpt.restore_parts(step, abstract)
   finally:
     ckpt.close()
-  nnx.replace_by_pure_dict(params, restored["params"])
-  nnx.replace_by_pure_dict(rest, restored["model_state"])
-  return nnx.merge(graphdef, params, rest), config, step
+  return nnx.merge(spec.graphdef, restored["params"], restored["model_state"]), config, step

@@ -437,18 +437,12 @@ def _row_digests(batch: dict) -> str:
   return " ".join(f"{r}:{crcs[r]:08x}" for r in sorted(crcs))
 
 
-def _checkpoint_dir(path: str) -> str:
-  """A checkpoint directory, given it or the workdir that holds it."""
-  inner = os.path.join(path, "checkpoints")
-  return inner if os.path.isdir(inner) else path
-
-
 def _initial_state(config: ml_collections.ConfigDict, spec: StateSpec, target: TrainState) -> TrainState:
   """The state of a run whose workdir has no checkpoint: `init.resume_from` (the full state of
   another run), else `init.params_from` (its parameters, with a fresh optimizer), else scratch."""
   init = config.init
   if init.resume_from:
-    other = Checkpointer(_checkpoint_dir(init.resume_from), keep=1_000_000, async_save=False)
+    other = Checkpointer(checkpoint_lib.checkpoint_dir(init.resume_from), keep=1_000_000, async_save=False)
     restored = other.restore_latest(target, quarantine=False)
     other.close()
     if restored is None:
@@ -459,7 +453,7 @@ def _initial_state(config: ml_collections.ConfigDict, spec: StateSpec, target: T
   if not init.params_from:
     logging.info("initialized from scratch")
     return state
-  other = Checkpointer(_checkpoint_dir(init.params_from), keep=1_000_000, async_save=False)
+  other = Checkpointer(checkpoint_lib.checkpoint_dir(init.params_from), keep=1_000_000, async_save=False)
   step = other.latest_step()
   if step is None:
     raise FileNotFoundError(f"config.init.params_from={init.params_from!r}: no checkpoint there")
