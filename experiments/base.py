@@ -262,12 +262,22 @@ def get_config(arg=None):
   c.logging.row_digests = False
 
   c.stream = mlc.ConfigDict()
-  # Streaming sessions (tmlx.stream): preallocated KV-cache length in positions. A session that
-  # would outgrow it stops with an error naming this field.
+  # Streaming sessions (tmlx.stream). Attention window in positions: each new position attends
+  # to this many latest ones (itself included) and the KV cache is a ring of that size, so a
+  # session runs for ever at a bounded cost per micro-turn. 1024 positions hold about 10-20 s of
+  # conversation (10-18 per audio micro-turn; more with frames), 4x the rows these small presets
+  # train on. 0: attend to the whole session, in a cache of max_positions (a session that would
+  # outgrow it stops with an error).
+  c.stream.window = 1024
   c.stream.max_positions = 8192
   # Positions of an input block (<mt>, typed text and background results, a frame's patches,
   # 4 AUDIO_IN) prefilled per call; longer blocks take several calls. Fixed: no recompilation.
-  c.stream.input_chunk = 64
+  # Every call computes all of them, padding included, against the whole context: keep it
+  # near the usual block (5 positions for audio only).
+  c.stream.input_chunk = 16
+  # Attention reads the filled part of the cache this many positions at a time (a divisor of
+  # max_positions): larger means fewer loop trips, smaller less padding read.
+  c.stream.attention_block = 512
   # Text sampling: temperature (0 = greedy) and nucleus top-p.
   c.stream.temperature = 0.0
   c.stream.top_p = 1.0

@@ -94,4 +94,6 @@ def get_config(arg=None):
     c.runtime.cpu_devices = 8
   elif arg:
     raise ValueError(f"experiments/tml_interaction_small.py: unknown argument {arg!r} (expected 'tiny' or none)")
+  # Streaming sessions attend as far back as training did (one row).
+  c.stream.window = c.data.seq_len
   return c

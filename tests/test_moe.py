@@ -155,3 +155,12 @@ def test_sigmoid_router_and_balancing_bias():
 def test_capacity(cf, expected):
   cfg = MoEConfig(E, K, 0, F, cf, True)
   assert capacity(cfg, S) == expected
+
+
+@pytest.mark.parametrize("tokens", [1, S], ids=["gathered_experts", "every_expert"])
+def test_decode_matches_the_dropless_layer(tokens):
+  """MoE.decode (inference, no dispatch) gives each token what the dropless layer gives it."""
+  moe = make_moe(0.0)
+  x = jax.random.normal(jax.random.key(2), (1, tokens, D))
+  y, _ = moe(x, jnp.ones((1, tokens), bool))
+  np.testing.assert_allclose(moe.decode(x), y, rtol=1e-5, atol=1e-6)

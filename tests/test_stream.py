@@ -22,26 +22,31 @@ def _setup(**stream):
   c = tiny_config("tiny")
   c.model.compute_dtype = "float32"
   c.model.moe.capacity_factor = 0.0  # the session routes dropless; so must the reference pass
+  c.stream.window = 0
   c.stream.max_positions = 256
   c.stream.input_chunk = 16  # smaller than most input blocks here: they take several chunks
+  c.stream.attention_block = 32  # a row's attention spans several blocks of the cache
   c.stream.update(stream)
   return c, new_model(ModelConfig.from_config(c.model), 0)
 
 
-def test_teacher_forced_session_matches_one_full_forward_pass():
+@pytest.mark.parametrize("window", [0, 16], ids=["whole_session", "ring_window"])
+def test_teacher_forced_session_matches_one_full_forward_pass(window):
   """A recorded row fed through Session.run_block micro-turn by micro-turn (its outputs forced)
-  gives the text logits and flow-head conditioning vectors of one forward pass over the row."""
-  c, model = _setup()
+  gives the text logits and flow-head conditioning vectors of one forward pass over the row,
+  also with a window: then the cache is a ring (32 slots here) that the row wraps around."""
+  c, model = _setup(window=window)
   batch = synthetic_batch(c, step=0, rows=1)
   row = {k: np.asarray(v[0]) for k, v in batch.items()}
   n = int((row["segment_ids"] == 1).sum())
   kind = row["kind"][:n]
   assert (kind == Kind.PATCH).any() and (kind == Kind.TEXT_IN).any()  # frames and typed text too
-  hidden = model(batch).hidden[0, :n]
+  hidden = model(batch, window=window).hidden[0, :n]
   ref_logits = np.stack([model.text_logits(hidden[p]) for p in range(n - 1) if kind[p + 1] == Kind.TEXT_OUT])
   ref_cond = np.stack([model.flow_head.cond(hidden[p]) for p in range(n - 1) if kind[p + 1] == Kind.AUDIO_OUT])
 
   session = Session(model, c)
+  assert session.cache_slots == (32 if window else 288) and n > 3 * 32  # the ring wraps 3 times
   starts = [i for i in range(n) if kind[i] == Kind.MT] + [n]
   logits, cond = [], []
   for a, b in zip(starts[:-1], starts[1:]):
@@ -60,7 +65,7 @@ def test_teacher_forced_session_matches_one_full_forward_pass():
     cond += list(out.flow_cond)
   assert session.position == n
   assert len(logits) == len(ref_logits) and len(cond) == len(ref_cond) == 4 * (len(starts) - 1)
-  # fp32; the cache attends over its whole preallocated length, so sums run in another order.
+  # fp32; the cache's attention sums block by block (online softmax), in another order.
   np.testing.assert_allclose(np.stack(logits), ref_logits, atol=2e-5, rtol=1e-5)
   np.testing.assert_allclose(np.stack(cond), ref_cond, atol=2e-5, rtol=1e-5)
 
@@ -73,19 +78,17 @@ def test_live_steps_keep_fixed_shapes_and_stop_at_the_cache_limit():
   sizes = []
   for t in range(3):
     audio = (rng.standard_normal(3200) * 3000).astype(np.int16)
-    out = session.step(audio, frame=frame if t == 1 else None, typed_text="hi there" if t == 2 else None)
+    typed = "hi there, how are you?" if t == 2 else None  # a block of 2 chunks
+    out = session.step(audio, frame=frame if t == 1 else None, typed_text=typed)
     assert out.mel.shape == (16, 80) and np.all(np.abs(out.mel) <= 1)
     assert len(out.text_ids) <= c.data.k_max and all(i < 272 for i in out.text_ids)
-    sizes.append(
-      tuple(p._cache_size() for p in (session._programs.prefill, session._programs.text, session._programs.audio))
-    )
-  assert session.transcript[2][1] == "<user_text>hi there</user_text>"
+    sizes.append(tuple(p._cache_size() for p in (session._programs.prefill, session._programs.turn)))
+  assert session.transcript[2][1] == "<user_text>hi there, how are you?</user_text>"
   session.reset()
   session.step(np.zeros(3200, np.int16))
-  sizes.append(
-    tuple(p._cache_size() for p in (session._programs.prefill, session._programs.text, session._programs.audio))
-  )
-  assert sizes[0] == sizes[-1] == (1, 1, 1), sizes  # compiled once, whatever the block held, reset included
+  sizes.append(tuple(p._cache_size() for p in (session._programs.prefill, session._programs.turn)))
+  # compiled once, whatever the block held, reset included
+  assert sizes[0] == (0, 1) and sizes[2] == sizes[-1] == (1, 1), sizes
   with pytest.raises(SessionFull, match=r"config\.stream\.max_positions=128"):
     for _ in range(10):
       session.step(np.zeros(3200, np.int16))

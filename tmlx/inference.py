@@ -9,6 +9,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from experiments import base
 from tmlx import sharding, train
 from tmlx.checkpoint import Checkpointer, checkpoint_dir
 from tmlx.nn.model import InteractionModel
@@ -35,6 +36,9 @@ def load_model(
     if step not in steps:
       raise FileNotFoundError(f"no checkpoint step {step} under {path!r} (steps: {steps})")
     config = ml_collections.ConfigDict(ckpt.restore_config(step))
+    # Inference settings added after the checkpoint was saved take their defaults.
+    saved = config.get("stream", ml_collections.ConfigDict()).to_dict()
+    config.stream = ml_collections.ConfigDict({**base.get_config().stream.to_dict(), **saved})
     devices = list(jax.devices() if devices is None else devices)
     if mesh is not None:
       config.mesh.update(mesh)

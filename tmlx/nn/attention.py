@@ -23,10 +23,13 @@ class KVCache:
   v: jax.Array
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-  """[B, S] segment ids → [B, S, T] bool: causal, same segment, and not padding."""
+def attention_mask(segment_ids: jax.Array, window: int = 0) -> jax.Array:
+  """[B, S] segment ids → [B, S, T] bool: causal (within `window` positions if > 0), same
+  segment, and not padding."""
   s = segment_ids.shape[-1]
   causal = jnp.tril(jnp.ones((s, s), bool))
+  if window:
+    causal = jnp.triu(causal, 1 - window)
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
   return causal[None] & same & (segment_ids[:, :, None] > 0)
 
@@ -99,35 +102,82 @@ class Attention(nnx.Module):
     return self._attend(q, k, v, mask)
 
   def extend(
-    self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: KVCache, start: jax.Array, layer=None
+    self,
+    x: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    cache: KVCache,
+    start: jax.Array,
+    layer=None,
+    *,
+    block: int = 512,
+    window: int = 0,
   ) -> tuple[jax.Array, KVCache]:
-    """Attention of S new positions [B, S, D] that follow the `start` positions held in `cache`.
+    """Attention of S new positions [B, S, D] that follow the `start` positions seen before.
 
-    Their keys and values are written into the cache at start..start+S-1 and every new position
-    attends to the cache up to itself; nothing before `start` is recomputed. Positions of the
-    chunk past the caller's real ones may be padding: their entries sit beyond the causal
-    horizon of every real position and are overwritten by the next chunk. The cache is laid out
-    [B, K, T, H] (each kv head's keys contiguous) or, with `layer`, [L, B, K, T, H] for every
-    layer, of which this layer's part is updated in place (a loop over layers never copies it).
+    The cache has T slots laid out [B, K, T, H] (each kv head's keys contiguous) or, with
+    `layer`, [L, B, K, T, H] for every layer, of which this layer's part is updated in place (a
+    loop over layers never copies it). Position p lives in slot p mod T: the new keys and values
+    are written there, and nothing before `start` is recomputed.
+
+    - `window` 0: every position attends to all positions up to itself, so the caller keeps
+      start + S ≤ T.
+    - `window` W > 0: each attends to the W latest positions, itself included; T ≥ W + S - 1
+      keeps every one of those in the ring while a chunk overwrites the oldest slots.
+
+    Positions of the chunk past the caller's real ones may be padding: they come after every
+    real position, so none attends to them, and the next chunk overwrites them. Only written
+    slots are read: a loop over `block`-slot slices up to the last one written (its trip count
+    is traced, so one program serves every length) with an online softmax, so a step costs
+    what the context holds, not what the cache could.
     """
     q, k, v = self._qkv(x, rope)
-    k, v = (jnp.swapaxes(a, 1, 2).astype(cache.k.dtype) for a in (k, v))  # [B, K, S, H]
-    zero = jnp.zeros((), jnp.int32)
-    if layer is None:
-      at = (zero, zero, start, zero)
-      keys, values = (jax.lax.dynamic_update_slice(c, a, at) for c, a in ((cache.k, k), (cache.v, v)))
-      layer_k, layer_v = keys, values
-    else:
-      at = (layer, zero, zero, start, zero)
-      keys, values = (jax.lax.dynamic_update_slice(c, a[None], at) for c, a in ((cache.k, k), (cache.v, v)))
-      layer_k, layer_v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (keys, values))
-    dt = self.dtypes.compute
     b, s, n, h = q.shape
-    t = layer_k.shape[2]
-    q = q.reshape(b, s, self.num_kv_heads, n // self.num_kv_heads, h)
-    logits = jnp.einsum("bskgh,bkth->bkgst", q, layer_k.astype(dt), preferred_element_type=jnp.float32) * h**-0.5
-    mask = jnp.arange(t)[None, :] <= start + jnp.arange(s)[:, None]  # [S, T]: causal over the cache
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bkgst,bkth->bskgh", probs, layer_v.astype(dt)).reshape(b, s, n, h)
+    kv, t = self.num_kv_heads, cache.k.shape[-2]
+    block = min(block, t)
+    if t % block:
+      raise ValueError(f"KV cache length {t} is not a multiple of the attention block {block}")
+    if window and t < window + s - 1:
+      raise ValueError(f"KV cache length {t} < window {window} + chunk {s} - 1: the ring would drop needed positions")
+    k, v = (a.astype(cache.k.dtype) for a in (k, v))  # [B, S, K, H]
+    slots = (start + jnp.arange(s)) % t
+    if layer is None:  # index [:, :, slots] puts the S axis first: [S, B, K, H]
+      keys, values = (c.at[:, :, slots].set(jnp.swapaxes(a, 0, 1)) for c, a in ((cache.k, k), (cache.v, v)))
+    else:
+      keys, values = (c.at[layer, :, :, slots].set(jnp.swapaxes(a, 0, 1)) for c, a in ((cache.k, k), (cache.v, v)))
+    dt, f32 = self.dtypes.compute, jnp.float32
+    q = q.reshape(b, s, kv, n // kv, h)
+    end = start + s  # positions written so far
+    query = start + jnp.arange(s)  # [S] the new positions
+    zero = jnp.zeros((), jnp.int32)
+
+    def read(c, i):  # [B, K, block, H]: slots of block i of this layer's keys or values
+      if layer is None:
+        return jax.lax.dynamic_slice(c, (zero, zero, i * block, zero), (b, kv, block, h))
+      return jax.lax.dynamic_slice(c, (layer, zero, zero, i * block, zero), (1, b, kv, block, h))[0]
+
+    def attend(i, carry):
+      top, total, acc = carry  # running max and sum of exp(logit - max) [B, K, G, S]; acc [B, K, G, S, H]
+      slot = i * block + jnp.arange(block)
+      held = slot + (end - 1 - slot) // t * t  # the latest position written to each slot (< 0: none yet)
+      seen = (held >= 0) & (held <= query[:, None])  # [S, block]
+      if window:
+        seen &= held > query[:, None] - window
+      logits = jnp.einsum("bskgh,bkth->bkgst", q, read(keys, i).astype(dt), preferred_element_type=f32) * h**-0.5
+      logits = jnp.where(seen, logits, jnp.finfo(f32).min)
+      new_top = jnp.maximum(top, logits.max(-1))
+      probs = jnp.exp(logits - new_top[..., None])
+      scale = jnp.exp(top - new_top)
+      pv = jnp.einsum("bkgst,bkth->bkgsh", probs.astype(dt), read(values, i).astype(dt), preferred_element_type=f32)
+      return new_top, total * scale + probs.sum(-1), acc * scale[..., None] + pv
+
+    g = n // kv
+    init = (
+      jnp.full((b, kv, g, s), jnp.finfo(f32).min),
+      jnp.zeros((b, kv, g, s), f32),
+      jnp.zeros((b, kv, g, s, h), f32),
+    )
+    count = jnp.minimum((end + block - 1) // block, t // block)
+    _, total, acc = jax.lax.fori_loop(0, count, attend, init)
+    out = (acc / total[..., None]).astype(dt)  # [B, K, G, S, H]
+    out = jnp.moveaxis(out, 3, 1).reshape(b, s, n, h)
     return jnp.einsum("bsnh,nhd->bsd", out, self.wo[...].astype(dt)), KVCache(keys, values)

@@ -102,12 +102,11 @@ class Block(nnx.Module):
     x = sharding.constrain(x + y, ("batch", "act_seq", "act_embed"))
     return x, stats
 
-  def extend(self, x, rope, cache: KVCache, start, layer=None):
+  def extend(self, x, rope, cache: KVCache, start, layer=None, *, block: int = 512, window: int = 0):
     """The block over new positions that follow the cached ones (`Attention.extend`)."""
-    a, cache = self.attn.extend(self.attn_norm(x), rope, cache, start, layer)
+    a, cache = self.attn.extend(self.attn_norm(x), rope, cache, start, layer, block=block, window=window)
     x = x + a
-    y, _ = self.moe(self.mlp_norm(x), jnp.ones(x.shape[:2], bool), dropless=True)
-    return x + y, cache
+    return x + self.moe.decode(self.mlp_norm(x)), cache
 
 
 class InteractionModel(nnx.Module):
@@ -140,11 +139,13 @@ class InteractionModel(nnx.Module):
     x = x + jnp.where((kind == Kind.PATCH)[..., None], jnp.take_along_axis(patches, idx, axis=1), 0)
     return sharding.constrain(x, ("batch", "act_seq", "act_embed"))
 
-  def __call__(self, batch: dict[str, jax.Array]) -> ModelOutput:
+  def __call__(self, batch: dict[str, jax.Array], *, window: int = 0) -> ModelOutput:
+    """`window` > 0: each position attends to at most that many latest ones (itself included),
+    as a streaming session with `stream.window` does."""
     cfg = self.cfg
     x = self.embed(batch)
     seg = batch["segment_ids"]
-    mask = attention_mask(seg)
+    mask = attention_mask(seg, window)
     rope = rope_angles(batch["positions"], cfg.head_dim, cfg.rope_theta)
     token_mask = seg > 0
     x, stats = scan_modules(
@@ -162,12 +163,16 @@ class InteractionModel(nnx.Module):
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return KVCache(jnp.zeros(shape, cfg.dtypes.compute), jnp.zeros(shape, cfg.dtypes.compute))
 
-  def extend(self, chunk: dict[str, jax.Array], cache: KVCache, start: jax.Array) -> tuple[jax.Array, KVCache]:
+  def extend(
+    self, chunk: dict[str, jax.Array], cache: KVCache, start: jax.Array, *, block: int = 512, window: int = 0
+  ) -> tuple[jax.Array, KVCache]:
     """Final hidden states [B, S, D] of S new positions (a packed-batch-like dict of [B, S] fields,
     `positions` included, plus `patches` [B, P, 40, 40, 3] and `patch_rowcol`) that follow the
     `start` positions already in `cache`; returns them with the cache extended. The streaming
     session's step: with the same inputs it gives what `__call__` gives at those positions.
-    Routing is dropless, so compare with a dropless (capacity_factor ≤ 0) full pass."""
+    Routing is dropless (`MoE.decode`), so compare with a dropless (capacity_factor ≤ 0) full pass. Attention
+    reads the cache `block` slots at a time, up to the last written one; `window` > 0 limits it
+    to that many latest positions, with the cache as a ring (`Attention.extend`)."""
     cfg = self.cfg
     x = self.embed(chunk)
     rope = rope_angles(chunk["positions"], cfg.head_dim, cfg.rope_theta)
@@ -176,7 +181,7 @@ class InteractionModel(nnx.Module):
     def body(carry, layer):
       x, cache = carry
       block_state, i = layer
-      x, cache = nnx.merge(graphdef, block_state).extend(x, rope, cache, start, layer=i)
+      x, cache = nnx.merge(graphdef, block_state).extend(x, rope, cache, start, layer=i, block=block, window=window)
       return (x, cache), None
 
     (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(cfg.num_layers)))

@@ -326,23 +326,48 @@ class MoE(nnx.Module):
       self.shared_up = param(rngs, fan_in_init(), (d_model, fs), ("embed", "mlp"), pd)
       self.shared_down = param(rngs, fan_in_init(), (fs, d_model), ("mlp", "embed"), pd)
 
-  def __call__(self, x: jax.Array, mask: jax.Array, *, dropless: bool = False) -> tuple[jax.Array, MoEStats]:
-    """`dropless` gives every expert room for every token (inference: a token's output must not
-    depend on which other tokens share its chunk)."""
-    cfg, dt = self.cfg, self.dtypes.compute
-    x = x.astype(dt)
+  def _route(self, x: jax.Array) -> tuple[jax.Array, Routing]:
     logits = jnp.einsum("bsd,de->bse", x.astype(jnp.float32), self.router[...])
+    cfg = self.cfg
     routing = route(
       logits, cfg.num_experts_per_tok, score=cfg.router_score, renormalize=cfg.renormalize, bias=self.router_bias[...]
     )
-    cap = x.shape[1] if dropless else capacity(cfg, x.shape[1])
-    plan = dispatch_plan(routing.experts, mask, cfg.num_experts, cap)
+    return logits, routing
+
+  def _shared(self, x: jax.Array) -> jax.Array | float:
+    if not self.cfg.num_shared_experts:
+      return 0.0
+    dt = self.dtypes.compute
+    return swiglu(x, *(p[...].astype(dt) for p in (self.shared_gate, self.shared_up, self.shared_down)))
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, MoEStats]:
+    cfg, dt = self.cfg, self.dtypes.compute
+    x = x.astype(dt)
+    logits, routing = self._route(x)
+    plan = dispatch_plan(routing.experts, mask, cfg.num_experts, capacity(cfg, x.shape[1]))
     w = ExpertWeights(*(p[...].astype(dt) for p in (self.w_gate, self.w_up, self.w_down)))
     y = combine(run_experts(cfg.transport, x, plan, w), routing.weights)
-    if cfg.num_shared_experts:
-      shared = (self.shared_gate, self.shared_up, self.shared_down)
-      y = y + swiglu(x, *(p[...].astype(dt) for p in shared))
-    return y, router_stats(logits, routing, mask, plan.kept, cfg.num_experts)
+    return y + self._shared(x), router_stats(logits, routing, mask, plan.kept, cfg.num_experts)
+
+  def decode(self, x: jax.Array) -> jax.Array:
+    """[B, S, D] → [B, S, D] for a few tokens at inference: dropless, with no dispatch. Each
+    token's chosen experts' weights are gathered (when the tokens pick fewer than E experts in
+    all), or else every expert runs on every token and the unchosen ones get weight 0. A token's
+    output depends only on itself, as in a dropless (capacity_factor ≤ 0) full pass."""
+    cfg, dt = self.cfg, self.dtypes.compute
+    x = x.astype(dt)
+    _, routing = self._route(x)
+    gate, up, down = (p[...].astype(dt) for p in (self.w_gate, self.w_up, self.w_down))
+    b, s, k = routing.experts.shape
+    if b * s * k < cfg.num_experts:
+      e = routing.experts
+      h = jax.nn.silu(jnp.einsum("bsd,bskdf->bskf", x, gate[e])) * jnp.einsum("bsd,bskdf->bskf", x, up[e])
+      y = jnp.einsum("bskf,bskfd,bsk->bsd", h, down[e], routing.weights.astype(dt))
+    else:
+      h = jax.nn.silu(jnp.einsum("bsd,edf->bsef", x, gate)) * jnp.einsum("bsd,edf->bsef", x, up)
+      weights = jnp.sum(jax.nn.one_hot(routing.experts, cfg.num_experts, dtype=dt) * routing.weights[..., None], axis=2)
+      y = jnp.einsum("bsef,efd,bse->bsd", h, down, weights.astype(dt))
+    return y + self._shared(x)
 
 
 __all__ = [

@@ -9,10 +9,15 @@ Per micro-turn, `Session.step`:
   4. runs the 4 AUDIO_OUT steps: the flow head's Euler sampler turns the last hidden state into
      the next 4 x 4 mel frames, which are re-quantized to dMel and fed back as the AUDIO_OUT input.
 
-All device work has fixed shapes: the cache is preallocated (`config.stream.max_positions`),
-input blocks go in chunks of `config.stream.input_chunk` positions, text and audio go one
-position per call. Nothing recompiles after the first micro-turn. A session that would outgrow
-the cache raises SessionFull.
+Steps 2-4 are one program call (`_Programs.turn`; a block longer than
+`config.stream.input_chunk` positions first prefills its earlier chunks), so a micro-turn costs
+one dispatch and one host sync. All device work has fixed shapes, so nothing recompiles after
+the first micro-turn:
+- the KV cache is preallocated: a ring of `config.stream.window` positions (each position
+  attends to that many latest ones; sessions have no length limit), or with window 0 the whole
+  session in `config.stream.max_positions` (a session that would outgrow it raises SessionFull);
+- attention reads only the written part of the cache, `config.stream.attention_block` slots at
+  a time, so a micro-turn costs what the context holds, not what the cache could.
 
 Teacher forcing (`run_block(..., forced_text=..., forced_audio=...)`) feeds recorded outputs
 instead of sampling; with `record=True` the step also returns the text logits and flow-head
@@ -25,6 +30,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -114,7 +120,7 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: f
   return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-def _one_position(kind: int, f: int, token=0, bins=None) -> dict[str, jax.Array]:
+def _one_position(kind: int, f: int, position: jax.Array, token=0, bins=None) -> dict[str, jax.Array]:
   """A chunk of one position (no patch) for `InteractionModel.extend`."""
   return {
     "kind": jnp.full((1, 1), kind, jnp.int8),
@@ -123,45 +129,98 @@ def _one_position(kind: int, f: int, token=0, bins=None) -> dict[str, jax.Array]
     "patch_index": jnp.full((1, 1), -1, jnp.int32),
     "patches": jnp.zeros((1, 1, PATCH_SIZE, PATCH_SIZE, 3), jnp.uint8),
     "patch_rowcol": jnp.zeros((1, 1, 2), jnp.int16),
+    "positions": jnp.reshape(position, (1, 1)),
   }
 
 
+@flax.struct.dataclass
+class _Said:
+  """What one `turn` program call produced (device arrays; `record` fills the last two)."""
+
+  tokens: jax.Array  # [K + 1] int32 text tokens, <eot> included; the first `count` are real
+  count: jax.Array  # int32
+  mel: jax.Array  # [4, F * 80] fp32 in [-1, 1]; the first `n_audio` rows are real
+  key: jax.Array  # the session's next random key
+  logits: jax.Array | None  # [K + 1, V] fp32 before each text token
+  cond: jax.Array | None  # [4, W] the flow head's Linear(h) before each AUDIO_OUT
+
+
 class _Programs:
-  """The session's three jitted programs; the cache is donated, so it is updated in place."""
+  """The session's two jitted programs; the cache is donated, so it is updated in place.
 
-  def __init__(self, graphdef, sampling: Sampling, frames_per_position: int, num_tokens: int):
-    f = frames_per_position
+  `prefill` appends input positions. `turn` appends the last chunk of an input block, then says
+  this micro-turn's text (a while loop that stops at `<eot>`) and audio (a loop of the 4
+  AUDIO_OUT steps), all in one call: one dispatch and one host sync per micro-turn.
+  """
 
-    def prefill(state, chunk, cache, start, last):
+  def __init__(
+    self, graphdef, sampling: Sampling, f: int, num_tokens: int, eot: int, text_slots: int, block: int, window: int
+  ):
+    def prefill(state, chunk, cache, start):
+      _, cache = nnx.merge(graphdef, state).extend(chunk, cache, start, block=block, window=window)
+      return cache
+
+    def turn(state, chunk, cache, start, last, key, forced_text, k_max, forced_audio, n_audio, record):
       model = nnx.merge(graphdef, state)
-      h, cache = model.extend(chunk, cache, start)
-      return h[0, last], cache
+      h, cache = model.extend(chunk, cache, start, block=block, window=window)
+      h, position = h[0, last], start + last + 1
+      v, w = model.cfg.vocab_size, model.flow_head.cond.kernel.shape[-1]
 
-    def text(state, h, cache, start, key, forced):
-      model = nnx.merge(graphdef, state)
-      logits = model.text_logits(h)
-      # Only ids the tokenizer has (the model's vocabulary may be padded beyond them).
-      allowed = jnp.where(jnp.arange(logits.shape[-1]) < num_tokens, logits, -jnp.inf)
-      token = jnp.where(forced >= 0, forced, sample_token(allowed, key, sampling.temperature, sampling.top_p))
-      chunk = dict(_one_position(Kind.TEXT_OUT, f, token=token), positions=jnp.reshape(start, (1, 1)))
-      h, cache = model.extend(chunk, cache, start)
-      return token, logits, h[0, 0], cache
+      def say_text(carry):
+        i, _, h, cache, position, key, tokens, logits_seen = carry
+        key, sub = jax.random.split(key)
+        logits = model.text_logits(h)
+        # Only ids the tokenizer has (the model's vocabulary may be padded beyond them).
+        allowed = jnp.where(jnp.arange(v) < num_tokens, logits, -jnp.inf)
+        token = sample_token(allowed, sub, sampling.temperature, sampling.top_p)
+        token = jnp.where(i == k_max, eot, token)  # K_max tokens said: <eot> next
+        token = jnp.where(forced_text[i] >= 0, forced_text[i], token)
+        out, cache = model.extend(
+          _one_position(Kind.TEXT_OUT, f, position, token=token), cache, position, block=block, window=window
+        )
+        if record:
+          logits_seen = logits_seen.at[i].set(logits)
+        return i + 1, token == eot, out[0, 0], cache, position + 1, key, tokens.at[i].set(token), logits_seen
 
-    def audio(state, h, cache, start, key, forced, use_forced):
-      model = nnx.merge(graphdef, state)
-      x = flow_sample(
-        model.flow_head, h, key, steps=sampling.audio_steps, temperature=sampling.audio_temperature
-      )  # [F * 80] in [-1, 1]
-      bins = quantize(x * 4.5 - 2.5).reshape(f, NUM_MELS)  # dmel.denormalize, then quantize
-      bins = jnp.where(use_forced, forced, bins)
-      cond = model.flow_head.cond(h)
-      chunk = dict(_one_position(Kind.AUDIO_OUT, f, bins=bins), positions=jnp.reshape(start, (1, 1)))
-      h, cache = model.extend(chunk, cache, start)
-      return x, cond, h[0, 0], cache
+      text = (
+        jnp.int32(0),
+        jnp.bool_(False),
+        h,
+        cache,
+        position,
+        key,
+        jnp.zeros(text_slots, jnp.int32),
+        jnp.zeros((text_slots, v) if record else (), jnp.float32),
+      )
+      count, _, h, cache, position, key, tokens, logits_seen = jax.lax.while_loop(
+        lambda c: ~c[1] & (c[0] < text_slots), say_text, text
+      )
+
+      def say_audio(j, carry):
+        h, cache, key, mel, conds = carry
+        key, sub = jax.random.split(key)
+        x = flow_sample(model.flow_head, h, sub, steps=sampling.audio_steps, temperature=sampling.audio_temperature)
+        bins = quantize(x * 4.5 - 2.5).reshape(f, NUM_MELS)  # dmel.denormalize, then quantize
+        bins = jnp.where(forced_audio[j, 0, 0] < 255, forced_audio[j], bins)  # 255 marks "not forced"
+        if record:
+          conds = conds.at[j].set(model.flow_head.cond(h).astype(jnp.float32))
+        chunk = _one_position(Kind.AUDIO_OUT, f, position + j, bins=bins)
+        out, cache = model.extend(chunk, cache, position + j, block=block, window=window)
+        return out[0, 0], cache, key, mel.at[j].set(x), conds
+
+      audio = (
+        h,
+        cache,
+        key,
+        jnp.zeros((AUDIO_POSITIONS_PER_MICRO_TURN, f * NUM_MELS), jnp.float32),
+        jnp.zeros((AUDIO_POSITIONS_PER_MICRO_TURN, w) if record else (), jnp.float32),
+      )
+      _, cache, key, mel, conds = jax.lax.fori_loop(0, n_audio, say_audio, audio)
+      said = _Said(tokens, count, mel, key, logits_seen if record else None, conds if record else None)
+      return said, cache
 
     self.prefill = jax.jit(prefill, donate_argnums=(2,))
-    self.text = jax.jit(text, donate_argnums=(2,))
-    self.audio = jax.jit(audio, donate_argnums=(2,))
+    self.turn = jax.jit(turn, donate_argnums=(2,), static_argnames=("record",))
 
 
 class Session:
@@ -194,21 +253,30 @@ class Session:
     self._patches = max(1, patches_per_frame(*self.frame_shape))
     graphdef, self._state = nnx.split(model)
     num_tokens = min(model.cfg.vocab_size, int(getattr(self.tokenizer, "vocab_size", model.cfg.vocab_size)))
-    self._programs = _Programs(graphdef, self.sampling, f, num_tokens)
     self._eot = self.tokenizer.special("<eot>")
+    block, self.window = int(config.stream.attention_block), int(config.stream.window)
+    if block <= 0 or self.window < 0:
+      raise ValueError(f"config.stream.attention_block={block} must be > 0 and config.stream.window={self.window} >= 0")
+    # Cache slots: the whole session, or a ring of the window; plus room for a padded chunk.
+    span = (self.window or self.max_positions) + self.input_chunk
+    self.cache_slots = -(-span // block) * block
+    text_slots = max(self.k_max, self.k_max_text) + 1
+    self._programs = _Programs(graphdef, self.sampling, f, num_tokens, self._eot, text_slots, block, self.window)
+    self._no_text = np.full(text_slots, -1, np.int32)
+    self._no_audio = np.full((AUDIO_POSITIONS_PER_MICRO_TURN, f, NUM_MELS), 255, np.uint8)
     self.reset(seed)
 
   def reset(self, seed: int = 0) -> None:
     """Forgets the conversation (the cache is reused, not reallocated)."""
-    # Placed like the programs' outputs (on the parameters' mesh, replicated), so that the first
-    # call after a reset finds the program it compiled before.
+    # The cache and key are placed like the programs' outputs (on the parameters' mesh,
+    # replicated), so that the first call after a reset finds the program it compiled before.
     placed = next(iter(jax.tree.leaves(self._state))).sharding
     if isinstance(placed, jax.sharding.NamedSharding):
       placed = jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec())
-    self.cache: KVCache = jax.device_put(self.model.empty_cache(1, self.max_positions), placed)
+    self.cache: KVCache = jax.device_put(self.model.empty_cache(1, self.cache_slots), placed)
     self.position = 0  # positions in the cache
     self.micro_turn = 0
-    self._key = jax.random.key(seed)
+    self._key = jax.device_put(jax.random.key(seed), placed)
     self._featurizer = dmel_lib.StreamingFeaturizer()
     self.transcript: list[tuple[int, str, str]] = []  # (micro-turn, heard text, said text)
     self._open_call: list[int] | None = None  # tokens of a <bg_call> span not closed yet
@@ -303,51 +371,42 @@ class Session:
     a = AUDIO_POSITIONS_PER_MICRO_TURN if (block.kind == Kind.AUDIO_IN).any() else 0
     k_max = self.k_max if a else self.k_max_text
     needed = len(block) + k_max + 1 + a
-    if self.position + needed > self.max_positions:
+    if not self.window and self.position + needed > self.max_positions:
       raise SessionFull(
         f"micro-turn {self.micro_turn} needs up to {needed} more positions but the KV cache holds "
         f"{self.max_positions - self.position} of config.stream.max_positions={self.max_positions}; "
-        "raise it (memory grows linearly) or start a new session"
+        "raise it (memory grows linearly), set config.stream.window, or start a new session"
       )
     programs, state = self._programs, self._state
-    h = None
-    for lo in range(0, len(block), self.input_chunk):
-      hi = min(len(block), lo + self.input_chunk)
-      h, self.cache = programs.prefill(
-        state, self._chunk(block, lo, hi), self.cache, jnp.int32(self.position), hi - lo - 1
-      )
+    chunks = [(lo, min(len(block), lo + self.input_chunk)) for lo in range(0, len(block), self.input_chunk)]
+    for lo, hi in chunks[:-1]:
+      self.cache = programs.prefill(state, self._chunk(block, lo, hi), self.cache, np.int32(self.position))
       self.position += hi - lo
-
-    ids, logits_seen = [], []
-    for i in range(k_max + 1):
-      if forced_text is not None:
-        forced = int(forced_text[i])
-      else:
-        forced = self._eot if i == k_max else -1  # K_max tokens said: <eot> next
-      self._key, key = jax.random.split(self._key)
-      token, logits, h, self.cache = programs.text(
-        state, h, self.cache, jnp.int32(self.position), key, jnp.int32(forced)
-      )
-      self.position += 1
-      token = int(token)
-      if record:
-        logits_seen.append(logits)
-      if token == self._eot:
-        break
-      ids.append(token)
-
-    mels, conds = [], []
-    zeros = jnp.zeros((self._frames, NUM_MELS), jnp.uint8)
-    for j in range(a):
-      self._key, key = jax.random.split(self._key)
-      forced = zeros if forced_audio is None else jnp.asarray(forced_audio[j], jnp.uint8)
-      x, cond, h, self.cache = programs.audio(
-        state, h, self.cache, jnp.int32(self.position), key, forced, jnp.asarray(forced_audio is not None)
-      )
-      self.position += 1
-      mels.append(x)
-      conds.append(cond)
-    mel = np.asarray(jnp.stack(mels)).reshape(-1, NUM_MELS) if mels else np.zeros((0, NUM_MELS), np.float32)
+    lo, hi = chunks[-1]
+    forced = self._no_text
+    if forced_text is not None:
+      forced = self._no_text.copy()
+      forced[: len(forced_text)] = np.asarray(forced_text, np.int32)[: len(forced)]
+    said, self.cache = programs.turn(
+      state,
+      self._chunk(block, lo, hi),
+      self.cache,
+      np.int32(self.position),
+      np.int32(hi - lo - 1),
+      self._key,
+      forced,
+      np.int32(k_max),
+      self._no_audio if forced_audio is None else np.asarray(forced_audio, np.uint8),
+      np.int32(a),
+      record=record,
+    )
+    self._key = said.key
+    tokens, count, mel = jax.device_get((said.tokens, said.count, said.mel))
+    self.position += hi - lo + int(count) + a
+    ids = [int(t) for t in tokens[: int(count)]]
+    if ids and ids[-1] == self._eot:
+      ids.pop()
+    mel = mel[:a].reshape(-1, NUM_MELS)
     text = self.tokenizer.decode(ids)
     heard = [int(t) for t, k in zip(block.tokens, block.kind) if k == Kind.TEXT_IN]
     self.transcript.append((self.micro_turn, self.tokenizer.decode(heard), text))
@@ -359,11 +418,11 @@ class Session:
       bg_calls=self._bg_calls(ids),
       heard=heard,
       latency_s=time.perf_counter() - t0,
-      text_logits=np.asarray(jnp.stack(logits_seen)) if record else None,
-      flow_cond=np.asarray(jnp.stack(conds)) if record and conds else None,
+      text_logits=np.asarray(said.logits[: int(count)]) if record else None,
+      flow_cond=np.asarray(said.cond[:a]) if record and a else None,
     )
 
-  def _chunk(self, block: InputBlock, lo: int, hi: int) -> dict[str, jax.Array]:
+  def _chunk(self, block: InputBlock, lo: int, hi: int) -> dict[str, np.ndarray]:
     """Positions lo..hi-1 of `block`, padded to `input_chunk` (the padding is never attended)."""
     c, n = self.input_chunk, hi - lo
     pad = lambda x, fill=0: np.concatenate([x[lo:hi], np.full((c - n, *x.shape[1:]), fill, x.dtype)])[None]
@@ -377,13 +436,13 @@ class Session:
       rowcol[0, : used.size] = block.patch_rowcol[used]
       local[:n] = np.where(index >= 0, index - used.min(), -1)
     return {
-      "kind": jnp.asarray(pad(block.kind)),
-      "tokens": jnp.asarray(pad(block.tokens)),
-      "dmel": jnp.asarray(pad(block.dmel)),
-      "patch_index": jnp.asarray(local[None]),
-      "patches": jnp.asarray(patches),
-      "patch_rowcol": jnp.asarray(rowcol),
-      "positions": jnp.asarray((self.position + np.arange(c, dtype=np.int32))[None]),
+      "kind": pad(block.kind),
+      "tokens": pad(block.tokens),
+      "dmel": pad(block.dmel),
+      "patch_index": local[None],
+      "patches": patches,
+      "patch_rowcol": rowcol,
+      "positions": (self.position + np.arange(c, dtype=np.int32))[None],
     }
 
   def _bg_calls(self, ids: list[int]) -> list[str]:
