@@ -31,6 +31,7 @@ The output ends with one line per headline figure: '<name> <value> target<op><va
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import statistics
@@ -51,14 +52,10 @@ from tmlx.train import new_model  # noqa: E402
 BUDGET_MS = 200.0
 
 
-def preset(name: str, window: int | None = None, max_positions: int | None = None):
+def preset(name: str):
   """The preset's config in fp32 on one device, and a fresh model of it."""
   c = importlib.import_module(f"experiments.{name}").get_config()
   c.model.compute_dtype = "float32"
-  if window is not None:
-    c.stream.window = window
-  if max_positions is not None:
-    c.stream.max_positions = max_positions
   return c, new_model(ModelConfig.from_config(c.model), 0)
 
 
@@ -133,7 +130,9 @@ def timed(fn, *args) -> float:
 
 def context_and_recompute(args) -> dict[str, float]:
   c, model = preset("tiny")
-  c0, _ = preset("tiny", window=0, max_positions=(args.long + 50) * 32)
+  c0 = copy.deepcopy(c)  # the same model, attending to the whole session
+  c0.stream.window = 0
+  c0.stream.max_positions = (args.long + 50) * 32
   sessions = {
     "ring": Session(model, c),  # long context, the preset's window
     "whole": Session(model, c0),  # long context, window 0

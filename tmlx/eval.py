@@ -81,6 +81,7 @@ def evaluate(args: argparse.Namespace) -> dict:
   from tmlx.inference import load_model
   from tmlx.losses import _gather_positions, _shift_left, _take, audio_targets, loss_sums
   from tmlx.nn.flow_head import sample as flow_sample
+  from tmlx.nn.moe import RouterBias
   from tmlx.train import loss_config
 
   zero = _ids(args.zero, "--zero", ABLATIONS)
@@ -93,7 +94,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     raise SystemExit("--disable_experts: too many; each token needs num_experts_per_tok experts left")
   if disabled:
     for _, leaf in nnx.iter_graph(model):
-      if isinstance(leaf, nnx.Variable) and type(leaf).__name__ == "RouterBias":
+      if isinstance(leaf, RouterBias):
         leaf[...] = leaf[...].at[..., jnp.asarray(disabled)].set(-1e9)
   if args.data:
     config.data.source = "episodes"

@@ -19,7 +19,7 @@ from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, param
 class KVCache:
   """Keys and values of the positions seen so far, preallocated to a fixed length T."""
 
-  k: jax.Array  # [B, K, T, H] (a leading L when stacked over layers)
+  k: jax.Array  # [L, B, K, T, H]: every layer's
   v: jax.Array
 
 
@@ -107,17 +107,17 @@ class Attention(nnx.Module):
     rope: tuple[jax.Array, jax.Array],
     cache: KVCache,
     start: jax.Array,
-    layer=None,
+    layer: jax.Array,
     *,
     block: int = 512,
     window: int = 0,
   ) -> tuple[jax.Array, KVCache]:
     """Attention of S new positions [B, S, D] that follow the `start` positions seen before.
 
-    The cache has T slots laid out [B, K, T, H] (each kv head's keys contiguous) or, with
-    `layer`, [L, B, K, T, H] for every layer, of which this layer's part is updated in place (a
-    loop over layers never copies it). Position p lives in slot p mod T: the new keys and values
-    are written there, and nothing before `start` is recomputed.
+    The cache holds every layer's T slots, [L, B, K, T, H] (each kv head's keys contiguous), of
+    which the part of `layer` is updated in place (a loop over layers never copies it). Position
+    p lives in slot p mod T: the new keys and values are written there, and nothing before
+    `start` is recomputed.
 
     - `window` 0: every position attends to all positions up to itself, so the caller keeps
       start + S ≤ T.
@@ -140,10 +140,8 @@ class Attention(nnx.Module):
       raise ValueError(f"KV cache length {t} < window {window} + chunk {s} - 1: the ring would drop needed positions")
     k, v = (a.astype(cache.k.dtype) for a in (k, v))  # [B, S, K, H]
     slots = (start + jnp.arange(s)) % t
-    if layer is None:  # index [:, :, slots] puts the S axis first: [S, B, K, H]
-      keys, values = (c.at[:, :, slots].set(jnp.swapaxes(a, 0, 1)) for c, a in ((cache.k, k), (cache.v, v)))
-    else:
-      keys, values = (c.at[layer, :, :, slots].set(jnp.swapaxes(a, 0, 1)) for c, a in ((cache.k, k), (cache.v, v)))
+    # Index [layer, :, :, slots] puts the S axis first: [S, B, K, H].
+    keys, values = (c.at[layer, :, :, slots].set(jnp.swapaxes(a, 0, 1)) for c, a in ((cache.k, k), (cache.v, v)))
     dt, f32 = self.dtypes.compute, jnp.float32
     q = q.reshape(b, s, kv, n // kv, h)
     end = start + s  # positions written so far
@@ -151,8 +149,6 @@ class Attention(nnx.Module):
     zero = jnp.zeros((), jnp.int32)
 
     def read(c, i):  # [B, K, block, H]: slots of block i of this layer's keys or values
-      if layer is None:
-        return jax.lax.dynamic_slice(c, (zero, zero, i * block, zero), (b, kv, block, h))
       return jax.lax.dynamic_slice(c, (layer, zero, zero, i * block, zero), (1, b, kv, block, h))[0]
 
     def attend(i, carry):

@@ -102,7 +102,7 @@ class Block(nnx.Module):
     x = sharding.constrain(x + y, ("batch", "act_seq", "act_embed"))
     return x, stats
 
-  def extend(self, x, rope, cache: KVCache, start, layer=None, *, block: int = 512, window: int = 0):
+  def extend(self, x, rope, cache: KVCache, start, layer, *, block: int = 512, window: int = 0):
     """The block over new positions that follow the cached ones (`Attention.extend`)."""
     a, cache = self.attn.extend(self.attn_norm(x), rope, cache, start, layer, block=block, window=window)
     x = x + a
@@ -181,7 +181,7 @@ class InteractionModel(nnx.Module):
     def body(carry, layer):
       x, cache = carry
       block_state, i = layer
-      x, cache = nnx.merge(graphdef, block_state).extend(x, rope, cache, start, layer=i, block=block, window=window)
+      x, cache = nnx.merge(graphdef, block_state).extend(x, rope, cache, start, i, block=block, window=window)
       return (x, cache), None
 
     (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(cfg.num_layers)))
