@@ -11,14 +11,15 @@ import time
 import numpy as np
 
 from data_pipelines import dmel
+from data_pipelines.contract import SAMPLE_RATE
 
 
 def _audio(seconds: float) -> np.ndarray:
   """Seeded 16 kHz float32 audio: vibrato harmonics plus noise, -40..-6 dBFS per second."""
   rng = np.random.default_rng(0)
-  n = int(seconds * dmel.SAMPLE_RATE)
-  t = np.arange(n) / dmel.SAMPLE_RATE
-  phase = 2 * np.pi * np.cumsum(150 * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))) / dmel.SAMPLE_RATE
+  n = int(seconds * SAMPLE_RATE)
+  t = np.arange(n) / SAMPLE_RATE
+  phase = 2 * np.pi * np.cumsum(150 * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))) / SAMPLE_RATE
   x = sum(np.sin(h * phase) / h for h in range(1, 20)) + 0.1 * rng.standard_normal(n)
   level = 10 ** (rng.uniform(-40, -6, int(seconds) + 1) / 20)[(t // 1).astype(int)]
   return (x / np.abs(x).max() * level).astype(np.float32)

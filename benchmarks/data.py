@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from data_pipelines import episode as ep_lib  # noqa: E402
+from data_pipelines.contract import MICRO_TURN_SECONDS, SAMPLE_RATE  # noqa: E402
 from experiments.tiny import SAMPLE_MIXTURE  # noqa: E402
 
 AUDIO_TARGET = 100.0
@@ -61,7 +62,7 @@ def load_config(name: str, arg: str | None = None):
 def generated_dataset(directory: str, n: int, seconds: float, video: bool) -> None:
   """Episodes with noisy speech-band audio on both channels, words every 0.4 s, optional video."""
   rng = np.random.default_rng(0)
-  sr = ep_lib.SAMPLE_RATE
+  sr = SAMPLE_RATE
   samples = int(seconds * sr)
   t = np.arange(samples) / sr
 
@@ -102,7 +103,7 @@ def source_throughput(config, rows: int) -> float:
     row, _ = source.row_and_stats(1, r)
     used = row["kind"] != 0
     micro_turns += len(set(zip(row["segment_ids"][used].tolist(), row["micro_turn"][used].tolist())))
-  return micro_turns * ep_lib.MICRO_TURN_SECONDS / (time.perf_counter() - t0)
+  return micro_turns * MICRO_TURN_SECONDS / (time.perf_counter() - t0)
 
 
 def pipeline_rows_per_s(config, steps: int) -> float:

@@ -43,10 +43,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, Kind  # noqa: E402
+from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, SAMPLES_PER_MICRO_TURN, Kind  # noqa: E402
 from tmlx.nn.model import ModelConfig  # noqa: E402
 from tmlx.stream import Session  # noqa: E402
-from tmlx.stream.session import SAMPLES_PER_MICRO_TURN  # noqa: E402
 from tmlx.train import new_model  # noqa: E402
 
 BUDGET_MS = 200.0

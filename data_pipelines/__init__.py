@@ -9,6 +9,7 @@ import importlib
 _EXPORTS = {
   "ByteTokenizer": "data_pipelines.tokenizer",
   "Kind": "data_pipelines.contract",
+  "MicroTurn": "data_pipelines.microturn",
   "RowSpec": "data_pipelines.contract",
   "check_batch": "data_pipelines.contract",
   "data_spec_hash": "data_pipelines.pipeline",

@@ -20,8 +20,9 @@ import math
 
 import numpy as np
 
-from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, patches_per_frame
-from data_pipelines.episode import MICRO_TURN_SECONDS, DataError, Episode, EpisodeHeader
+from data_pipelines.contract import MICRO_TURN_SECONDS, patches_per_frame, special_id
+from data_pipelines.episode import DataError, Episode, EpisodeHeader
+from data_pipelines.microturn import micro_turn_size
 from data_pipelines.tokenizer import Tokenizer
 
 
@@ -44,13 +45,16 @@ class AlignSpec:
 class Layout:
   """Token-level layout of every micro-turn of one episode.
 
-  `in_text[t]` are the TEXT_IN tokens of I_t, `out_text[t]` the TEXT_OUT tokens of O_t ending
-  with `<eot>`, `frame[t]` the index of window t's frame in `episode.frames` (-1: none) and
-  `sizes[t]` the positions micro-turn t takes. `carried_over` counts tokens still waiting for
-  room when the episode ends (they are not in any micro-turn).
+  `bg_results[t]` and `typed_text[t]` are the token ids of each background result and typed text
+  of I_t (without the special tokens around them, which `data_pipelines.microturn` adds),
+  `out_text[t]` the TEXT_OUT tokens of O_t ending with `<eot>`, `frame[t]` the index of window t's
+  frame in `episode.frames` (-1: none) and `sizes[t]` the positions micro-turn t takes.
+  `carried_over` counts tokens still waiting for room when the episode ends (they are not in any
+  micro-turn).
   """
 
-  in_text: list[list[int]]
+  bg_results: list[list[list[int]]]
+  typed_text: list[list[list[int]]]
   out_text: list[list[int]]
   frame: np.ndarray
   sizes: np.ndarray
@@ -71,8 +75,7 @@ def align(ep: Episode | EpisodeHeader, tokenizer: Tokenizer, spec: AlignSpec, wh
   """Lays out every micro-turn of `ep`; raises DataError naming `where` for tokens past the vocab
   or frames of the wrong size."""
   n = ep.num_micro_turns
-  special = tokenizer.special
-  eot = special("<eot>")
+  eot = special_id("<eot>")
 
   def encode(text: str, field: str) -> list[int]:
     ids = tokenizer.encode(text)
@@ -85,15 +88,13 @@ def align(ep: Episode | EpisodeHeader, tokenizer: Tokenizer, spec: AlignSpec, wh
       )
     return ids
 
-  in_text: list[list[int]] = [[] for _ in range(n)]
-  for events, name, open_, close in (
-    (ep.bg_results, "bg_results", "<bg_result>", "</bg_result>"),
-    (ep.typed_text, "typed_text", "<user_text>", "</user_text>"),
-  ):
+  bg_results: list[list[list[int]]] = [[] for _ in range(n)]
+  typed_text: list[list[list[int]]] = [[] for _ in range(n)]
+  for events, name, spans in ((ep.bg_results, "bg_results", bg_results), (ep.typed_text, "typed_text", typed_text)):
     for e in events:
       t = window_of(e.time)
       if t < n:
-        in_text[t] += [special(open_), *encode(e.text, name), special(close)]
+        spans[t].append(encode(e.text, name))
 
   # Model text by output window: words (a space before all but the first) and <bg_call> spans.
   arrivals: list[list[tuple[float, int, list[int]]]] = [[] for _ in range(n + 1)]
@@ -104,7 +105,7 @@ def align(ep: Episode | EpisodeHeader, tokenizer: Tokenizer, spec: AlignSpec, wh
   for e in ep.bg_calls:
     t = window_of(e.time)
     if t <= n:
-      arrivals[t].append((e.time, 1, [special("<bg_call>"), *encode(e.text, "bg_calls"), special("</bg_call>")]))
+      arrivals[t].append((e.time, 1, [special_id("<bg_call>"), *encode(e.text, "bg_calls"), special_id("</bg_call>")]))
   k_max = spec.k_max if ep.has_audio else spec.text_only_k_max
   out_text: list[list[int]] = []
   queue: list[int] = []
@@ -131,8 +132,13 @@ def align(ep: Episode | EpisodeHeader, tokenizer: Tokenizer, spec: AlignSpec, wh
       if t < n and frame[t] < 0:
         frame[t] = i
 
-  audio = 2 * AUDIO_POSITIONS_PER_MICRO_TURN if ep.has_audio else 0
   sizes = np.array(
-    [1 + len(in_text[t]) + (ppf if frame[t] >= 0 else 0) + audio + len(out_text[t]) for t in range(n)], np.int64
+    [
+      micro_turn_size(
+        [*bg_results[t], *typed_text[t]], ppf if frame[t] >= 0 else 0, ep.has_audio, out_text[t], ep.has_audio
+      )
+      for t in range(n)
+    ],
+    np.int64,
   )
-  return Layout(in_text, out_text, frame, sizes, ep.has_audio, ppf, len(queue))
+  return Layout(bg_results, typed_text, out_text, frame, sizes, ep.has_audio, ppf, len(queue))

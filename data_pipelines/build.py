@@ -53,10 +53,9 @@ import soundfile as sf
 import soxr
 
 from data_pipelines import transcripts, video
+from data_pipelines.contract import MICRO_TURN_SECONDS, SAMPLE_RATE
 from data_pipelines.episode import (
   MANIFEST,
-  MICRO_TURN_SECONDS,
-  SAMPLE_RATE,
   DataError,
   Episode,
   Event,

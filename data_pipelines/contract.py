@@ -1,4 +1,5 @@
-"""The packed-batch contract between data_pipelines and tmlx (MODEL_SPEC.md §8).
+"""The packed-batch contract between data_pipelines and tmlx (MODEL_SPEC.md §8), and the format
+constants every producer and consumer of rows shares (time, mel features, patches, special tokens).
 
 One row holds S positions; a batch adds a leading B. Letters: S sequence, F dMel frames per
 audio position, P patches per row.
@@ -24,10 +25,47 @@ import enum
 
 import numpy as np
 
+# Time: 16 kHz mono audio in 200 ms micro-turns (MODEL_SPEC.md §1-§3).
+SAMPLE_RATE = 16_000
+MICRO_TURN_SECONDS = 0.2
+SAMPLES_PER_MICRO_TURN = 3200  # SAMPLE_RATE * MICRO_TURN_SECONDS
+FRAMES_PER_MICRO_TURN = 16  # dMel frames of 12.5 ms (a 200-sample hop, `data_pipelines.dmel`)
+AUDIO_POSITIONS_PER_MICRO_TURN = 4  # per stream: AUDIO_IN x 4 in I_t, AUDIO_OUT x 4 in O_t
+
+# Mel features (MODEL_SPEC.md §2): 80 log10-mel channels; dMel bins centred at LOG_MEL_MIN + BIN_WIDTH·i;
+# the flow head's target is (clip(log_mel, LOG_MEL_MIN, LOG_MEL_MAX) + MEL_NORM_OFFSET) / MEL_NORM_SCALE.
 NUM_MELS = 80
 NUM_DMEL_BINS = 16
-PATCH_SIZE = 40
-AUDIO_POSITIONS_PER_MICRO_TURN = 4
+LOG_MEL_MIN = -7.0
+LOG_MEL_MAX = 2.0
+BIN_WIDTH = 0.6
+MEL_NORM_OFFSET = 2.5  # maps [-7, 2] onto [-1, 1]
+MEL_NORM_SCALE = 4.5
+
+PATCH_SIZE = 40  # video patches are PATCH_SIZE x PATCH_SIZE RGB pixels
+
+# Text: ids 0..NUM_RESERVED-1 are special in every tokenizer (PAD first, so that 0 means "no token";
+# ids past the named ones are held for future specials without renumbering the rest).
+SPECIAL_TOKENS = (
+  "<pad>",
+  "<mt>",
+  "<eot>",
+  "<user_text>",
+  "</user_text>",
+  "<bg_call>",
+  "</bg_call>",
+  "<bg_result>",
+  "</bg_result>",
+)
+NUM_RESERVED = 16
+
+
+def special_id(name: str) -> int:
+  """The id of special token `name` (one of SPECIAL_TOKENS), the same in every tokenizer."""
+  try:
+    return SPECIAL_TOKENS.index(name)
+  except ValueError:
+    raise KeyError(f"unknown special token {name!r}; known: {SPECIAL_TOKENS}") from None
 
 
 class Kind(enum.IntEnum):

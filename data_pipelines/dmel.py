@@ -1,5 +1,5 @@
 """Mel value conventions shared by the dMel input and the flow-matching output (MODEL_SPEC.md §2),
-and the dMel audio featurizer.
+and the dMel audio featurizer. The constants are `data_pipelines.contract`'s.
 
 Log-mel values are log10 mel energies. dMel discretizes them into 16 bins with centres
 -7 + 0.6·i; the flow head predicts them normalized to [-1, 1] as (clip(v, -7, 2) + 2.5) / 4.5.
@@ -21,16 +21,22 @@ import itertools
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from data_pipelines.contract import NUM_DMEL_BINS, NUM_MELS
+from data_pipelines.contract import (
+  BIN_WIDTH,
+  FRAMES_PER_MICRO_TURN,
+  LOG_MEL_MAX,
+  LOG_MEL_MIN,
+  MEL_NORM_OFFSET,
+  MEL_NORM_SCALE,
+  NUM_DMEL_BINS,
+  NUM_MELS,
+  SAMPLE_RATE,
+  SAMPLES_PER_MICRO_TURN,
+)
 
-LOG_MEL_MIN = -7.0
-LOG_MEL_MAX = 2.0
-BIN_WIDTH = 0.6
-
-SAMPLE_RATE = 16_000
 N_FFT = 1024
 WIN_LENGTH = 800
-HOP_LENGTH = 200  # 80 frames/s
+HOP_LENGTH = SAMPLES_PER_MICRO_TURN // FRAMES_PER_MICRO_TURN  # 200 samples: 80 frames/s
 FMIN = 80.0
 FMAX = 7600.0
 CAUSAL_CONTEXT = WIN_LENGTH - HOP_LENGTH  # 600 samples before a causal frame's hop
@@ -54,12 +60,12 @@ def bin_centres() -> np.ndarray:
 
 def normalize(log_mel: np.ndarray) -> np.ndarray:
   """Log10 mel → flow-head target in [-1, 1]."""
-  return (np.clip(log_mel, LOG_MEL_MIN, LOG_MEL_MAX) + 2.5) / 4.5
+  return (np.clip(log_mel, LOG_MEL_MIN, LOG_MEL_MAX) + MEL_NORM_OFFSET) / MEL_NORM_SCALE
 
 
 def denormalize(x: np.ndarray) -> np.ndarray:
   """Flow-head output in [-1, 1] → log10 mel."""
-  return np.asarray(x, np.float32) * 4.5 - 2.5
+  return np.asarray(x, np.float32) * MEL_NORM_SCALE - MEL_NORM_OFFSET
 
 
 _MEL_LINEAR_HZ = 200.0 / 3  # Slaney mel: linear (Hz per mel) below 1 kHz, logarithmic above

@@ -53,10 +53,9 @@ from collections.abc import Iterable
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from data_pipelines.contract import MICRO_TURN_SECONDS, SAMPLE_RATE, SAMPLES_PER_MICRO_TURN
+
 SCHEMA_VERSION = 1
-SAMPLE_RATE = 16_000
-MICRO_TURN_SECONDS = 0.2
-SAMPLES_PER_MICRO_TURN = 3200
 MAGIC = b"TMLXEPI1"
 MANIFEST = "manifest.json"
 WRITER_OPTIONS = "group_size:1,zstd:3"  # one record per ArrayRecord chunk: random access reads one record

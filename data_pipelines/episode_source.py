@@ -4,8 +4,9 @@ Row (step, r) is a pure function of (seed, mixture, step, r): a random generator
 those picks the row's dataset by weight, then fills the row with windows of consecutive
 micro-turns, each from an episode picked in proportion to its micro-turn count, starting at a
 uniformly picked micro-turn, until the next micro-turn does not fit (the rest is padding). Each
-window is one segment. Audio features are computed for the window only (causal dMel reads a
-short left context; see `data_pipelines.dmel`).
+window is one segment, its micro-turns built and laid out by `data_pipelines.microturn` (the
+writer the streaming session uses too). Audio features are computed for the window only (causal
+dMel reads a short left context; see `data_pipelines.dmel`).
 
 Bad episodes: with `on_error="raise"` the first DataError stops the pipeline, naming the file,
 record and field. With `on_error="skip"` the draw is counted under its reason (`stats`) and the
@@ -24,13 +25,12 @@ import threading
 
 import numpy as np
 
-from data_pipelines import dmel, video
+from data_pipelines import microturn
 from data_pipelines.align import AlignSpec, Layout, align
-from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, Kind, RowSpec
+from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, FRAMES_PER_MICRO_TURN, RowSpec
 from data_pipelines.episode import SKIP_REASONS, DataError, EpisodeHeader, EpisodeReader, Span
 from data_pipelines.tokenizer import Tokenizer
 
-FRAMES_PER_MICRO_TURN = 16  # dMel frames (12.5 ms) per 200 ms window
 _MAX_CONSECUTIVE_SKIPS = 1000
 STAT_KEYS = ("windows", *(f"skipped_{r}" for r in SKIP_REASONS))
 
@@ -123,8 +123,6 @@ class EpisodeSource:
     parts = [f"{p:.6f}:{r.fingerprint()}" for p, r in zip(self._dataset_p, self.readers)]
     self.fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     self._key = int(self.fingerprint[:8], 16)
-    tok = tokenizer.special
-    self._mt = tok("<mt>")
     self._init_cache()
 
   def _init_cache(self):
@@ -244,55 +242,15 @@ class EpisodeSource:
 
   def _write_window(self, out: dict, w: Window, segment: int, pos: int, num_patches: int) -> tuple[int, int]:
     _, layout = self.load(w.dataset, w.episode)
-    media = w.media
-    if media is None:
+    if w.media is None:
       raise ValueError("rows are written from windows planned with read_media=True")
-    a = AUDIO_POSITIONS_PER_MICRO_TURN
-    f = FRAMES_PER_MICRO_TURN // a
-    if layout.has_audio:
-      frames = FRAMES_PER_MICRO_TURN * w.length
-      frame0 = FRAMES_PER_MICRO_TURN * w.start - media.sample_offset // dmel.HOP_LENGTH
-      heard = dmel.dmel_bins(media.user_audio, causal=self.spec.causal, start_frame=frame0, num_frames=frames).reshape(
-        w.length, a, f, -1
-      )
-      spoken = dmel.log_mel(
-        media.model_audio, causal=self.spec.causal, start_frame=frame0 + FRAMES_PER_MICRO_TURN, num_frames=frames
-      )
-      mel = dmel.normalize(spoken).astype(np.float16).reshape(w.length, a, f, -1)
-      spoken_bins = dmel.quantize(dmel.denormalize(mel))
+    turns = microturn.window_micro_turns(layout, w.media, w.start, w.length, causal=self.spec.causal)
     first = pos
-    for i, t in enumerate(range(w.start, w.start + w.length)):
-      begin = pos
-      out["tokens"][pos] = self._mt
-      out["kind"][pos] = Kind.MT
-      pos += 1
-      text = layout.in_text[t]
-      out["tokens"][pos : pos + len(text)] = text
-      out["kind"][pos : pos + len(text)] = Kind.TEXT_IN
-      pos += len(text)
-      if layout.frame[t] >= 0:
-        patches, rowcol = video.patchify(media.frames[layout.frame[t] - media.frame_offset])
-        p = len(patches)
-        out["patches"][num_patches : num_patches + p] = patches
-        out["patch_rowcol"][num_patches : num_patches + p] = rowcol
-        out["patch_index"][pos : pos + p] = np.arange(num_patches, num_patches + p)
-        out["kind"][pos : pos + p] = Kind.PATCH
-        pos += p
-        num_patches += p
-      if layout.has_audio:
-        out["kind"][pos : pos + a] = Kind.AUDIO_IN
-        out["dmel"][pos : pos + a] = heard[i]
-        pos += a
-      text = layout.out_text[t]
-      out["tokens"][pos : pos + len(text)] = text
-      out["kind"][pos : pos + len(text)] = Kind.TEXT_OUT
-      pos += len(text)
-      if layout.has_audio:
-        out["kind"][pos : pos + a] = Kind.AUDIO_OUT
-        out["dmel"][pos : pos + a] = spoken_bins[i]
-        out["mel"][pos : pos + a] = mel[i]
-        pos += a
-      out["micro_turn"][begin:pos] = t
-    out["segment_ids"][first:pos] = segment
-    out["positions"][first:pos] = np.arange(pos - first)
+    pos, num_patches = microturn.write_window(out, turns, segment, pos, num_patches)
+    planned = int(layout.sizes[w.start : w.start + w.length].sum())
+    if pos - first != planned:  # rows are planned from `sizes` without media; a mismatch would overflow them
+      raise RuntimeError(
+        f"dataset {w.dataset} episode {w.episode} micro-turns [{w.start}, {w.start + w.length}) took "
+        f"{pos - first} positions; the alignment planned {planned}"
+      )
     return pos, num_patches

@@ -6,7 +6,8 @@ deterministic function of the user stream: in O_t the model writes the word it h
 most K_max bytes, then `<eot>`; word 0 is silence and gets only `<eot>`) and speaks a fixed
 per-word mel template. A falling loss therefore means the model learned to listen.
 
-Every row is a pure function of (seed, step, row); the word tables depend on the seed only.
+Every row is a pure function of (seed, step, row); the word tables depend on the seed only. The
+micro-turns are laid out by `data_pipelines.microturn`, like episode rows and live sessions.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import dataclasses
 
 import numpy as np
 
-from data_pipelines import dmel, video
+from data_pipelines import dmel, microturn
 from data_pipelines.contract import (
   AUDIO_POSITIONS_PER_MICRO_TURN,
   NUM_MELS,
-  Kind,
   RowSpec,
   min_positions_per_micro_turn,
   patches_per_frame,
+  special_id,
 )
 from data_pipelines.tokenizer import ByteTokenizer
 
@@ -94,7 +95,7 @@ class _Tables:
     log_mel = -6.0 + 6.5 * bump  # [n, 4, F, 80]
     log_mel[0] = -7.0
     self.model_mel = dmel.normalize(log_mel).astype(np.float16)
-    self.model_dmel = dmel.quantize(dmel.denormalize(self.model_mel))
+    self.model_dmel = microturn.said_bins(self.model_mel)
     self.colours = rng.integers(0, 256, size=(n, 3))
 
 
@@ -104,9 +105,7 @@ class SyntheticSource:
   def __init__(self, spec: SyntheticSpec):
     self.spec = spec
     self.tables = _Tables(spec)
-    tok = ByteTokenizer()
-    self._mt, self._eot = tok.special("<mt>"), tok.special("<eot>")
-    self._ut_open, self._ut_close = tok.special("<user_text>"), tok.special("</user_text>")
+    self._eot = special_id("<eot>")
     self._min_mt = min_positions_per_micro_turn(0)
 
   def row(self, step: int, index: int) -> dict[str, np.ndarray]:
@@ -120,70 +119,41 @@ class SyntheticSource:
       segment += 1
       first_mt = int(rng.integers(0, 1000))
       window = int(rng.integers(spec.min_window, spec.max_window + 1))
-      start = pos
+      turns, used, patches = [], 0, num_patches
       for t in range(window):
-        mt = self._micro_turn(rng, num_patches)
-        n = len(mt["kind"])
-        if pos + n > spec.row.seq_len:
+        mt = self._micro_turn(rng, first_mt + t, patches)
+        n = microturn.num_positions(mt)
+        if pos + used + n > spec.row.seq_len:
           break
-        sl = slice(pos, pos + n)
-        for name in ("tokens", "kind", "dmel", "mel"):
-          out[name][sl] = mt[name]
-        pidx = np.full(n, -1, np.int32)
-        is_patch = mt["kind"] == Kind.PATCH
-        pidx[is_patch] = num_patches + np.arange(is_patch.sum())
-        out["patch_index"][sl] = pidx
-        for p, (patch, rc) in enumerate(zip(mt["patches"], mt["rowcol"])):
-          out["patches"][num_patches + p] = patch
-          out["patch_rowcol"][num_patches + p] = rc
-        num_patches += len(mt["patches"])
-        out["segment_ids"][sl] = segment
-        out["positions"][sl] = np.arange(pos - start, pos - start + n)
-        out["micro_turn"][sl] = first_mt + t
-        pos += n
-      if pos == start:  # not even one micro-turn fit: the row is full
+        turns.append(mt)
+        used += n
+        patches += microturn.num_patches(mt)
+      if not turns:  # not even one micro-turn fit: the row is full
         break
+      pos, num_patches = microturn.write_window(out, turns, segment, pos, num_patches)
     return out
 
-  def _micro_turn(self, rng: np.random.Generator, patches_used: int) -> dict:
+  def _micro_turn(self, rng: np.random.Generator, index: int, patches_used: int) -> microturn.MicroTurn:
     spec, tab = self.spec, self.tables
     f = spec.row.frames_per_position
     word = int(rng.integers(0, spec.num_words))
-    tokens, kinds = [self._mt], [Kind.MT]
+    typed = []
     if rng.random() < spec.typed_text_prob:
-      typed = tab.words[int(rng.integers(1, spec.num_words))]
-      tokens += [self._ut_open, *typed, self._ut_close]
-      kinds += [Kind.TEXT_IN] * (len(typed) + 2)
-    patches, rowcol = [], []
+      typed.append(tab.words[int(rng.integers(1, spec.num_words))])
+    frame = None
     ppf = spec.patches_per_frame
     if ppf and rng.random() < spec.video_prob and patches_used + ppf <= spec.row.max_patches:
       frame = np.clip(
         tab.colours[word] + rng.normal(0, 20, size=(spec.frame_height, spec.frame_width, 3)), 0, 255
       ).astype(np.uint8)
-      patches, rowcol = video.patchify(frame)
-      tokens += [0] * ppf
-      kinds += [Kind.PATCH] * ppf
     a = AUDIO_POSITIONS_PER_MICRO_TURN
     user_log_mel = tab.user_log_mel[word] + rng.normal(0, 0.3, size=(a, f, NUM_MELS))
-    tokens += [0] * a
-    kinds += [Kind.AUDIO_IN] * a
-    said = tab.words[word]
-    tokens += [*said, self._eot]
-    kinds += [Kind.TEXT_OUT] * (len(said) + 1)
-    tokens += [0] * a
-    kinds += [Kind.AUDIO_OUT] * a
-    n = len(kinds)
-    dm = np.zeros((n, f, NUM_MELS), np.uint8)
-    mel = np.zeros((n, f, NUM_MELS), np.float16)
-    kinds = np.asarray(kinds, np.int8)
-    dm[kinds == Kind.AUDIO_IN] = dmel.quantize(user_log_mel)
-    dm[kinds == Kind.AUDIO_OUT] = tab.model_dmel[word]
-    mel[kinds == Kind.AUDIO_OUT] = tab.model_mel[word]
-    return {
-      "tokens": np.asarray(tokens, np.int32),
-      "kind": kinds,
-      "dmel": dm,
-      "mel": mel,
-      "patches": patches,
-      "rowcol": rowcol,
-    }
+    return microturn.MicroTurn(
+      index=index,
+      typed_text=typed,
+      frame=frame,
+      heard=dmel.quantize(user_log_mel).reshape(a * f, NUM_MELS),
+      said_text=[*tab.words[word], self._eot],
+      said_mel=tab.model_mel[word].reshape(a * f, NUM_MELS),
+      said_dmel=tab.model_dmel[word].reshape(a * f, NUM_MELS),
+    )

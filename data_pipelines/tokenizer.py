@@ -1,8 +1,9 @@
 """Text tokenizers behind one interface (MODEL_SPEC.md §2, Text).
 
-Every tokenizer reserves ids 0..15 for the special tokens (PAD first, so that 0 means "no token"; ids
-past the named specials are held for future ones), so `special(name)` is the same id whichever
-tokenizer a run uses. `make_tokenizer` builds one from the config field `data.tokenizer`:
+Every tokenizer reserves ids 0..15 for the special tokens (`data_pipelines.contract.SPECIAL_TOKENS`:
+PAD first, so that 0 means "no token"; ids past the named specials are held for future ones), so
+`special(name)` is `contract.special_id(name)` whichever tokenizer a run uses. `make_tokenizer`
+builds one from the config field `data.tokenizer`:
 
     "byte"                     ByteTokenizer: needs no training; ids 16..271 are the 256 byte values
     "sentencepiece:PATH"       SentencePieceTokenizer: a model trained by the command below
@@ -28,18 +29,8 @@ import pathlib
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-SPECIAL_TOKENS = (
-  "<pad>",
-  "<mt>",
-  "<eot>",
-  "<user_text>",
-  "</user_text>",
-  "<bg_call>",
-  "</bg_call>",
-  "<bg_result>",
-  "</bg_result>",
-)
-NUM_RESERVED = 16  # room for future specials without renumbering bytes
+from data_pipelines.contract import NUM_RESERVED, SPECIAL_TOKENS, special_id
+
 RESERVED_PIECES = SPECIAL_TOKENS + tuple(f"<reserved_{i}>" for i in range(len(SPECIAL_TOKENS), NUM_RESERVED))
 MAX_LINE_BYTES = 4096  # training sentences are wrapped to this many UTF-8 bytes
 _TRAIN_HINT = "`python -m data_pipelines.tokenizer train` (module docstring)"
@@ -54,13 +45,6 @@ class Tokenizer(Protocol):
   def decode(self, ids: list[int]) -> str: ...
 
   def special(self, name: str) -> int: ...
-
-
-def _special_id(name: str) -> int:
-  try:
-    return SPECIAL_TOKENS.index(name)
-  except ValueError:
-    raise KeyError(f"unknown special token {name!r}; known: {SPECIAL_TOKENS}") from None
 
 
 def _special_text(i: int) -> str:
@@ -86,7 +70,7 @@ class ByteTokenizer:
     return out.decode("utf-8", errors="replace")
 
   def special(self, name: str) -> int:
-    return _special_id(name)
+    return special_id(name)
 
 
 class SentencePieceTokenizer:
@@ -126,7 +110,7 @@ class SentencePieceTokenizer:
     return "".join(out)
 
   def special(self, name: str) -> int:
-    return _special_id(name)
+    return special_id(name)
 
 
 def _check_reserved(sp, path: str) -> None:

@@ -13,7 +13,8 @@ import av
 import numpy as np
 
 from data_pipelines.contract import PATCH_SIZE as PATCH
-from data_pipelines.episode import SAMPLE_RATE, DataError
+from data_pipelines.contract import SAMPLE_RATE
+from data_pipelines.episode import DataError
 
 _LAYOUTS = {1: "mono", 2: "stereo"}
 

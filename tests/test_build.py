@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 
 from data_pipelines import build, video
-from data_pipelines.episode import SAMPLE_RATE, DataError, EpisodeReader, Event, Word
+from data_pipelines.contract import SAMPLE_RATE
+from data_pipelines.episode import DataError, EpisodeReader, Event, Word
 from data_pipelines.transcripts import load_transcript
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

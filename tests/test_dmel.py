@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import dmel
-
-SR = 16_000
+from data_pipelines.contract import SAMPLE_RATE as SR
 
 
 def _speechlike(seconds: float, seed: int = 0) -> np.ndarray:

@@ -14,13 +14,12 @@ from array_record.python.array_record_module import ArrayRecordWriter
 import data_pipelines
 from data_pipelines import episode as ep_lib
 from data_pipelines.align import AlignSpec, align
+from data_pipelines.contract import SAMPLE_RATE as SR
+from data_pipelines.contract import SAMPLES_PER_MICRO_TURN as MT
 from data_pipelines.contract import Kind, check_batch
 from data_pipelines.episode import DataError, Episode, Event, Word
 from data_pipelines.tokenizer import ByteTokenizer
 from tests.helpers import ROOT, run_main, tiny_config
-
-SR = ep_lib.SAMPLE_RATE
-MT = ep_lib.SAMPLES_PER_MICRO_TURN
 
 
 def _tone(n: int, freq: float, level: float) -> np.ndarray:
@@ -74,9 +73,8 @@ def test_alignment_puts_every_word_in_its_micro_turn():
     "<bg_call>time?</bg_call><eot>",
     "<eot>",
   ]
-  inputs = [tok.decode(ids) for ids in layout.in_text]
-  assert inputs[1] == "<user_text>hi</user_text>" and inputs[9] == "<bg_result>14:05</bg_result>"
-  assert sum(map(bool, inputs)) == 2
+  assert layout.typed_text[1] == [tok.encode("hi")] and layout.bg_results[9] == [tok.encode("14:05")]
+  assert sum(map(bool, layout.typed_text + layout.bg_results)) == 2
   assert list(layout.frame) == list(range(11)) and layout.carried_over == 0
   assert len(layout) == 11  # 12 windows: O_t needs window t+1
 

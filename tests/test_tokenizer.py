@@ -10,10 +10,9 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from data_pipelines import episode
+from data_pipelines.contract import NUM_RESERVED, SPECIAL_TOKENS
 from data_pipelines.tokenizer import (
   MAX_LINE_BYTES,
-  NUM_RESERVED,
-  SPECIAL_TOKENS,
   ByteTokenizer,
   SentencePieceTokenizer,
   make_tokenizer,

@@ -13,7 +13,12 @@ from collections.abc import Mapping
 import ml_collections
 
 from data_pipelines import pipeline
-from data_pipelines.contract import PATCH_SIZE, min_positions_per_micro_turn
+from data_pipelines.contract import (
+  AUDIO_POSITIONS_PER_MICRO_TURN,
+  FRAMES_PER_MICRO_TURN,
+  PATCH_SIZE,
+  min_positions_per_micro_turn,
+)
 from experiments import base
 from tmlx import sharding
 from tmlx.nn.flow_head import T_SAMPLINGS
@@ -149,10 +154,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if d.source == "episodes":
     if not d.mixture.strip():
       raise ConfigError("config.data.mixture is empty: data.source='episodes' needs DIR:WEIGHT entries")
-    if m.frames_per_position * 4 != 16:
+    a, frames = AUDIO_POSITIONS_PER_MICRO_TURN, FRAMES_PER_MICRO_TURN
+    if m.frames_per_position * a != frames:
       raise ConfigError(
-        f"config.model.frames_per_position={m.frames_per_position}: episode data has 16 dMel frames per "
-        "micro-turn in 4 audio positions, so it must be 4"
+        f"config.model.frames_per_position={m.frames_per_position}: episode data has {frames} dMel frames per "
+        f"micro-turn in {a} audio positions, so it must be {frames // a}"
       )
   if not 0 <= d.max_skip_ratio <= 1:
     raise ConfigError(f"config.data.max_skip_ratio={d.max_skip_ratio}: must be a fraction in [0, 1]")

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tmlx.nn.embed import NUM_BINS, NUM_MELS, PATCH
+from data_pipelines.contract import NUM_DMEL_BINS, NUM_MELS, PATCH_SIZE
 from tmlx.nn.flow_head import TIME_FEATURES
 from tmlx.nn.model import DTYPES, ModelConfig
 from tmlx.nn.moe import capacity
@@ -105,9 +105,9 @@ def flop_breakdown(config: ml_collections.ConfigDict, count: Count = "model") ->
   shared_experts = layers * TRAIN * swiglu * moe.num_shared_experts
 
   # Stems. Text and kind embeddings are gathers: no FLOPs.
-  dmel_stem = TRAIN_DATA_INPUT * 2 * m.frames_per_position * NUM_MELS * NUM_BINS * d
+  dmel_stem = TRAIN_DATA_INPUT * 2 * m.frames_per_position * NUM_MELS * NUM_DMEL_BINS * d
   w = m.stem_width or min(d // 4, 1024)
-  cells1, cells2 = (PATCH // 4) ** 2, (PATCH // 8) ** 2  # 10x10 cells of 4x4 px, then 5x5 of 2x2
+  cells1, cells2 = (PATCH_SIZE // 4) ** 2, (PATCH_SIZE // 8) ** 2  # 10x10 cells of 4x4 px, then 5x5 of 2x2
   per_patch = (
     TRAIN_DATA_INPUT * 2 * cells1 * (4 * 4 * 3) * w + TRAIN * 2 * cells2 * (4 * w) * w + TRAIN * 2 * (cells2 * w) * d
   )

@@ -10,11 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from data_pipelines.contract import NUM_DMEL_BINS, NUM_MELS
 from tmlx.nn.common import Dense, Dtypes, RMSNorm, fan_in_init, param
-
-PATCH = 40
-NUM_MELS = 80
-NUM_BINS = 16
 
 
 class TextEmbed(nnx.Module):
@@ -40,7 +37,7 @@ class DmelBagEmbed(nnx.Module):
     self.table = param(
       rngs,
       lambda k, s, d: (scale * jax.random.normal(k, s)).astype(d),
-      (frames, NUM_MELS, NUM_BINS, d_model),
+      (frames, NUM_MELS, NUM_DMEL_BINS, d_model),
       ("stem", "stem", "stem", "embed"),
       dtypes.param,
     )
@@ -48,7 +45,7 @@ class DmelBagEmbed(nnx.Module):
 
   def __call__(self, dmel: jax.Array) -> jax.Array:
     dt = self.dtypes.compute
-    onehot = jax.nn.one_hot(dmel, NUM_BINS, dtype=dt)  # [B, S, F, M, Q]
+    onehot = jax.nn.one_hot(dmel, NUM_DMEL_BINS, dtype=dt)  # [B, S, F, M, Q]
     return self.norm(jnp.einsum("bsfmq,fmqd->bsd", onehot, self.table[...].astype(dt)))
 
 

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from data_pipelines.contract import NUM_KINDS, Kind
+from data_pipelines.contract import NUM_KINDS, NUM_MELS, Kind
 from tmlx import sharding
 from tmlx.nn.attention import Attention, KVCache, attention_mask, rope_angles
 from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, param, scan_modules, stack_modules
-from tmlx.nn.embed import NUM_MELS, DmelBagEmbed, HMLPStem, TextEmbed
+from tmlx.nn.embed import DmelBagEmbed, HMLPStem, TextEmbed
 from tmlx.nn.flow_head import FlowConfig, FlowHead
 from tmlx.nn.moe import MoE, MoEConfig, MoEStats
 

@@ -1,10 +1,11 @@
 """Streaming inference: a `Session` that listens and speaks every 200 ms (MODEL_SPEC.md §9)."""
 
 from tmlx.stream.background import BackgroundWorker, LanguageModelWorker, ScriptedWorker, ThreadedWorker
-from tmlx.stream.session import InputBlock, Sampling, Session, SessionFull, StepOutput
+from tmlx.stream.session import FedPositions, InputBlock, Sampling, Session, SessionFull, StepOutput
 
 __all__ = [
   "BackgroundWorker",
+  "FedPositions",
   "InputBlock",
   "LanguageModelWorker",
   "Sampling",

@@ -46,7 +46,7 @@ def read_user_audio(path: str) -> np.ndarray:
   import soundfile as sf
   import soxr
 
-  from data_pipelines.dmel import SAMPLE_RATE
+  from data_pipelines.contract import SAMPLE_RATE
 
   try:
     audio, rate = sf.read(path, dtype="float32", always_2d=True)
@@ -63,11 +63,12 @@ def griffin_lim(mel: np.ndarray, iters: int) -> np.ndarray:
   import librosa
 
   from data_pipelines import dmel
+  from data_pipelines.contract import SAMPLE_RATE
 
   amplitude = 10.0 ** dmel.denormalize(mel).T  # log10 mel magnitudes → [80, frames]
   return librosa.feature.inverse.mel_to_audio(
     amplitude,
-    sr=dmel.SAMPLE_RATE,
+    sr=SAMPLE_RATE,
     n_fft=dmel.N_FFT,
     hop_length=dmel.HOP_LENGTH,
     win_length=dmel.WIN_LENGTH,
@@ -85,7 +86,9 @@ def plot_timeline(path: str, heard: np.ndarray, said: np.ndarray, turns: list[di
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  seconds = len(turns) * 0.2
+  from data_pipelines.contract import MICRO_TURN_SECONDS as T
+
+  seconds = len(turns) * T
   fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, seconds * 1.5), 6), sharex=True)
   top.imshow(heard.T, origin="lower", aspect="auto", extent=(0, seconds, 0, 80), cmap="magma")
   top.set_title("heard: user dMel bins")
@@ -93,9 +96,9 @@ def plot_timeline(path: str, heard: np.ndarray, said: np.ndarray, turns: list[di
   bottom.set_title("said: model mel (played in the next window) and text")
   for turn in turns:
     if turn["said"]:
-      bottom.text(turn["t"] * 0.2 + 0.2, 70, turn["said"], fontsize=7, color="white", rotation=90, va="top")
+      bottom.text(turn["t"] * T + T, 70, turn["said"], fontsize=7, color="white", rotation=90, va="top")
     if turn["heard"]:
-      top.text(turn["t"] * 0.2, 70, turn["heard"], fontsize=7, color="cyan", rotation=90, va="top")
+      top.text(turn["t"] * T, 70, turn["heard"], fontsize=7, color="cyan", rotation=90, va="top")
   bottom.set_xlabel("seconds")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -108,9 +111,10 @@ def main(argv=None) -> int:
   import jax
   import soundfile as sf
 
-  from data_pipelines import dmel
+  from data_pipelines.contract import MICRO_TURN_SECONDS as T
+  from data_pipelines.contract import SAMPLE_RATE, SAMPLES_PER_MICRO_TURN
   from tmlx.inference import load_model
-  from tmlx.stream.session import SAMPLES_PER_MICRO_TURN, Session
+  from tmlx.stream.session import Session
 
   model, config, step = load_model(args.checkpoint, step=args.step, devices=jax.devices()[:1])
   for name in ("temperature", "top_p", "audio_temperature", "audio_steps"):
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
       config.stream[name] = getattr(args, name)
   audio = read_user_audio(args.input)
   if args.max_seconds is not None:
-    audio = audio[: int(args.max_seconds * dmel.SAMPLE_RATE)]
+    audio = audio[: int(args.max_seconds * SAMPLE_RATE)]
   turns_total = len(audio) // SAMPLES_PER_MICRO_TURN
   frames = None
   if args.video:
@@ -126,14 +130,14 @@ def main(argv=None) -> int:
     from data_pipelines.video import decode_mp4
 
     try:  # one frame per 200 ms window, at the model's frame size
-      frames, _, _ = decode_mp4(args.video, fps=5.0, width=config.data.frame_width, height=config.data.frame_height)
+      frames, _, _ = decode_mp4(args.video, fps=1 / T, width=config.data.frame_width, height=config.data.frame_height)
     except DataError as e:
       raise SystemExit(f"--video {args.video}: {e}") from None
   session = Session(model, config, seed=args.seed)
   # Compile outside the timed loop: one micro-turn of silence (with a frame if there is video).
   session.step(np.zeros(SAMPLES_PER_MICRO_TURN, np.float32), frame=None if frames is None else frames[0])
   session.reset(args.seed)
-  print(f"checkpoint step {step}: {turns_total} micro-turns ({turns_total * 0.2:.1f} s) of {args.input}", flush=True)
+  print(f"checkpoint step {step}: {turns_total} micro-turns ({turns_total * T:.1f} s) of {args.input}", flush=True)
 
   mels, heard_bins, turns, latencies = [], [], [], []
   ready = 0.0  # simulated clock: when the previous answer was ready (seconds from the start)
@@ -144,9 +148,9 @@ def main(argv=None) -> int:
     out = session.step(piece, frame=frame)
     latency = out.latency_s
     busy += latency
-    arrival = (t + 1) * 0.2  # the window's audio is complete at its end
+    arrival = (t + 1) * T  # the window's audio is complete at its end
     ready = max(arrival, ready) + latency
-    late = ready > arrival + 0.2
+    late = ready > arrival + T
     latencies.append(latency)
     mels.append(out.mel)
     heard_bins.append(out.heard_dmel)
@@ -165,14 +169,14 @@ def main(argv=None) -> int:
     raise SystemExit(f"--input {args.input}: shorter than one 200 ms micro-turn")
   mel = np.concatenate(mels)
   np.save(os.path.join(args.out, "mel.npy"), mel)
-  sf.write(os.path.join(args.out, "speech.wav"), griffin_lim(mel, args.griffin_lim_iters), dmel.SAMPLE_RATE)
+  sf.write(os.path.join(args.out, "speech.wav"), griffin_lim(mel, args.griffin_lim_iters), SAMPLE_RATE)
   lat = np.array(latencies) * 1000
   summary = {
     "checkpoint_step": step,
     "micro_turns": len(turns),
     "latency_ms": {q: round(float(np.percentile(lat, p)), 3) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))},
     "late_micro_turns": sum(turn["late"] for turn in turns),
-    "real_time_factor": round(busy / (len(turns) * 0.2), 4),
+    "real_time_factor": round(busy / (len(turns) * T), 4),
   }
   with open(os.path.join(args.out, "timeline.json"), "w") as f:
     json.dump({"summary": summary, "micro_turns": turns}, f, indent=1)

@@ -19,9 +19,13 @@ the first micro-turn:
 - attention reads only the written part of the cache, `config.stream.attention_block` slots at
   a time, so a micro-turn costs what the context holds, not what the cache could.
 
-Teacher forcing (`run_block(..., forced_text=..., forced_audio=...)`) feeds recorded outputs
+Input blocks are laid out by `data_pipelines.microturn`, the writer of training rows. Teacher
+forcing (`step` or `run_block` with `forced_text=...`, `forced_audio=...`) feeds recorded outputs
 instead of sampling; with `record=True` the step also returns the text logits and flow-head
-conditioning vectors it computed, which the parity test compares with one full forward pass.
+conditioning vectors it computed, which the parity test compares with one full forward pass. A
+session built with `record_inputs=True` keeps every position it fed the model (`Session.fed`,
+output positions as the device built them), which tests/test_microturn.py compares with a
+training row.
 """
 
 from __future__ import annotations
@@ -38,17 +42,26 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import dmel as dmel_lib
-from data_pipelines import video
-from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, PATCH_SIZE, Kind, patches_per_frame
-from data_pipelines.episode_source import FRAMES_PER_MICRO_TURN
+from data_pipelines import microturn
+from data_pipelines.contract import (
+  AUDIO_POSITIONS_PER_MICRO_TURN,
+  BIN_WIDTH,
+  FRAMES_PER_MICRO_TURN,
+  LOG_MEL_MAX,
+  LOG_MEL_MIN,
+  MEL_NORM_OFFSET,
+  MEL_NORM_SCALE,
+  NUM_DMEL_BINS,
+  NUM_MELS,
+  PATCH_SIZE,
+  SAMPLES_PER_MICRO_TURN,
+  Kind,
+  patches_per_frame,
+)
 from data_pipelines.tokenizer import Tokenizer, make_tokenizer
 from tmlx.nn.attention import KVCache
-from tmlx.nn.embed import NUM_MELS
 from tmlx.nn.flow_head import sample as flow_sample
 from tmlx.nn.model import InteractionModel
-
-SAMPLES_PER_MICRO_TURN = 3200  # 200 ms at 16 kHz
-_BIN_LO, _BIN_WIDTH, _NUM_BINS = float(dmel_lib.LOG_MEL_MIN), float(dmel_lib.BIN_WIDTH), dmel_lib.NUM_DMEL_BINS
 
 
 class SessionFull(RuntimeError):
@@ -102,8 +115,13 @@ class StepOutput:
 
 def quantize(log_mel: jax.Array) -> jax.Array:
   """`data_pipelines.dmel.quantize` on device: log10 mel → nearest of the 16 dMel bins."""
-  v = jnp.clip(log_mel, _BIN_LO, float(dmel_lib.LOG_MEL_MAX))
-  return jnp.clip(jnp.round((v - _BIN_LO) / _BIN_WIDTH), 0, _NUM_BINS - 1).astype(jnp.uint8)
+  v = jnp.clip(log_mel, LOG_MEL_MIN, LOG_MEL_MAX)
+  return jnp.clip(jnp.round((v - LOG_MEL_MIN) / BIN_WIDTH), 0, NUM_DMEL_BINS - 1).astype(jnp.uint8)
+
+
+def denormalize(x: jax.Array) -> jax.Array:
+  """`data_pipelines.dmel.denormalize` on device: flow-head output in [-1, 1] → log10 mel."""
+  return x * MEL_NORM_SCALE - MEL_NORM_OFFSET
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -133,9 +151,19 @@ def _one_position(kind: int, f: int, position: jax.Array, token=0, bins=None) ->
   }
 
 
+# The fields of a one-position chunk that `record_inputs` keeps (patches: outputs have none).
+_FED_FIELDS = ("kind", "tokens", "dmel", "patch_index", "positions")
+
+
+def _note(fed: dict[str, jax.Array], i: jax.Array, chunk: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """`fed` with slot i set to the one-position `chunk` ({} when not recording)."""
+  return {k: v.at[i].set(chunk[k][0, 0]) for k, v in fed.items()}
+
+
 @flax.struct.dataclass
 class _Said:
-  """What one `turn` program call produced (device arrays; `record` fills the last two)."""
+  """What one `turn` program call produced (device arrays; `record` fills logits and cond,
+  `record_inputs` fills fed)."""
 
   tokens: jax.Array  # [K + 1] int32 text tokens, <eot> included; the first `count` are real
   count: jax.Array  # int32
@@ -143,6 +171,35 @@ class _Said:
   key: jax.Array  # the session's next random key
   logits: jax.Array | None  # [K + 1, V] fp32 before each text token
   cond: jax.Array | None  # [4, W] the flow head's Linear(h) before each AUDIO_OUT
+  fed: dict[str, jax.Array]  # _FED_FIELDS [K + 1 + 4, ...] of each output position fed; first count + n_audio real
+
+
+@dataclasses.dataclass
+class FedPositions:
+  """The positions one micro-turn fed the model, as the programs received them (`record_inputs`)."""
+
+  micro_turn: int
+  kind: np.ndarray  # [n] int8
+  tokens: np.ndarray  # [n] int32
+  dmel: np.ndarray  # [n, F, 80] uint8
+  positions: np.ndarray  # [n] int32 in the session (the RoPE position)
+  patches: np.ndarray  # [p, 40, 40, 3] uint8: the pixels at each PATCH position, in order
+  patch_rowcol: np.ndarray  # [p, 2] int16
+
+  def __len__(self) -> int:
+    return len(self.kind)
+
+
+def _fed_positions(micro_turn: int, chunks: list[tuple[dict[str, np.ndarray], int]]) -> FedPositions:
+  """The first n positions of each (chunk, n), as the model reads them: a PATCH position's pixels
+  are the ones `InteractionModel` gathers through its patch_index."""
+  parts = []
+  for chunk, n in chunks:
+    part = {k: np.asarray(chunk[k][0, :n]) for k in ("kind", "tokens", "dmel", "positions")}
+    at = np.maximum(chunk["patch_index"][0, :n], 0)[part["kind"] == Kind.PATCH]
+    part["patches"], part["patch_rowcol"] = chunk["patches"][0][at], chunk["patch_rowcol"][0][at]
+    parts.append(part)
+  return FedPositions(micro_turn, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
 class _Programs:
@@ -160,14 +217,19 @@ class _Programs:
       _, cache = nnx.merge(graphdef, state).extend(chunk, cache, start, block=block, window=window)
       return cache
 
-    def turn(state, chunk, cache, start, last, key, forced_text, k_max, forced_audio, n_audio, record):
+    def turn(state, chunk, cache, start, last, key, forced_text, k_max, forced_audio, n_audio, record, record_inputs):
       model = nnx.merge(graphdef, state)
       h, cache = model.extend(chunk, cache, start, block=block, window=window)
       h, position = h[0, last], start + last + 1
       v, w = model.cfg.vocab_size, model.flow_head.cond.kernel.shape[-1]
+      fed = {}
+      if record_inputs:
+        example = _one_position(Kind.PAD, f, position)
+        slots = text_slots + AUDIO_POSITIONS_PER_MICRO_TURN
+        fed = {k: jnp.zeros((slots, *example[k].shape[2:]), example[k].dtype) for k in _FED_FIELDS}
 
       def say_text(carry):
-        i, _, h, cache, position, key, tokens, logits_seen = carry
+        i, _, h, cache, position, key, tokens, logits_seen, fed = carry
         key, sub = jax.random.split(key)
         logits = model.text_logits(h)
         # Only ids the tokenizer has (the model's vocabulary may be padded beyond them).
@@ -175,12 +237,12 @@ class _Programs:
         token = sample_token(allowed, sub, sampling.temperature, sampling.top_p)
         token = jnp.where(i == k_max, eot, token)  # K_max tokens said: <eot> next
         token = jnp.where(forced_text[i] >= 0, forced_text[i], token)
-        out, cache = model.extend(
-          _one_position(Kind.TEXT_OUT, f, position, token=token), cache, position, block=block, window=window
-        )
+        chunk = _one_position(Kind.TEXT_OUT, f, position, token=token)
+        out, cache = model.extend(chunk, cache, position, block=block, window=window)
         if record:
           logits_seen = logits_seen.at[i].set(logits)
-        return i + 1, token == eot, out[0, 0], cache, position + 1, key, tokens.at[i].set(token), logits_seen
+        fed = _note(fed, i, chunk)
+        return i + 1, token == eot, out[0, 0], cache, position + 1, key, tokens.at[i].set(token), logits_seen, fed
 
       text = (
         jnp.int32(0),
@@ -191,22 +253,23 @@ class _Programs:
         key,
         jnp.zeros(text_slots, jnp.int32),
         jnp.zeros((text_slots, v) if record else (), jnp.float32),
+        fed,
       )
-      count, _, h, cache, position, key, tokens, logits_seen = jax.lax.while_loop(
+      count, _, h, cache, position, key, tokens, logits_seen, fed = jax.lax.while_loop(
         lambda c: ~c[1] & (c[0] < text_slots), say_text, text
       )
 
       def say_audio(j, carry):
-        h, cache, key, mel, conds = carry
+        h, cache, key, mel, conds, fed = carry
         key, sub = jax.random.split(key)
         x = flow_sample(model.flow_head, h, sub, steps=sampling.audio_steps, temperature=sampling.audio_temperature)
-        bins = quantize(x * 4.5 - 2.5).reshape(f, NUM_MELS)  # dmel.denormalize, then quantize
+        bins = quantize(denormalize(x)).reshape(f, NUM_MELS)
         bins = jnp.where(forced_audio[j, 0, 0] < 255, forced_audio[j], bins)  # 255 marks "not forced"
         if record:
           conds = conds.at[j].set(model.flow_head.cond(h).astype(jnp.float32))
         chunk = _one_position(Kind.AUDIO_OUT, f, position + j, bins=bins)
         out, cache = model.extend(chunk, cache, position + j, block=block, window=window)
-        return out[0, 0], cache, key, mel.at[j].set(x), conds
+        return out[0, 0], cache, key, mel.at[j].set(x), conds, _note(fed, count + j, chunk)
 
       audio = (
         h,
@@ -214,13 +277,14 @@ class _Programs:
         key,
         jnp.zeros((AUDIO_POSITIONS_PER_MICRO_TURN, f * NUM_MELS), jnp.float32),
         jnp.zeros((AUDIO_POSITIONS_PER_MICRO_TURN, w) if record else (), jnp.float32),
+        fed,
       )
-      _, cache, key, mel, conds = jax.lax.fori_loop(0, n_audio, say_audio, audio)
-      said = _Said(tokens, count, mel, key, logits_seen if record else None, conds if record else None)
+      _, cache, key, mel, conds, fed = jax.lax.fori_loop(0, n_audio, say_audio, audio)
+      said = _Said(tokens, count, mel, key, logits_seen if record else None, conds if record else None, fed)
       return said, cache
 
     self.prefill = jax.jit(prefill, donate_argnums=(2,))
-    self.turn = jax.jit(turn, donate_argnums=(2,), static_argnames=("record",))
+    self.turn = jax.jit(turn, donate_argnums=(2,), static_argnames=("record", "record_inputs"))
 
 
 class Session:
@@ -235,8 +299,10 @@ class Session:
     worker=None,
     sampling: Sampling | None = None,
     seed: int = 0,
+    record_inputs: bool = False,
   ):
     self.model = model
+    self.record_inputs = record_inputs  # keep every position fed, per micro-turn, in `self.fed`
     self.config = config
     self.sampling = sampling or Sampling.from_config(config.stream)
     self.max_positions = int(config.stream.max_positions)
@@ -264,6 +330,8 @@ class Session:
     self._programs = _Programs(graphdef, self.sampling, f, num_tokens, self._eot, text_slots, block, self.window)
     self._no_text = np.full(text_slots, -1, np.int32)
     self._no_audio = np.full((AUDIO_POSITIONS_PER_MICRO_TURN, f, NUM_MELS), 255, np.uint8)
+    self._no_patch = np.zeros((1, 1, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
+    self._no_patch_rowcol = np.zeros((1, 1, 2), np.int16)
     self.reset(seed)
 
   def reset(self, seed: int = 0) -> None:
@@ -279,6 +347,7 @@ class Session:
     self._key = jax.device_put(jax.random.key(seed), placed)
     self._featurizer = dmel_lib.StreamingFeaturizer()
     self.transcript: list[tuple[int, str, str]] = []  # (micro-turn, heard text, said text)
+    self.fed: list[FedPositions] = []  # with record_inputs
     self._open_call: list[int] | None = None  # tokens of a <bg_call> span not closed yet
 
   # -- inputs ----------------------------------------------------------------------------------
@@ -287,44 +356,29 @@ class Session:
     self,
     dmel: np.ndarray | None,
     frame: np.ndarray | None = None,
-    typed_text: str | None = None,
+    typed_text: str | Sequence[str] | None = None,
     bg_results: Sequence[str] = (),
   ) -> InputBlock:
-    """The I block: <mt>, background results and typed text as TEXT_IN spans, the frame's
-    patches, and the 4 AUDIO_IN positions of `dmel` bins [16, 80] (None: a text-only turn)."""
-    special = self.tokenizer.special
-    text: list[int] = []
-    for result in bg_results:
-      text += [special("<bg_result>"), *self.tokenizer.encode(result), special("</bg_result>")]
-    if typed_text:
-      text += [special("<user_text>"), *self.tokenizer.encode(typed_text), special("</user_text>")]
-    if text and max(text) >= self.model.cfg.vocab_size:
-      raise ValueError(f"input text has token id {max(text)} >= model.vocab_size={self.model.cfg.vocab_size}")
-    kinds = [Kind.MT] + [Kind.TEXT_IN] * len(text)
-    tokens = [special("<mt>"), *text]
-    patches = np.zeros((0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
-    rowcol = np.zeros((0, 2), np.int16)
+    """The I block: <mt>, background results and typed texts (one span each; a str is one text)
+    as TEXT_IN spans, the frame's patches, and the 4 AUDIO_IN positions of `dmel` bins [16, 80]
+    (None: a text-only turn), laid out by `data_pipelines.microturn` as training rows are."""
+    results = [self.tokenizer.encode(r) for r in bg_results]
+    texts = [typed_text] if isinstance(typed_text, str) else list(typed_text or ())
+    typed = [self.tokenizer.encode(t) for t in texts if t]
+    for ids in (*results, *typed):
+      if ids and max(ids) >= self.model.cfg.vocab_size:
+        raise ValueError(f"input text has token id {max(ids)} >= model.vocab_size={self.model.cfg.vocab_size}")
     if frame is not None:
       if tuple(frame.shape[:2]) != self.frame_shape:
         raise ValueError(
           f"frame is {frame.shape[0]}x{frame.shape[1]} pixels; the model was trained on "
           f"config.data.frame_height x frame_width = {self.frame_shape[0]}x{self.frame_shape[1]}"
         )
-      patches, rowcol = video.patchify(np.asarray(frame, np.uint8))
-      kinds += [Kind.PATCH] * len(patches)
-      tokens += [0] * len(patches)
-    a = AUDIO_POSITIONS_PER_MICRO_TURN
-    n_audio = 0 if dmel is None else a
-    kinds += [Kind.AUDIO_IN] * n_audio
-    tokens += [0] * n_audio
-    n = len(kinds)
-    bins = np.zeros((n, self._frames, NUM_MELS), np.uint8)
-    if dmel is not None:
-      bins[n - a :] = np.asarray(dmel, np.uint8).reshape(a, self._frames, NUM_MELS)
-    index = np.full(n, -1, np.int32)
-    first_patch = 1 + len(text)
-    index[first_patch : first_patch + len(patches)] = np.arange(len(patches))
-    return InputBlock(np.array(kinds, np.int8), np.array(tokens, np.int32), bins, index, patches, rowcol)
+      frame = np.asarray(frame, np.uint8)
+    heard = None if dmel is None else np.asarray(dmel, np.uint8)
+    mt = microturn.MicroTurn(self.micro_turn, bg_results=results, typed_text=typed, frame=frame, heard=heard)
+    p = microturn.positions(mt, self._frames)
+    return InputBlock(p.kind, p.tokens, p.dmel, p.patch_index, p.patches, p.patch_rowcol)
 
   # -- one micro-turn --------------------------------------------------------------------------
 
@@ -332,21 +386,24 @@ class Session:
     self,
     audio: np.ndarray,
     frame: np.ndarray | None = None,
-    typed_text: str | None = None,
+    typed_text: str | Sequence[str] | None = None,
     bg_results: Sequence[str] = (),
     *,
     forced_text: Sequence[int] | None = None,
+    forced_audio: np.ndarray | None = None,
   ) -> StepOutput:
     """Hears 200 ms of user audio (3200 samples at 16 kHz), and the frame, typed text and
     background results of this window; returns what the model says next (`forced_text`: say
-    these tokens instead, `<eot>` last, e.g. to replay a script)."""
+    these tokens instead, `<eot>` last, e.g. to replay a script; `forced_audio`: feed these dMel
+    bins [4, F, 80] or [16, 80] back as the AUDIO_OUT inputs instead of the sampled speech's)."""
     audio = np.asarray(audio)
     if audio.shape != (SAMPLES_PER_MICRO_TURN,):
       raise ValueError(f"audio: expected {SAMPLES_PER_MICRO_TURN} samples (200 ms at 16 kHz), got {audio.shape}")
     t0 = time.perf_counter()
     bins = dmel_lib.quantize(self._featurizer.push(audio))
     results = list(bg_results) + (list(self.worker.poll()) if self.worker is not None else [])
-    out = self.run_block(self.input_block(bins, frame, typed_text, results), forced_text=forced_text, started=t0)
+    block = self.input_block(bins, frame, typed_text, results)
+    out = self.run_block(block, forced_text=forced_text, forced_audio=forced_audio, started=t0)
     if self.worker is not None:
       for call in out.bg_calls:
         self.worker.submit(call, self.conversation())
@@ -364,8 +421,8 @@ class Session:
   ) -> StepOutput:
     """Prefills `block`, then decodes the text and the 4 AUDIO_OUT positions of this micro-turn.
 
-    `forced_text` (the tokens, `<eot>` last) and `forced_audio` (dMel bins [4, F, 80]) replace
-    sampling by the recorded outputs (teacher forcing)."""
+    `forced_text` (the tokens, `<eot>` last) and `forced_audio` (dMel bins [4, F, 80] or [4F, 80])
+    replace sampling by the recorded outputs (teacher forcing)."""
     t0 = time.perf_counter() if started is None else started
     # A block with audio in gets audio out; a text-only block (as in text-only training data) not.
     a = AUDIO_POSITIONS_PER_MICRO_TURN if (block.kind == Kind.AUDIO_IN).any() else 0
@@ -379,29 +436,39 @@ class Session:
       )
     programs, state = self._programs, self._state
     chunks = [(lo, min(len(block), lo + self.input_chunk)) for lo in range(0, len(block), self.input_chunk)]
+    sent = []  # (chunk, its real positions) as the programs received them, for record_inputs
     for lo, hi in chunks[:-1]:
-      self.cache = programs.prefill(state, self._chunk(block, lo, hi), self.cache, np.int32(self.position))
+      chunk = self._chunk(block, lo, hi)
+      self.cache = programs.prefill(state, chunk, self.cache, np.int32(self.position))
+      sent.append((chunk, hi - lo))
       self.position += hi - lo
     lo, hi = chunks[-1]
+    chunk = self._chunk(block, lo, hi)
+    sent.append((chunk, hi - lo))
     forced = self._no_text
     if forced_text is not None:
       forced = self._no_text.copy()
       forced[: len(forced_text)] = np.asarray(forced_text, np.int32)[: len(forced)]
     said, self.cache = programs.turn(
       state,
-      self._chunk(block, lo, hi),
+      chunk,
       self.cache,
       np.int32(self.position),
       np.int32(hi - lo - 1),
       self._key,
       forced,
       np.int32(k_max),
-      self._no_audio if forced_audio is None else np.asarray(forced_audio, np.uint8),
+      self._no_audio if forced_audio is None else np.asarray(forced_audio, np.uint8).reshape(self._no_audio.shape),
       np.int32(a),
       record=record,
+      record_inputs=self.record_inputs,
     )
     self._key = said.key
     tokens, count, mel = jax.device_get((said.tokens, said.count, said.mel))
+    if self.record_inputs:
+      said_fed = {k: v[None] for k, v in jax.device_get(said.fed).items()}
+      sent.append((dict(said_fed, patches=self._no_patch, patch_rowcol=self._no_patch_rowcol), int(count) + a))
+      self.fed.append(_fed_positions(self.micro_turn, sent))
     self.position += hi - lo + int(count) + a
     ids = [int(t) for t in tokens[: int(count)]]
     if ids and ids[-1] == self._eot:
