@@ -26,6 +26,19 @@ SOURCES = ("synthetic", "episodes")
 ON_ERROR = ("raise", "skip")
 
 
+def resolve_dirs(spec: str) -> list[pathlib.Path]:
+  """Comma-separated dataset directories, each relative one looked up in the working directory, then
+  in the project root (as `data.mixture` entries are)."""
+  out = []
+  for part in (p.strip() for p in spec.split(",")):
+    if part:
+      path = pathlib.Path(part)
+      if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        path = PROJECT_ROOT / path
+      out.append(path)
+  return out
+
+
 def row_spec(config: ml_collections.ConfigDict) -> RowSpec:
   return RowSpec(
     seq_len=config.data.seq_len,

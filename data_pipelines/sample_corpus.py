@@ -1,26 +1,33 @@
 """Generates a small, real sample corpus: spoken two-speaker conversations, videos and text documents.
 
     python -m data_pipelines.sample_corpus --out=DIR [--seed=0] [--conversations=12] [--videos=3]
-        [--texts=10] [--seconds=10] [--frame_size=80] [--raw=RAW_DIR]
+        [--texts=10] [--heldout=4] [--seconds=10] [--frame_size=80] [--raw=RAW_DIR]
 
 Conversations follow a small seeded script of question-answer exchanges (greetings, colours,
-arithmetic, city facts, the time and the weather, goodbyes) with pauses, occasional overlaps,
-backchannels ("mm-hmm", "yeah") and barge-ins. Asking for the time or the weather makes the model
-send a background call (`bg_calls`, e.g. "weather in Paris?") whose result (`bg_results`, e.g.
-"sunny 21C") arrives 0.4-1.0 s later, after which the model says the answer; some questions are
-typed (`typed_text`) rather than spoken. Speech is synthesized word by word with espeak-ng (one
-call per distinct word and voice, cached) and placed on the timeline, so every word's start and
-end time is exact. The user's voice varies by conversation; the model's voice is fixed.
+arithmetic, city facts, the time and the weather, goodbyes) with turn gaps, occasional overlaps,
+mid-turn pauses (the user hesitates for 0.5-1 s), backchannels ("mm-hmm", "yeah") and barge-ins.
+Asking for the time or the weather makes the model send a background call (`bg_calls`, e.g.
+"weather in Paris?"), say "Let me check." or "One moment.", and say the answer once the result
+(`bg_results`, e.g. "sunny 21C") has arrived 0.4-1.0 s after the call; some questions are typed
+(`typed_text`) rather than spoken. Every reply is a function of what the user said, and the model
+reacts (answers, calls, backchannels, stops when cut off) no sooner than 200 ms after what it
+reacts to: the task is well posed for a causal model that hears in 200 ms micro-turns, and a reply
+can be scored against the recorded one (`python -m tmlx.eval duplex`). Speech is synthesized word
+by word with espeak-ng (one call per distinct word and voice, cached) and placed on the timeline,
+so every word's start and end time is exact. The user's voice varies by conversation; the model's
+voice is fixed.
 
 The raw inputs are written to RAW_DIR (a temporary directory by default) in the formats that
 `data_pipelines.build` reads: stereo FLAC or paired WAV files (some at 22,050 Hz) with JSON, TextGrid
 or CTM transcripts; MP4 videos (a disc in the colour being talked about, and one level bar per
 speaker) with a stereo audio track; .txt notes and a .jsonl file of chats. The builders then
-write three datasets: DIR/conversations, DIR/video and DIR/text, and their summaries are printed.
+write DIR/conversations, DIR/video and DIR/text, and the held-out DIR/heldout/conversations (and
+one held-out video in DIR/heldout/video), drawn from random streams of their own; their summaries
+are printed.
 
-For more data, raise --conversations, --videos, --texts or --seconds (per conversation), and vary
---seed. Output is deterministic given the flags. The defaults keep the three datasets under 3 MB
-(the committed sample in data/sample). espeak-ng (Debian package `espeak-ng`) is needed only to
+For more data, raise --conversations, --videos, --texts, --heldout or --seconds (per
+conversation), and vary --seed. Output is deterministic given the flags. The defaults keep the
+datasets under 4.5 MB (the committed sample in data/sample). espeak-ng (Debian package `espeak-ng`) is needed only to
 generate; reading the corpus needs nothing beyond the project's dependencies.
 """
 
@@ -47,6 +54,15 @@ from data_pipelines import build, video
 from data_pipelines.episode import MICRO_TURN_SECONDS, SAMPLE_RATE
 
 MODEL_VOICE = ("en-gb+f3", 180)
+# The model reacts to what it hears no sooner than this after it (a background call, an answer after a
+# result, a backchannel, stopping when the user cuts in), so that every reaction lands in a micro-turn
+# after the one that heard its cause: the training data never asks the model to act on what it has not
+# heard yet.
+REACTION_S = 0.2
+# Mid-turn pauses: a user utterance of 3 or more words pauses this long after one of its first words
+# with this probability; the model must wait them out.
+HESITATION_PROB = 0.3
+HESITATION_S = (0.5, 1.0)
 USER_VOICES = (("en-us", 185), ("en-us+m3", 175), ("en-gb-scotland", 185), ("en-029", 180))
 BACKCHANNELS = ("mm-hmm", "yeah", "okay", "right")
 COLOURS = {
@@ -76,6 +92,13 @@ CITIES = {
   "Rome": "Rome is the capital of Italy. It is very old, and people come to see the ruins and the fountains.",
   "Oslo": "Oslo is the capital of Norway. It sits at the end of a long fjord, with forests and hills all around it.",
   "Cairo": "Cairo is the capital of Egypt. It lies on the river Nile, and the great pyramids are close to the city.",
+}
+# Every reply is a function of what the user said, so that a reply can be scored against the recorded one.
+WARM_COLOURS = ("red", "yellow", "orange", "pink")
+STORY_REPLIES = {
+  "the park": "That sounds like a lovely day.",
+  "the beach": "Oh, how nice!",
+  "the market": "That must have been fun.",
 }
 CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "foggy")
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen".split()
@@ -134,8 +157,11 @@ def _greeting(rng) -> list:
 
 
 def _closing(rng) -> list:
-  user = _pick(rng, ["Thanks, bye.", "Okay, thank you.", "Great, goodbye."])
-  return [Say("user", user), Say("model", _pick(rng, ["Goodbye!", "You are welcome.", "Have a nice day."]))]
+  user, reply = _pick(
+    rng,
+    [("Thanks, bye.", "Goodbye!"), ("Okay, thank you.", "You are welcome."), ("Great, goodbye.", "Have a nice day.")],
+  )
+  return [Say("user", user), Say("model", reply)]
 
 
 def _colour(rng, typed: bool) -> list:
@@ -146,7 +172,7 @@ def _colour(rng, typed: bool) -> list:
   colour = _pick(rng, list(COLOURS))
   if form == 1:
     return [Say("user", f"My favourite colour is {colour}."), Say("model", f"{_cap(colour)} is a lovely colour.")]
-  answer = _pick(rng, [f"Yes, {colour} is nice.", f"I like {colour} a lot."])
+  answer = f"Yes, {colour} is nice." if colour in WARM_COLOURS else f"I like {colour} a lot."
   return [Say("user", f"Do you like {colour}?"), Say("model", answer)]
 
 
@@ -174,9 +200,7 @@ def _time(rng, typed: bool) -> list:
     Type("what time is it?") if typed else Say("user", _pick(rng, ["What time is it?", "Do you know the time?"]))
   )
   spoken = "o'clock" if minute == 0 else f"oh {number_words(minute)}" if minute < 10 else number_words(minute)
-  steps = [question, Call("time?", f"{hour:02d}:{minute:02d}")]
-  if rng.random() < 0.5:
-    steps.append(Say("model", "Let me check."))
+  steps = [question, Call("time?", f"{hour:02d}:{minute:02d}"), Say("model", "Let me check.")]
   return steps + [Say("model", f"It is {number_words(hour)} {spoken}.", after_result=True)]
 
 
@@ -188,17 +212,14 @@ def _weather(rng, typed: bool) -> list:
     if typed
     else Say("user", _pick(rng, [f"What is the weather in {city}?", f"How is the weather in {city} today?"]))
   )
-  steps = [question, Call(f"weather in {city}?", f"{condition} {temp}C")]
-  if rng.random() < 0.5:
-    steps.append(Say("model", "One moment."))
+  steps = [question, Call(f"weather in {city}?", f"{condition} {temp}C"), Say("model", "One moment.")]
   answer = f"It is {condition} and {number_words(temp)} degrees in {city}."
   return steps + [Say("model", answer, after_result=True)]
 
 
 def _story(rng, typed: bool) -> list:
   thing = _pick(rng, ["a big brown dog", "two white swans", "a tiny red car", "an old man with a kite"])
-  place = _pick(rng, ["the park", "the beach", "the market"])
-  reply = _pick(rng, ["That sounds like a lovely day.", "Oh, how nice!", "That must have been fun."])
+  place, reply = _pick(rng, list(STORY_REPLIES.items()))
   return [Say("user", f"I went to {place} today, and I saw {thing}."), Say("model", reply)]
 
 
@@ -290,11 +311,11 @@ class Timeline:
         self.events["typed_text"].append((t, step.text))
         self.floor, self.last_speaker, self.interruptible = t, "user", False
       else:
-        t = self.floor + float(self.rng.uniform(0.05, 0.2))
+        t = self.floor + REACTION_S + float(self.rng.uniform(0.0, 0.15))
         result = t + float(self.rng.uniform(0.4, 1.0))
         self.events["bg_calls"].append((t, step.query))
         self.events["bg_results"].append((result, step.result))
-        self.not_before = result + float(self.rng.uniform(0.15, 0.35))
+        self.not_before = result + REACTION_S + float(self.rng.uniform(0.0, 0.2))
 
   def estimate(self, steps: list) -> float:
     """About how many seconds `steps` take: the words' clips plus typical pauses and call latencies."""
@@ -307,13 +328,16 @@ class Timeline:
         total += 0.55 if isinstance(step, Type) else 0.9
     return total
 
-  def _place(self, speaker: str, text: str, start: float) -> list:
+  def _place(self, speaker: str, text: str, start: float, hesitation: tuple[int, float] | None = None) -> list:
+    """Places the words of `text` from `start`; `hesitation` (k, seconds) pauses that long after word k."""
     placed, t = [], start
-    for token in text.split():
+    for i, token in enumerate(text.split()):
       clip = self.voices.word(self.voice[speaker], token)
       start_sample = round(t * SAMPLE_RATE)
       placed.append([start_sample, clip, token])
       pause = 0.14 if token[-1] in ",." else 0.04
+      if hesitation is not None and i == hesitation[0]:
+        pause = hesitation[1]
       t = (start_sample + len(clip)) / SAMPLE_RATE + pause + float(self.rng.uniform(0, 0.04))
     self.words[speaker].extend(placed)
     self.last_end[speaker] = _end(placed[-1])
@@ -331,22 +355,27 @@ class Timeline:
     if step.after_result:
       start = max(start, self.not_before)
     start = max(start, self.last_end[speaker] + 0.08, 0.05)
-    placed = self._place(speaker, step.text, start)
+    n = len(step.text.split())
+    hesitation = None
+    if speaker == "user" and n >= 3 and rng.random() < HESITATION_PROB:  # a mid-turn pause: the model waits
+      hesitation = (int(rng.integers(0, n - 2)), float(rng.uniform(*HESITATION_S)))
+    placed = self._place(speaker, step.text, start, hesitation)
     self.utterances[speaker].append(placed)
     self.floor = max(self.floor, self.last_end[speaker])
     self.last_speaker, self.interruptible = speaker, step.interruptible
     breaks = [w for w in placed[1:-2] if w[2][-1] in ",.!?"]  # clause ends with two or more words after them
     if len(placed) >= 6 and breaks and rng.random() < 0.5:
-      at = _end(_pick(rng, breaks)) + float(rng.uniform(0.0, 0.15))
+      at = _end(_pick(rng, breaks)) + float(rng.uniform(0.0, 0.15)) + (REACTION_S if other == "model" else 0.0)
       if at > self.last_end[other] + 0.1:
         self._place(other, _pick(rng, BACKCHANNELS), at)
 
   def _barge_in(self, other: str) -> float:
-    """The user cuts in during the other speaker's last utterance, which stops after the current word."""
+    """The user cuts in during the other speaker's last utterance, which stops after the words it began
+    before it could have heard the user (REACTION_S after the cut)."""
     utterance = self.utterances[other][-1]
     k = int(self.rng.integers(3, len(utterance) - 1))
     at = max(utterance[k][0] / SAMPLE_RATE + float(self.rng.uniform(0.05, 0.15)), self.last_end["user"] + 0.1)
-    keep = [w for w in utterance if w[0] / SAMPLE_RATE < at]
+    keep = [w for w in utterance if w[0] / SAMPLE_RATE < at + REACTION_S]
     dropped = {id(w) for w in utterance[len(keep) :]}
     self.words[other] = [w for w in self.words[other] if id(w) not in dropped]
     utterance[:] = keep
@@ -496,6 +525,31 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
   return np.random.default_rng([seed, *key])
 
 
+def _conversations(raw: pathlib.Path, voices: Voices, seed: int, stream: int, count: int, seconds: float) -> None:
+  """Writes `count` conversations drawn from random stream `stream`, in every raw format the builder reads."""
+  for i in range(count):
+    transcript = "TextGrid" if i % 8 == 3 else "ctm" if i % 8 == 6 else "json"
+    events = transcript != "ctm"  # CTM has no events
+    first = None
+    if events and i % 3 == 0:
+      first = EVENT_TOPICS[i // 3 % 2]
+    elif events and i % 3 == 1:
+      first = ("numbers", "weather", "time")[i // 3 % 3]
+    conv = conversation(_rng(seed, stream, i), voices, seconds, events=events, first=first, typed_first=i % 3 == 1)
+    layout = "paired" if i % 4 == 1 or transcript == "ctm" else "stereo"
+    rate = 22050 if i % 5 == 2 else SAMPLE_RATE
+    write_conversation(raw, f"conv-{i:03d}", conv, layout=layout, transcript=transcript, rate=rate)
+
+
+def _videos(raw: pathlib.Path, voices: Voices, seed: int, stream: int, count: int, seconds: float, size: int) -> None:
+  fps = 1 / MICRO_TURN_SECONDS
+  for i in range(count):
+    conv = conversation(_rng(seed, stream, i), voices, seconds, events=True, first="colour", typed_first=False)
+    name = f"video-{i:03d}"
+    video.render_mp4(raw / f"{name}.mp4", video_frames(conv, fps, size), fps, conv.audio)
+    (raw / f"{name}.json").write_text(json.dumps(_transcript_json(conv), indent=1) + "\n")
+
+
 def generate(
   out: str | pathlib.Path,
   *,
@@ -503,36 +557,26 @@ def generate(
   conversations: int = 12,
   videos: int = 3,
   texts: int = 10,
+  heldout: int = 4,
   seconds: float = 10.0,
   frame_size: int = 80,
   raw: str | pathlib.Path | None = None,
 ) -> dict[str, str]:
-  """Writes raw inputs, then builds DIR/conversations, DIR/video and DIR/text; returns their summaries."""
+  """Writes raw inputs, then builds DIR/conversations, DIR/video and DIR/text, and the held-out
+  DIR/heldout/conversations (and DIR/heldout/video, one video, when there are videos) from random
+  streams of their own; returns their summaries."""
   out = pathlib.Path(out)
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(raw) if raw else pathlib.Path(tmp)
-    dirs = {name: root / name for name in ("conversations", "video", "text")}
+    names = ["conversations", "video", "text"]
+    if heldout > 0:
+      names += ["heldout/conversations"] + (["heldout/video"] if videos > 0 else [])
+    dirs = {name: root / name for name in names}
     for d in dirs.values():
       d.mkdir(parents=True, exist_ok=True)
     voices = Voices(pathlib.Path(tmp))
-    fps = 1 / MICRO_TURN_SECONDS
-    for i in range(conversations):
-      transcript = "TextGrid" if i % 8 == 3 else "ctm" if i % 8 == 6 else "json"
-      events = transcript != "ctm"  # CTM has no events
-      first = None
-      if events and i % 3 == 0:
-        first = EVENT_TOPICS[i // 3 % 2]
-      elif events and i % 3 == 1:
-        first = ("numbers", "weather", "time")[i // 3 % 3]
-      conv = conversation(_rng(seed, 0, i), voices, seconds, events=events, first=first, typed_first=i % 3 == 1)
-      layout = "paired" if i % 4 == 1 or transcript == "ctm" else "stereo"
-      rate = 22050 if i % 5 == 2 else SAMPLE_RATE
-      write_conversation(dirs["conversations"], f"conv-{i:03d}", conv, layout=layout, transcript=transcript, rate=rate)
-    for i in range(videos):
-      conv = conversation(_rng(seed, 1, i), voices, seconds, events=True, first="colour", typed_first=False)
-      name = f"video-{i:03d}"
-      video.render_mp4(dirs["video"] / f"{name}.mp4", video_frames(conv, fps, frame_size), fps, conv.audio)
-      (dirs["video"] / f"{name}.json").write_text(json.dumps(_transcript_json(conv), indent=1) + "\n")
+    _conversations(dirs["conversations"], voices, seed, 0, conversations, seconds)
+    _videos(dirs["video"], voices, seed, 1, videos, seconds, frame_size)
     n_txt = min(4, texts)
     for i in range(n_txt):
       kind, text = _txt_document(_rng(seed, 2, i), i)
@@ -540,14 +584,20 @@ def generate(
     if texts > n_txt:
       chats = [json.dumps(_chat(_rng(seed, 3, i))) for i in range(texts - n_txt)]
       (dirs["text"] / "chats.jsonl").write_text("\n".join(chats) + "\n")
+    if heldout > 0:
+      _conversations(dirs["heldout/conversations"], voices, seed, 4, heldout, seconds)
+      if videos > 0:
+        _videos(dirs["heldout/video"], voices, seed, 5, 1, seconds, frame_size)
 
-    built = {
-      "conversations": build.build_audio_episodes([dirs["conversations"]], on_error="raise"),
-      "video": build.build_video_episodes(
-        [dirs["video"]], fps=fps, width=frame_size, height=frame_size, on_error="raise"
-      ),
-      "text": build.build_text_episodes([dirs["text"]], on_error="raise"),
-    }
+    fps = 1 / MICRO_TURN_SECONDS
+    built = {}
+    for name, d in dirs.items():
+      if name.endswith("video"):
+        built[name] = build.build_video_episodes([d], fps=fps, width=frame_size, height=frame_size, on_error="raise")
+      elif name.endswith("conversations"):
+        built[name] = build.build_audio_episodes([d], on_error="raise")
+      else:
+        built[name] = build.build_text_episodes([d], on_error="raise")
   summaries = {}
   for name, (episodes, skips) in built.items():
     written = build.write_episodes(episodes, out / name) if episodes else 0
@@ -562,6 +612,9 @@ def main(argv=None) -> int:
   parser.add_argument("--conversations", type=int, default=12, help="spoken conversations (audio dataset)")
   parser.add_argument("--videos", type=int, default=3, help="conversations rendered as MP4 (video dataset)")
   parser.add_argument("--texts", type=int, default=10, help="text documents: up to 4 .txt notes, the rest chats")
+  parser.add_argument(
+    "--heldout", type=int, default=4, help="held-out conversations, from their own random stream (DIR/heldout)"
+  )
   parser.add_argument("--seconds", type=float, default=10.0, help="approximate length of each conversation")
   parser.add_argument("--frame_size", type=int, default=80, help="square video frame side, a multiple of 40")
   parser.add_argument("--raw", default=None, help="keep the raw inputs in this directory")
@@ -572,6 +625,7 @@ def main(argv=None) -> int:
     conversations=args.conversations,
     videos=args.videos,
     texts=args.texts,
+    heldout=args.heldout,
     seconds=args.seconds,
     frame_size=args.frame_size,
     raw=args.raw,

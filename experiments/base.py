@@ -242,6 +242,19 @@ def get_config(arg=None):
   # "text_head,text_embed" after a vocabulary change).
   c.init.reinit = ""
 
+  c.eval = mlc.ConfigDict()
+  # Full-duplex behaviour during training (`tmlx.eval.duplex`): every this many steps, and at the last
+  # step, the first eval.conversations conversations of eval.data go through a streaming session (the
+  # config's `stream` settings) and their scores are logged as duplex/* metrics next to the losses.
+  # 0: never. The session runs on one device of each process, with a copy of the parameters.
+  c.eval.every = 0
+  # Held-out episode datasets (comma separated; a relative DIR is looked up as in data.mixture).
+  c.eval.data = ""
+  c.eval.conversations = 4
+  # At the last step, also log what the user said in each turn and what the model and the reference
+  # answered.
+  c.eval.report = True
+
   c.checkpoint = mlc.ConfigDict()
   # Save every this many steps (and at the last step); 0 disables checkpoints.
   c.checkpoint.every = 100
@@ -293,13 +306,15 @@ def get_config(arg=None):
 
 def tiny_variant(c: mlc.ConfigDict, arg, preset: str) -> mlc.ConfigDict:
   """A CPU preset's variants: none (as is) or 'tiny' (2 layers, 128 positions, 2 steps, metrics
-  every step, a checkpoint every 2 steps: for tests); `preset` names the file in the error."""
+  every step, a checkpoint every 2 steps, a duplex evaluation of one conversation at the end: for
+  tests); `preset` names the file in the error."""
   if arg == "tiny":
     c.model.num_layers = 2
     c.data.seq_len = 128
     c.train.num_steps = 2
     c.logging.every = 1
     c.checkpoint.every = 2
+    c.eval.conversations = 1
   elif arg:
     raise ValueError(f"{preset}: unknown argument {arg!r} (expected 'tiny' or none)")
   return c

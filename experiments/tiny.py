@@ -1,5 +1,6 @@
 """The tiny interaction model (MODEL_SPEC.md §7) on 8 fake CPU devices, mesh data=2 x expert=4,
-trained on the committed sample corpus (data/sample: conversations, video, text documents).
+trained on the committed sample corpus (data/sample: conversations, video, text documents), with
+a duplex evaluation (`tmlx.eval.duplex`) on its held-out conversations half-way and at the end.
 
 Run:  python -m tmlx.main --config=experiments/tiny.py --workdir=/tmp/tmlx_tiny
 Smaller, for tests:  --config=experiments/tiny.py:tiny
@@ -24,4 +25,8 @@ def get_config(arg=None):
   c.mesh.expert = 4
   c.runtime.cpu_devices = 8
   c.checkpoint.every = 50
+  # Half-way and at the end: how the model does on the held-out conversations bundled with the sample.
+  c.eval.every = 150
+  c.eval.data = "data/sample/heldout/conversations,data/sample/heldout/video"
+  c.eval.conversations = 5
   return base.tiny_variant(c, arg, "experiments/tiny.py")

@@ -12,7 +12,7 @@ import soundfile as sf
 from data_pipelines import video
 from data_pipelines.contract import Kind
 from tests.helpers import ROOT, run_main, synthetic_batch, tiny_config
-from tmlx import eval as tmlx_eval
+from tmlx.eval import losses as tmlx_eval
 from tmlx.nn.model import ModelConfig
 from tmlx.stream import InputBlock, LanguageModelWorker, ScriptedWorker, Session, SessionFull
 from tmlx.train import new_model
@@ -134,7 +134,36 @@ def tiny_checkpoint(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("stream_ckpt")
   proc = run_main("experiments/tiny.py:tiny", workdir, "--config.logging.tensorboard=false", timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  (workdir / "main.log").write_text(proc.stderr)
   return workdir
+
+
+def test_the_main_job_ends_with_a_duplex_report_on_held_out_conversations(tiny_checkpoint):
+  log = (tiny_checkpoint / "main.log").read_text()
+  assert "duplex report at step 2 (held-out conversations)" in log
+  assert "user: " in log and "reference: " in log and "takeover_rate" in log
+  rows = [json.loads(line) for line in (tiny_checkpoint / "metrics.jsonl").read_text().splitlines()]
+  (duplex,) = [r for r in rows if "duplex/takeover_rate" in r]
+  assert duplex["step"] == 2 and duplex["duplex/conversations"] == 1 and duplex["duplex/answers_expected"] > 0
+
+
+def test_duplex_cli_scores_held_out_conversations_with_video(tiny_checkpoint, tmp_path):
+  out = tmp_path / "duplex"
+  data = "data/sample/heldout/video,data/sample/heldout/conversations"
+  cmd = [sys.executable, "-m", "tmlx.eval", "duplex", f"--checkpoint={tiny_checkpoint}", f"--data={data}"]
+  proc = subprocess.run(
+    [*cmd, "--conversations=2", f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "2 conversations" in proc.stdout and "takeover_rate" in proc.stdout and "mel_error_vs_mean" in proc.stdout
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["conversations"] == 2 and summary["checkpoint_step"] == 2 and summary["mel_error_vs_mean"] > 0
+  (video,) = json.loads((ROOT / "data/sample/heldout/video/manifest.json").read_text())["episodes"]
+  first = json.loads((out / f"{video['id']}.json").read_text())
+  assert first["turns"] and all("model_answer" in t for t in first["turns"] if t["expects_answer"])
+  assert (out / f"{video['id']}.png").stat().st_size > 10_000
+  bad = subprocess.run([*cmd[:-1], "--data=nowhere"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "--data nowhere: no episode dataset here" in bad.stderr
 
 
 def test_stream_cli_runs_a_recording_with_video_in_simulated_real_time(tiny_checkpoint, tmp_path):
@@ -173,7 +202,7 @@ def test_eval_cli_reports_per_stream_losses_and_ablations_change_them(tiny_check
     tmlx_eval.parse_args([f"--checkpoint={tiny_checkpoint}", "--batches=2", *flags])
   )
   same = run()
-  assert same["text_loss"] == pytest.approx(base["text_loss"], rel=1e-4)  # other mesh: fp reduction order
+  assert same["text_loss"] == pytest.approx(base["text_loss"], rel=1e-3)  # other mesh: bf16 reduction order
   assert run("--zero=user_audio,text")["text_loss"] != pytest.approx(same["text_loss"], rel=1e-4)
   assert run("--disable_experts=0,1,2")["text_loss"] != pytest.approx(same["text_loss"], rel=1e-4)
   fewer = run("--flow_steps=2")

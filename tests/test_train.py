@@ -26,8 +26,13 @@ def _metrics(workdir) -> list[dict]:
 def test_every_preset_tiny_variant_trains_two_steps(preset, tmp_path):
   config = importlib.import_module(f"experiments.{preset}").get_config("tiny")
   final = train.run(config, str(tmp_path))
-  rows = _metrics(tmp_path)
+  rows = [r for r in _metrics(tmp_path) if "loss" in r]
   assert [r["step"] for r in rows] == [1, 2]
+  duplex = [r for r in _metrics(tmp_path) if "duplex/takeover_rate" in r]
+  # Presets with a duplex evaluation run it at the last step, on held-out conversations.
+  assert [r["step"] for r in duplex] == ([2] if config.eval.every > 0 else [])
+  for r in duplex:
+    assert 0 <= r["duplex/takeover_rate"] <= 1 and r["duplex/mel_error_vs_mean"] > 0
   for r in rows:
     for key in (
       "loss",

@@ -160,6 +160,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         f"config.model.frames_per_position={m.frames_per_position}: episode data has {frames} dMel frames per "
         f"micro-turn in {a} audio positions, so it must be {frames // a}"
       )
+  if config.eval.every < 0:
+    raise ConfigError(f"config.eval.every={config.eval.every}: must be >= 0 (0: no duplex evaluation)")
+  if config.eval.every > 0:
+    _positive(config, "eval.conversations")
+    if not config.eval.data.strip():
+      raise ConfigError("config.eval.data is empty: config.eval.every > 0 needs held-out episode datasets")
   if not 0 <= d.max_skip_ratio <= 1:
     raise ConfigError(f"config.data.max_skip_ratio={d.max_skip_ratio}: must be a fraction in [0, 1]")
   if d.global_batch_size % config.optimizer.grad_accum_steps:

@@ -123,7 +123,7 @@ def flop_breakdown(config: ml_collections.ConfigDict, count: Count = "model") ->
     + TRAIN_DATA_INPUT * 2 * mel * fw  # x_in on x_t
     + TRAIN * flow.depth * 2 * (3 * fw * fw + 2 * fw * fw)  # adaLN modulation, fc1, fc2
     + TRAIN * 2 * fw * (2 * fw)  # final adaLN modulation
-    + TRAIN * 2 * fw * mel  # velocity output
+    + TRAIN * 2 * fw * mel * 2  # velocity output and the x_t skip's gate
   )
   per_target = TRAIN * 2 * d * fw + flow.num_draws * per_draw  # cond(h) once, broadcast over draws
   flow_head = per_target * audio_slots / s

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -330,6 +331,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     config.data.global_batch_size,
   )
 
+  # Duplex evaluation on held-out conversations (config.eval): one session, compiled at its first use.
+  probe = None
+  if config.eval.every > 0:
+    from tmlx.eval.duplex import TrainingProbe
+
+    probe = TrainingProbe(config, spec.graphdef)
+    logging.info(
+      "duplex evaluation every %d steps on %d conversations of %s",
+      config.eval.every,
+      len(probe.conversations),
+      ",".join(probe.dirs),
+    )
+
   # Compile once.
   sc = step_config(config, spec, mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -409,6 +423,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         last_metrics = m
       if every(step, config.checkpoint.every, last=num_steps if config.checkpoint.every > 0 else None):
         save(step, state)
+      if probe is not None and every(step, config.eval.every, last=num_steps):
+        _duplex_eval(probe, step, state, writer, report=config.eval.report and step == num_steps)
+        t_log = time.perf_counter()  # the evaluation's time is not a training step's
     bad_steps.observe()
   finally:
     try:
@@ -418,6 +435,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       preemption.close()  # only now: a SIGTERM while the last save finishes does not cut it short
       watchdog.close()
   return last_metrics
+
+
+def _duplex_eval(probe, step: int, state: TrainState, writer: MetricWriter, *, report: bool) -> None:
+  """Scores the current parameters on the probe's held-out conversations; logs them as duplex/*."""
+  from tmlx.eval import duplex
+
+  t0 = time.perf_counter()
+  result = probe(state.params, state.model_state)
+  # A figure with nothing to measure (no barge-in in these conversations) is left out, not NaN.
+  scalars = {
+    f"duplex/{k}": float(v) for k, v in result.summary.items() if isinstance(v, (int, float)) and math.isfinite(v)
+  }
+  writer.write(step, scalars)
+  if jax.process_index() == 0:
+    s = result.summary
+    logging.info(
+      "step %d duplex (%d conversations, %.0f s): takeover %.2f, latency p50 %.2f s, word accuracy %.2f, "
+      "background calls %.2f, false takeovers %.2f/turn, barge-in yield p50 %.2f s, voiced agreement %.2f, "
+      "mel error vs mean %.2f",
+      step,
+      s["conversations"],
+      time.perf_counter() - t0,
+      s["takeover_rate"],
+      s["response_latency_s_p50"],
+      s["answer_word_accuracy"],
+      s["bg_call_rate"],
+      s["false_takeover_rate"],
+      s["barge_in_yield_s_p50"],
+      s["voiced_agreement"],
+      s["mel_error_vs_mean"],
+    )
+    if report:
+      logging.info("duplex report at step %d (held-out conversations):\n%s", step, duplex.report(result))
 
 
 def _row_digests(batch: dict) -> str:

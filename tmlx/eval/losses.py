@@ -1,6 +1,6 @@
 """Evaluation and ablations of a checkpoint: per-stream losses on held-out rows.
 
-  python -m tmlx.eval --checkpoint WORKDIR [--data DIR:W,...] [--batches 8]
+  python -m tmlx.eval losses --checkpoint WORKDIR [--data DIR:W,...] [--batches 8]
       [--zero video,user_audio,text] [--disable_experts 0,5] [--flow_steps 10] [--out eval.json]
 
 The checkpoint is restored on the current devices with its own resolved config (its mesh if it
@@ -30,7 +30,7 @@ ABLATIONS = ("video", "user_audio", "text")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m tmlx.eval", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m tmlx.eval losses", description=__doc__.split("\n\n")[0])
   p.add_argument("--checkpoint", required=True, help="a workdir or checkpoint directory")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--data", default=None, help="data mixture 'DIR:W,...' (default: the config's data)")

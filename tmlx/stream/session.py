@@ -318,6 +318,7 @@ class Session:
     self._frames = f
     self._patches = max(1, patches_per_frame(*self.frame_shape))
     graphdef, self._state = nnx.split(model)
+    self._graphdef = graphdef
     num_tokens = min(model.cfg.vocab_size, int(getattr(self.tokenizer, "vocab_size", model.cfg.vocab_size)))
     self._eot = self.tokenizer.special("<eot>")
     block, self.window = int(config.stream.attention_block), int(config.stream.window)
@@ -333,6 +334,14 @@ class Session:
     self._no_patch = np.zeros((1, 1, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
     self._no_patch_rowcol = np.zeros((1, 1, 2), np.int16)
     self.reset(seed)
+
+  def set_model(self, model: InteractionModel) -> None:
+    """Takes the parameters of `model`, a model of the same architecture (e.g. a later step of a
+    training run), keeping the compiled programs. Call `reset` before the next conversation."""
+    graphdef, state = nnx.split(model)
+    if graphdef != self._graphdef:
+      raise ValueError("set_model: the model's architecture differs from the one this session was built for")
+    self.model, self._state = model, state
 
   def reset(self, seed: int = 0) -> None:
     """Forgets the conversation (the cache is reused, not reallocated)."""

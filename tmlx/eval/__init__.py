@@ -1,0 +1,8 @@
+"""Evaluation of checkpoints (`python -m tmlx.eval losses|duplex ...`).
+
+- `tmlx.eval.losses`: per-stream losses and sampled-mel error on held-out rows, with ablations;
+- `tmlx.eval.duplex`: full-duplex behaviour (turn-taking, answers, barge-in, background calls, audio) of
+  streaming sessions on held-out conversations.
+
+Submodules are imported on use, so that `import tmlx.eval` stays cheap.
+"""
