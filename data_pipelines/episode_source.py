@@ -2,8 +2,12 @@
 
 Row (step, r) is a pure function of (seed, mixture, step, r): a random generator seeded with
 those picks the row's dataset by weight, then fills the row with windows of consecutive
-micro-turns, each from an episode picked in proportion to its micro-turn count, starting at a
-uniformly picked micro-turn, until the next micro-turn does not fit (the rest is padding). Each
+micro-turns, each from an episode picked in proportion to its micro-turn count, until the next
+micro-turn does not fit (the rest is padding). A window's start is drawn uniformly from the
+micro-turns a window of its size could start at, those before the episode included and clipped to
+its first micro-turn, so that every micro-turn is about as likely to be trained on as any other: with
+starts uniform over the episode, its first micro-turns (the opening of every conversation, which
+every live session begins with) would be in a row a fraction of the time the rest is. Each
 window is one segment, its micro-turns built and laid out by `data_pipelines.microturn` (the
 writer the streaming session uses too). Audio features are computed for the window only (causal
 dMel reads a short left context; see `data_pipelines.dmel`).
@@ -193,7 +197,7 @@ class EpisodeSource:
       e = int(rng.choice(len(self._episode_p[d]), p=self._episode_p[d]))
       try:
         head, layout = self.load(d, e)
-        start = int(rng.integers(0, len(layout)))
+        start = max(0, int(rng.integers(1 - self._span(layout, room), len(layout))))
         n, used, patches = self._fit(layout, start, room, patch_room)
         # The chunks of windows start-1 .. start+n+1: the audio context of dMel frames on both sides.
         media = self.readers[d].span(e, head, start - 1, start + n + 2) if read_media and n else None
@@ -212,6 +216,11 @@ class EpisodeSource:
       patch_room -= patches
       windows.append(Window(d, e, start, n, media))
       stats["windows"] += 1
+
+  def _span(self, layout: Layout, room: int) -> int:
+    """About how many micro-turns of `layout` a window of `room` positions holds (at least 1)."""
+    span = max(1, int(room * len(layout) // max(int(layout.sizes.sum()), 1)))
+    return min(span, self.spec.max_window) if self.spec.max_window > 0 else span
 
   def _fit(self, layout: Layout, start: int, room: int, patch_room: int) -> tuple[int, int, int]:
     """How many micro-turns from `start` fit `room` positions and `patch_room` patches, and the

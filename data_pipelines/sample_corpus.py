@@ -300,6 +300,7 @@ class Timeline:
     self.last_end = {"user": 0.0, "model": 0.0}
     self.last_speaker: str | None = None
     self.not_before = 0.0
+    self.last_call = -1.0
     self.interruptible = False
 
   def run(self, steps: list) -> None:
@@ -315,6 +316,7 @@ class Timeline:
         result = t + float(self.rng.uniform(0.4, 1.0))
         self.events["bg_calls"].append((t, step.query))
         self.events["bg_results"].append((result, step.result))
+        self.last_call = t
         self.not_before = result + REACTION_S + float(self.rng.uniform(0.0, 0.2))
 
   def estimate(self, steps: list) -> float:
@@ -354,6 +356,8 @@ class Timeline:
       start = self._barge_in(other)
     if step.after_result:
       start = max(start, self.not_before)
+    if speaker == "model":  # a call is made before what the model says about it ("Let me check.")
+      start = max(start, self.last_call + 0.05)
     start = max(start, self.last_end[speaker] + 0.08, 0.05)
     n = len(step.text.split())
     hesitation = None

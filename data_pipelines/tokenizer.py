@@ -253,6 +253,12 @@ def train(
       bos_id=-1,
       eos_id=-1,
       byte_fallback=True,
+      # Numbers digit by digit, so that a model can copy and read any number, not only the ones
+      # frequent enough to get a piece ("06:52" was one piece, and an unseen time none).
+      split_digits=True,
+      # tmlx encodes text in pieces that carry their own spaces (a model's word is " word" in the
+      # micro-turn it starts in): a dummy prefix would add a "▁" to each piece, a token per word.
+      add_dummy_prefix=False,
       normalization_rule_name="identity",
       remove_extra_whitespaces=False,
       max_sentence_length=MAX_LINE_BYTES,

@@ -51,6 +51,14 @@ def get_config(arg=None):
   m.head_dim = 32
   # RoPE base frequency, applied over `positions` (the position within the segment).
   m.rope_theta = 10_000.0
+  # Sliding-window attention: each position attends to this many latest positions of its segment
+  # (itself included); 0 attends to the whole segment (causal). A streaming session attends as the
+  # model was trained to: with a window W its KV cache is a ring of W positions (stream.window must
+  # be W), so a session of any length costs the same per micro-turn. Train with rows longer than W
+  # (data.seq_len), so that most positions, like every live one after the first W, see only the
+  # last W: a model trained only on rows that start in its view leans on that start (an "attention
+  # sink") and breaks when a ring evicts it.
+  m.attention_window = 0
   # RMSNorm on queries and keys before RoPE.
   m.qk_norm = True
   # Epsilon of every RMSNorm / LayerNorm.
@@ -116,6 +124,11 @@ def get_config(arg=None):
   c.loss.flow_weight = 1.0
   # Weight of an `<eot>` target in a micro-turn where the model says nothing.
   c.loss.silent_eot_weight = 1.0
+  # The first this many micro-turns of a training window cut from the middle of a conversation are
+  # context only, with no text or audio loss: what the model was saying before the window is not in
+  # it, so it cannot know what to say there (windows from a conversation's start are trained on
+  # from their first micro-turn). 0 trains on every micro-turn.
+  c.loss.burn_in_micro_turns = 0
   # Static bounds on targets per row, as fractions of seq_len (logits are computed only there).
   # Targets past the bound are counted in the `*_targets_overflow` metrics and warned about.
   c.loss.max_text_target_fraction = 0.5
@@ -277,11 +290,11 @@ def get_config(arg=None):
   c.stream = mlc.ConfigDict()
   # Streaming sessions (tmlx.stream). Attention window in positions: each new position attends
   # to this many latest ones (itself included) and the KV cache is a ring of that size, so a
-  # session runs for ever at a bounded cost per micro-turn. 1024 positions hold about 10-20 s of
-  # conversation (10-18 per audio micro-turn; more with frames), 4x the rows these small presets
-  # train on. 0: attend to the whole session, in a cache of max_positions (a session that would
-  # outgrow it stops with an error).
-  c.stream.window = 1024
+  # session runs for ever at a bounded cost per micro-turn; it must equal model.attention_window
+  # when that is set. 0: attend to the whole session, in a cache of max_positions (a session that
+  # would outgrow it stops with an error), as a model trained with full attention expects (but
+  # only up to the data.seq_len positions it was trained on).
+  c.stream.window = 0
   c.stream.max_positions = 8192
   # Positions of an input block (<mt>, typed text and background results, a frame's patches,
   # 4 AUDIO_IN) prefilled per call; longer blocks take several calls. Fixed: no recompilation.
@@ -306,14 +319,15 @@ def get_config(arg=None):
 
 def tiny_variant(c: mlc.ConfigDict, arg, preset: str) -> mlc.ConfigDict:
   """A CPU preset's variants: none (as is) or 'tiny' (2 layers, 128 positions, 2 steps, metrics
-  every step, a checkpoint every 2 steps, a duplex evaluation of one conversation at the end: for
-  tests); `preset` names the file in the error."""
+  every step, a checkpoint every 2 steps, no duplex evaluation unless eval.every asks for one, and
+  then of one conversation: for tests); `preset` names the file in the error."""
   if arg == "tiny":
     c.model.num_layers = 2
     c.data.seq_len = 128
     c.train.num_steps = 2
     c.logging.every = 1
     c.checkpoint.every = 2
+    c.eval.every = 0
     c.eval.conversations = 1
   elif arg:
     raise ValueError(f"{preset}: unknown argument {arg!r} (expected 'tiny' or none)")

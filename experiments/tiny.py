@@ -25,6 +25,9 @@ def get_config(arg=None):
   c.mesh.expert = 4
   c.runtime.cpu_devices = 8
   c.checkpoint.every = 50
+  # Each position attends to the latest 128 of its row's 256, and a live session's ring to 128.
+  c.model.attention_window = 128
+  c.stream.window = 128
   # Half-way and at the end: how the model does on the held-out conversations bundled with the sample.
   c.eval.every = 150
   c.eval.data = "data/sample/heldout/conversations,data/sample/heldout/video"

@@ -94,6 +94,9 @@ def get_config(arg=None):
     c.runtime.cpu_devices = 8
   elif arg:
     raise ValueError(f"experiments/tml_interaction_small.py: unknown argument {arg!r} (expected 'tiny' or none)")
-  # Streaming sessions attend as far back as training did (one row).
-  c.stream.window = c.data.seq_len
+  # Streaming sessions attend to the whole session, as the model was trained to over one row, for
+  # as long as one row (a ring would evict the context start that full attention leans on; train
+  # with model.attention_window for sessions of any length).
+  c.stream.window = 0
+  c.stream.max_positions = c.data.seq_len
   return c

@@ -1,5 +1,6 @@
 """Losses: gathered targets equal the all-positions computation; accumulation equals one batch."""
 
+import dataclasses
 import functools
 
 import jax
@@ -10,7 +11,7 @@ from flax import nnx
 from data_pipelines import Kind
 from tests.helpers import synthetic_batch, tiny_config, tiny_model
 from tmlx import sharding, train
-from tmlx.losses import loss_sums
+from tmlx.losses import audio_targets, loss_sums, text_target_weights
 
 
 def test_gathered_text_loss_equals_masked_full_loss():
@@ -86,3 +87,26 @@ def test_gradient_accumulation_equals_the_full_batch():
   before, after = state.params["blocks"], s1.params["blocks"]
   moved = [bool(np.any(a != b)) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))]
   assert all(moved), "every decoder parameter should move in one step"
+
+
+def test_burn_in_leaves_out_the_first_micro_turns_of_windows_cut_from_mid_conversation():
+  config = tiny_config("tiny")
+  batch = {k: np.array(v) for k, v in synthetic_batch(config, rows=2).items()}
+  # Row 0's first window starts a conversation (micro-turn 0); every other window starts mid-way.
+  mt, seg = batch["micro_turn"], batch["segment_ids"]
+  first = seg[0] == 1
+  batch["micro_turn"][0, first] = mt[0, first] - mt[0, first].min()
+  lc = dataclasses.replace(train.loss_config(config), burn_in=2)
+  weights, _ = text_target_weights(batch, lc)
+  audio, _ = audio_targets(batch, lc)
+  none, _ = text_target_weights(batch, dataclasses.replace(lc, burn_in=0))
+  for b in range(2):
+    for p in range(batch["kind"].shape[1] - 1):
+      s = seg[b, p + 1]
+      start = batch["micro_turn"][b][seg[b] == s].min() if s else 0
+      known = start == 0 or batch["micro_turn"][b, p + 1] - start >= 2
+      assert float(weights[b, p]) == (float(none[b, p]) if known else 0.0), (b, p)
+      if not known:
+        assert not bool(audio[b, p])
+  assert float(weights[0, first].sum()) == float(none[0, first].sum()) > 0  # the conversation's start: all
+  assert float(weights.sum()) < float(none.sum())

@@ -63,6 +63,7 @@ def _config(mixture: str):
   c.model.compute_dtype = "float32"
   c.model.moe.capacity_factor = 0.0
   c.stream.window = 0
+  c.model.attention_window = 0
   c.stream.max_positions = 512
   return c
 

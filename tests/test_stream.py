@@ -27,6 +27,7 @@ def _setup(**stream):
   c.stream.input_chunk = 16  # smaller than most input blocks here: they take several chunks
   c.stream.attention_block = 32  # a row's attention spans several blocks of the cache
   c.stream.update(stream)
+  c.model.attention_window = c.stream.window  # the session attends as the model was trained to
   return c, new_model(ModelConfig.from_config(c.model), 0)
 
 
@@ -41,7 +42,7 @@ def test_teacher_forced_session_matches_one_full_forward_pass(window):
   n = int((row["segment_ids"] == 1).sum())
   kind = row["kind"][:n]
   assert (kind == Kind.PATCH).any() and (kind == Kind.TEXT_IN).any()  # frames and typed text too
-  hidden = model(batch, window=window).hidden[0, :n]
+  hidden = model(batch).hidden[0, :n]  # the model's own attention window
   ref_logits = np.stack([model.text_logits(hidden[p]) for p in range(n - 1) if kind[p + 1] == Kind.TEXT_OUT])
   ref_cond = np.stack([model.flow_head.cond(hidden[p]) for p in range(n - 1) if kind[p + 1] == Kind.AUDIO_OUT])
 
@@ -68,6 +69,15 @@ def test_teacher_forced_session_matches_one_full_forward_pass(window):
   # fp32; the cache's attention sums block by block (online softmax), in another order.
   np.testing.assert_allclose(np.stack(logits), ref_logits, atol=2e-5, rtol=1e-5)
   np.testing.assert_allclose(np.stack(cond), ref_cond, atol=2e-5, rtol=1e-5)
+
+
+def test_a_session_attends_as_its_model_was_trained_to():
+  c, model = _setup(window=16)
+  c.stream.window = 32
+  with pytest.raises(
+    ValueError, match=r"config\.stream\.window=32, but the model was trained with model\.attention_window=16"
+  ):
+    Session(model, c)
 
 
 def test_live_steps_keep_fixed_shapes_and_stop_at_the_cache_limit():
@@ -132,7 +142,8 @@ def test_language_model_worker_answers_in_a_thread():
 def tiny_checkpoint(tmp_path_factory):
   """A tiny model trained for 2 steps on the sample corpus, through tmlx.main."""
   workdir = tmp_path_factory.mktemp("stream_ckpt")
-  proc = run_main("experiments/tiny.py:tiny", workdir, "--config.logging.tensorboard=false", timeout=300)
+  flags = ("--config.logging.tensorboard=false", "--config.eval.every=2")
+  proc = run_main("experiments/tiny.py:tiny", workdir, *flags, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (workdir / "main.log").write_text(proc.stderr)
   return workdir

@@ -160,6 +160,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         f"config.model.frames_per_position={m.frames_per_position}: episode data has {frames} dMel frames per "
         f"micro-turn in {a} audio positions, so it must be {frames // a}"
       )
+  if config.loss.burn_in_micro_turns < 0:
+    raise ConfigError(f"config.loss.burn_in_micro_turns={config.loss.burn_in_micro_turns}: must be >= 0")
   if config.eval.every < 0:
     raise ConfigError(f"config.eval.every={config.eval.every}: must be >= 0 (0: no duplex evaluation)")
   if config.eval.every > 0:

@@ -15,6 +15,33 @@ from tmlx.checkpoint import Checkpointer, checkpoint_dir
 from tmlx.nn.model import InteractionModel
 
 
+def load_config(path: str, *, step: int | None = None) -> ml_collections.ConfigDict:
+  """The resolved config saved with checkpoint `step` (default: the latest) under `path`."""
+  ckpt = Checkpointer(checkpoint_dir(path), keep=1_000_000, async_save=False)
+  try:
+    return _saved_config(ckpt, _step(ckpt, path, step))[0]
+  finally:
+    ckpt.close()
+
+
+def _step(ckpt: Checkpointer, path: str, step: int | None) -> int:
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {path!r}")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint step {step} under {path!r} (steps: {steps})")
+  return step
+
+
+def _saved_config(ckpt: Checkpointer, step: int) -> tuple[ml_collections.ConfigDict, int]:
+  config = ml_collections.ConfigDict(ckpt.restore_config(step))
+  # Inference settings added after the checkpoint was saved take their defaults.
+  saved = config.get("stream", ml_collections.ConfigDict()).to_dict()
+  config.stream = ml_collections.ConfigDict({**base.get_config().stream.to_dict(), **saved})
+  return config, step
+
+
 def load_model(
   path: str,
   *,
@@ -29,16 +56,7 @@ def load_model(
   against their fingerprints."""
   ckpt = Checkpointer(checkpoint_dir(path), keep=1_000_000, async_save=False)
   try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint under {path!r}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(f"no checkpoint step {step} under {path!r} (steps: {steps})")
-    config = ml_collections.ConfigDict(ckpt.restore_config(step))
-    # Inference settings added after the checkpoint was saved take their defaults.
-    saved = config.get("stream", ml_collections.ConfigDict()).to_dict()
-    config.stream = ml_collections.ConfigDict({**base.get_config().stream.to_dict(), **saved})
+    config, step = _saved_config(ckpt, _step(ckpt, path, step))
     devices = list(jax.devices() if devices is None else devices)
     if mesh is not None:
       config.mesh.update(mesh)

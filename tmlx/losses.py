@@ -30,6 +30,7 @@ class LossConfig:
   load_balance_weight: float
   z_loss_weight: float
   eot_id: int
+  burn_in: int = 0  # micro-turns of a window that starts mid-conversation with no output loss
 
 
 @flax.struct.dataclass
@@ -54,6 +55,22 @@ def next_position_targets(kind: jax.Array, segment_ids: jax.Array, target_kind: 
   return (_shift_left(kind) == target_kind) & (_shift_left(segment_ids) == segment_ids) & (segment_ids > 0)
 
 
+def knowable(batch: dict, burn_in: int) -> jax.Array:
+  """[B, S] bool: positions whose content the model can know from its window.
+
+  A window cut from the middle of a conversation starts without what came before it: in its first
+  micro-turns the model cannot know what it was saying (a word? which?), and a loss there teaches
+  it to babble from nothing, which a live session, always starting at a conversation's beginning,
+  then does. The first `burn_in` micro-turns of such a window are context only; a window that
+  starts at a conversation's first micro-turn (micro_turn 0) is trained on from its start.
+  """
+  if burn_in <= 0:
+    return jnp.ones(batch["kind"].shape, bool)
+  mt, positions = batch["micro_turn"], batch["positions"]
+  first = jnp.take_along_axis(mt, jnp.maximum(jnp.arange(mt.shape[1])[None] - positions, 0), axis=1)
+  return (first == 0) | (mt - first >= burn_in)
+
+
 def _first_n(mask: jax.Array, n: int) -> jax.Array:
   """Keeps the first n True positions of each row of mask [B, S]."""
   return mask & (jnp.cumsum(mask, axis=1) <= n)
@@ -62,7 +79,7 @@ def _first_n(mask: jax.Array, n: int) -> jax.Array:
 def text_target_weights(batch: dict, cfg: LossConfig) -> tuple[jax.Array, jax.Array]:
   """(weights [B, S] of each position's text target, 0 where none; overflow count [])."""
   kind, seg = batch["kind"].astype(jnp.int32), batch["segment_ids"]
-  is_text = next_position_targets(kind, seg, Kind.TEXT_OUT)
+  is_text = next_position_targets(kind, seg, Kind.TEXT_OUT) & _shift_left(knowable(batch, cfg.burn_in))
   kept = _first_n(is_text, cfg.max_text_targets)
   # An <eot> right after a non-text position ends a silent micro-turn.
   silent = (_shift_left(batch["tokens"]) == cfg.eot_id) & (kind != Kind.TEXT_OUT)
@@ -73,7 +90,7 @@ def text_target_weights(batch: dict, cfg: LossConfig) -> tuple[jax.Array, jax.Ar
 def audio_targets(batch: dict, cfg: LossConfig) -> tuple[jax.Array, jax.Array]:
   """(mask [B, S] of positions with an audio target; overflow count [])."""
   kind, seg = batch["kind"].astype(jnp.int32), batch["segment_ids"]
-  is_audio = next_position_targets(kind, seg, Kind.AUDIO_OUT)
+  is_audio = next_position_targets(kind, seg, Kind.AUDIO_OUT) & _shift_left(knowable(batch, cfg.burn_in))
   kept = _first_n(is_audio, cfg.max_audio_targets)
   return kept, jnp.sum(is_audio) - jnp.sum(kept)
 

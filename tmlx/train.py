@@ -82,6 +82,7 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
     load_balance_weight=config.model.moe.load_balance_weight,
     z_loss_weight=config.model.moe.z_loss_weight,
     eot_id=data_pipelines.ByteTokenizer().special("<eot>"),
+    burn_in=c.burn_in_micro_turns,
   )
 
 
@@ -408,7 +409,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         save(step, state)
         raise
       bad_steps.pending = (step, metrics["bad_step"])
-      if every(step, config.logging.every, last=num_steps):
+      evaluate = probe is not None and every(step, config.eval.every, last=num_steps)
+      # One metrics row per logged step; a step with a duplex evaluation is always logged, its
+      # figures in the same row as the losses.
+      if evaluate or every(step, config.logging.every, last=num_steps):
         m, arrays = _host_metrics(jax.device_get(metrics))
         now = time.perf_counter()
         m["step_time_s"] = (now - t_log) / (step - step_log)
@@ -416,16 +420,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         m.update(_throughput(m["positions"] / m["step_time_s"], flops_per_pos, peak))
         m.update(data_stats.metrics())
         m["bad_steps"] = float(bad_steps.total)
-        t_log, step_log = now, step
-        writer.write(step, m, arrays)
         progress.log(step, m)
+        if evaluate:
+          m.update(_duplex_eval(probe, step, state, report=config.eval.report and step == num_steps))
+        t_log, step_log = time.perf_counter(), step  # the evaluation's time is not a training step's
+        writer.write(step, m, arrays)
         _warn_about(step, m, config)
         last_metrics = m
       if every(step, config.checkpoint.every, last=num_steps if config.checkpoint.every > 0 else None):
         save(step, state)
-      if probe is not None and every(step, config.eval.every, last=num_steps):
-        _duplex_eval(probe, step, state, writer, report=config.eval.report and step == num_steps)
-        t_log = time.perf_counter()  # the evaluation's time is not a training step's
     bad_steps.observe()
   finally:
     try:
@@ -437,8 +440,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   return last_metrics
 
 
-def _duplex_eval(probe, step: int, state: TrainState, writer: MetricWriter, *, report: bool) -> None:
-  """Scores the current parameters on the probe's held-out conversations; logs them as duplex/*."""
+def _duplex_eval(probe, step: int, state: TrainState, *, report: bool) -> dict[str, float]:
+  """Scores the current parameters on the probe's held-out conversations: their duplex/* figures."""
   from tmlx.eval import duplex
 
   t0 = time.perf_counter()
@@ -447,7 +450,6 @@ def _duplex_eval(probe, step: int, state: TrainState, writer: MetricWriter, *, r
   scalars = {
     f"duplex/{k}": float(v) for k, v in result.summary.items() if isinstance(v, (int, float)) and math.isfinite(v)
   }
-  writer.write(step, scalars)
   if jax.process_index() == 0:
     s = result.summary
     logging.info(
@@ -468,6 +470,7 @@ def _duplex_eval(probe, step: int, state: TrainState, writer: MetricWriter, *, r
     )
     if report:
       logging.info("duplex report at step %d (held-out conversations):\n%s", step, duplex.report(result))
+  return scalars
 
 
 def _row_digests(batch: dict) -> str:

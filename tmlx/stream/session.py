@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from data_pipelines import dmel as dmel_lib
@@ -324,6 +325,20 @@ class Session:
     block, self.window = int(config.stream.attention_block), int(config.stream.window)
     if block <= 0 or self.window < 0:
       raise ValueError(f"config.stream.attention_block={block} must be > 0 and config.stream.window={self.window} >= 0")
+    trained = model.cfg.attention_window
+    if trained and self.window != trained:
+      raise ValueError(
+        f"config.stream.window={self.window}, but the model was trained with model.attention_window={trained}: "
+        f"a session must attend as the model learned to (set config.stream.window={trained})"
+      )
+    if not trained and self.window:
+      logging.warning(
+        "config.stream.window=%d: a ring of that many positions, for a model trained with full attention "
+        "(model.attention_window=0); once the ring wraps it no longer sees the start of its context, which such a "
+        "model leans on, and it may fail. Train with model.attention_window=%d.",
+        self.window,
+        self.window,
+      )
     # Cache slots: the whole session, or a ring of the window; plus room for a padded chunk.
     span = (self.window or self.max_positions) + self.input_chunk
     self.cache_slots = -(-span // block) * block
