@@ -140,13 +140,13 @@ class InteractionModel(nnx.Module):
     x = x + jnp.where((kind == Kind.PATCH)[..., None], jnp.take_along_axis(patches, idx, axis=1), 0)
     return sharding.constrain(x, ("batch", "act_seq", "act_embed"))
 
-  def __call__(self, batch: dict[str, jax.Array], *, window: int | None = None) -> ModelOutput:
-    """`window` > 0: each position attends to at most that many latest ones (itself included),
-    as a streaming session with `stream.window` does; None: the model's own attention_window."""
+  def __call__(self, batch: dict[str, jax.Array]) -> ModelOutput:
+    """With cfg.attention_window > 0 each position attends to at most that many latest ones
+    (itself included), as a streaming session with the same `stream.window` does."""
     cfg = self.cfg
     x = self.embed(batch)
     seg = batch["segment_ids"]
-    mask = attention_mask(seg, cfg.attention_window if window is None else window)
+    mask = attention_mask(seg, cfg.attention_window)
     rope = rope_angles(batch["positions"], cfg.head_dim, cfg.rope_theta)
     token_mask = seg > 0
     x, stats = scan_modules(
