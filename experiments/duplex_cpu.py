@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.eval.data = HELDOUT
   c.eval.conversations = 8
   c.runtime.cpu_devices = 1
-  c.train.num_steps = 4000
+  c.train.num_steps = 5000
   c.checkpoint.every = 500
   c = base.tiny_variant(c, arg, "experiments/duplex_cpu.py")
   if arg == "tiny":  # the bundled sample, so that it runs on a fresh checkout

@@ -87,14 +87,27 @@ class Attention(nnx.Module):
     return sharding.constrain(q, ("batch", "act_seq", "act_heads", None)), k, v
 
   def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B, S, N, H] over keys/values [B, T, K, H] where mask [B, S, T] → [B, S, D]."""
-    dt = self.dtypes.compute
+    """q [B, S, N, H] over keys/values [B, T, K, H] where mask [B, S, T] → [B, S, D].
+
+    Laid out for plain batched matmuls: each kv head's G query heads are folded into its query
+    rows ([B, K, S·G, H], S major, so a sharded S stays contiguous), and the softmax is
+    normalized after the values are summed (one [.., S, G, H] division instead of one over
+    [.., S, G, T]). On XLA:CPU this runs the attention of the duplex recipe 2x faster than
+    [B, K, G, S, T] logits with a softmax: the logits' layout there costs a transpose per op.
+    """
+    dt, f32 = self.dtypes.compute, jnp.float32
     b, s, n, h = q.shape
-    q = q.reshape(b, s, self.num_kv_heads, n // self.num_kv_heads, h)
-    logits = jnp.einsum("bskgh,btkh->bkgst", q, k, preferred_element_type=jnp.float32) * h**-0.5
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bkgst,btkh->bskgh", probs, v.astype(dt)).reshape(b, s, n, h)
+    kv, t = self.num_kv_heads, k.shape[1]
+    g = n // kv
+    q = (q * h**-0.5).reshape(b, s, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, h)
+    k, v = (jnp.swapaxes(a, 1, 2).astype(dt) for a in (k, v))  # [B, K, T, H]
+    logits = jnp.einsum("bkqh,bkth->bkqt", q, k, preferred_element_type=f32).reshape(b, kv, s, g, t)
+    logits = jnp.where(mask[:, None, :, None], logits, jnp.finfo(f32).min)
+    top = jax.lax.stop_gradient(logits.max(-1, keepdims=True))  # any shift gives the same softmax
+    weights = jnp.exp(logits - top)
+    out = jnp.einsum("bkqt,bkth->bkqh", weights.reshape(b, kv, s * g, t).astype(dt), v, preferred_element_type=f32)
+    out = out.reshape(b, kv, s, g, h) / weights.sum(-1, keepdims=True)
+    out = out.astype(dt).transpose(0, 2, 1, 3, 4).reshape(b, s, n, h)
     return jnp.einsum("bsnh,nhd->bsd", out, self.wo[...].astype(dt))
 
   def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
