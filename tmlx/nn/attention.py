@@ -99,9 +99,9 @@ class Attention(nnx.Module):
     b, s, n, h = q.shape
     kv, t = self.num_kv_heads, k.shape[1]
     g = n // kv
-    q = (q * h**-0.5).reshape(b, s, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, h)
+    q = q.reshape(b, s, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, h)
     k, v = (jnp.swapaxes(a, 1, 2).astype(dt) for a in (k, v))  # [B, K, T, H]
-    logits = jnp.einsum("bkqh,bkth->bkqt", q, k, preferred_element_type=f32).reshape(b, kv, s, g, t)
+    logits = jnp.einsum("bkqh,bkth->bkqt", q, k, preferred_element_type=f32).reshape(b, kv, s, g, t) * h**-0.5
     logits = jnp.where(mask[:, None, :, None], logits, jnp.finfo(f32).min)
     top = jax.lax.stop_gradient(logits.max(-1, keepdims=True))  # any shift gives the same softmax
     weights = jnp.exp(logits - top)
