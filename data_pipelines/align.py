@@ -108,12 +108,13 @@ def align(ep: Episode | EpisodeHeader, tokenizer: Tokenizer, spec: AlignSpec, wh
       arrivals[t].append((e.time, 1, [special_id("<bg_call>"), *encode(e.text, "bg_calls"), special_id("</bg_call>")]))
   k_max = spec.k_max if ep.has_audio else spec.text_only_k_max
   out_text: list[list[int]] = []
-  queue: list[int] = []
+  queue: list[int] = []  # tokens that arrived, sent up to `sent`: linear in the text, however long it waits
+  sent = 0
   for t in range(n):
     for _, _, ids in sorted(arrivals[t + 1], key=lambda a: (a[0], a[1])):
       queue += ids
-    out_text.append([*queue[:k_max], eot])
-    queue = queue[k_max:]
+    out_text.append([*queue[sent : sent + k_max], eot])
+    sent = min(sent + k_max, len(queue))
 
   frame = np.full(n, -1, np.int32)
   ppf = 0
@@ -141,4 +142,4 @@ def align(ep: Episode | EpisodeHeader, tokenizer: Tokenizer, spec: AlignSpec, wh
     ],
     np.int64,
   )
-  return Layout(bg_results, typed_text, out_text, frame, sizes, ep.has_audio, ppf, len(queue))
+  return Layout(bg_results, typed_text, out_text, frame, sizes, ep.has_audio, ppf, len(queue) - sent)

@@ -5,6 +5,7 @@
     python -m data_pipelines.build video INPUT... --out=DIR [--fps=5] [--width=320] [--height=240] [--swap_channels]
     python -m data_pipelines.build text INPUT... --out=DIR [--words_per_second=10]
     common flags: --on_error=skip|raise (default skip), --episodes_per_shard=64
+    audio and video: --allow_truncated (keep what a truncated file holds, with a warning)
 
 An INPUT is a file, a directory (searched recursively for the kind's file types) or a glob pattern.
 
@@ -24,14 +25,28 @@ An INPUT is a file, a directory (searched recursively for the kind's file types)
   it occurs, and the model's next words start in the following micro-turn. A paragraph ends with
   "\\n\\n" on its last word and one silent micro-turn. The episode ends 0.2 s after its last word or event.
 
+Media are read only as far as they hold, never as far as they claim. A WAV whose data chunk (or any
+file whose header) promises more frames than it holds, and an MP4/MOV that ends inside one of its
+boxes or whose video or audio ends before its declared end, is "truncated": skipped, or with
+`--allow_truncated` kept as far as it goes. A video frame past the file's declared duration or far
+past the end of its audio (limits in `data_pipelines.video.decode_mp4`) makes the file a
+"timestamps" skip, found before any memory is spent on the gap: the time is what is wrong, not the
+decoding.
+
 Episode ids are the file stems (for .jsonl: `<stem>-<line number>`) and must be unique. Every episode
 is validated; a bad input is skipped and counted by its DataError reason (`--on_error=raise` raises
 instead): "audio" (unreadable, or the wrong channel count), "missing" (half of a pair), "length"
 (mismatched halves of a pair), "empty" (a document with no text), "sample_rate", "non_finite",
-"transcript" (missing or malformed transcript or .jsonl line), "timestamps", "video" and "duplicate". Episodes are
-written to `--out` (shards left there by an earlier build are removed), then a summary is printed:
-`episodes written: N`, `skipped: M` and one line per reason. The exit status is non-zero when no
-episode was written.
+"transcript" (missing or malformed transcript or .jsonl line), "timestamps", "video", "truncated" and
+"duplicate". A written episode may carry warnings, each logged with its file and counted once per
+episode: "clipped" (audio outside [-1, 1], clipped to int16), "resampled_below_8khz" (recorded below
+8 kHz) and "truncated_kept" (a truncated file kept with --allow_truncated).
+
+`--out` is checked before any input is read: it must be a directory, or creatable as one, that can be
+written to. Episodes are written there (shards left by an earlier build are removed), then a summary
+is printed: `episodes written: N`, `skipped: M` and one line per reason, `warnings: K` and one line
+per kind. The exit status is non-zero when no episode was written; a bad `--out` (status 2) or a
+failed write (status 1, e.g. disk full) ends the build with a one-line error naming the path.
 """
 
 from __future__ import annotations
@@ -45,8 +60,9 @@ import math
 import os
 import pathlib
 import re
+import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -71,6 +87,10 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 PAIR_TOLERANCE_SECONDS = 0.001
 ON_ERROR = ("skip", "raise")
+WARNINGS = ("clipped", "resampled_below_8khz", "truncated_kept")  # kinds of warnings a written episode may carry
+LOW_SAMPLE_RATE = video.LOW_SAMPLE_RATE
+
+Warn = Callable[[str, str], None]  # warn(kind, message): notes a warning about the episode being built
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike], suffixes: Sequence[str]) -> list[pathlib.Path]:
@@ -98,19 +118,29 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], suffixes: Sequence[str]) 
 
 
 class _Policy:
-  """Applies --on_error to DataErrors and counts skips by reason."""
+  """Applies --on_error to DataErrors and counts skips by reason, and warnings of kept episodes by kind."""
 
-  def __init__(self, on_error: str):
+  def __init__(self, on_error: str, warnings: collections.Counter | None = None):
     if on_error not in ON_ERROR:
       raise ValueError(f"on_error is {on_error!r}; want one of {ON_ERROR}")
     self.on_error = on_error
     self.skips: collections.Counter = collections.Counter()
+    self.warnings = collections.Counter() if warnings is None else warnings
 
   def __call__(self, error: DataError) -> None:
     if self.on_error == "raise":
       raise error
     log.warning("skipped (%s) %s", error.reason, error)
     self.skips[error.reason] += 1
+
+  def kept(self, notes: list[tuple[str, str]]) -> None:
+    """Logs the warnings of an episode that was kept and counts each kind once."""
+    for kind, message in notes:
+      if kind not in WARNINGS:
+        raise ValueError(f"warning kind {kind!r} is not one of {WARNINGS}")
+      log.warning("warning (%s) %s", kind, message)
+    for kind in dict.fromkeys(kind for kind, _ in notes):
+      self.warnings[kind] += 1
 
 
 def find_transcript(stem: pathlib.Path) -> pathlib.Path:
@@ -140,19 +170,84 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
   return np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
 
 
-def _resample(audio: np.ndarray, rate: int, where: str) -> np.ndarray:
-  """[N, C] float32 at `rate` to 16 kHz."""
+def _warn_clipping(audio: np.ndarray, where: str, warn: Warn) -> None:
+  """Warns "clipped" when float audio [N, ...] has samples outside [-1, 1] (which `to_int16` clips)."""
+  count, peak = 0, 0.0
+  for start in range(0, len(audio), 1 << 20):  # bounded temporaries however long the recording
+    block = np.abs(audio[start : start + (1 << 20)])
+    count += int(np.count_nonzero(block > 1.0))
+    peak = max(peak, float(block.max(initial=0.0)))
+  if count:
+    warn("clipped", f"{where}: {count} samples outside [-1, 1] (peak {peak:.3g}) are clipped")
+
+
+def _resample(audio: np.ndarray, rate: int, where: str, warn: Warn) -> np.ndarray:
+  """[N, C] float32 at `rate` to 16 kHz; warns "resampled_below_8khz" for rates below 8 kHz."""
   if rate == SAMPLE_RATE:
     return audio
-  log.info("%s: resampling %d Hz to %d Hz", where, rate, SAMPLE_RATE)
+  if rate < LOW_SAMPLE_RATE:
+    warn("resampled_below_8khz", f"{where}: recorded at {rate} Hz; resampled to {SAMPLE_RATE} Hz")
+  else:
+    log.info("%s: resampling %d Hz to %d Hz", where, rate, SAMPLE_RATE)
   return np.asarray(soxr.resample(audio, rate, SAMPLE_RATE), np.float32).reshape(-1, audio.shape[1])
 
 
-def _read_audio(path: pathlib.Path) -> tuple[np.ndarray, int]:
+_WAV_FRAME_CODECS = {1, 3, 6, 7}  # PCM, IEEE float, A-law, mu-law: one block per frame
+_UNKNOWN_SIZES = {0, 0xFFFFFFFF}  # what streaming writers leave in a size they never filled in
+
+
+def _wav_header_frames(path: str | os.PathLike) -> int | None:
+  """The frame count a RIFF/RF64 WAV's data chunk declares, or None when the header does not say.
+
+  libsndfile reports the frames a truncated file holds, not those its header promises, so the
+  header is read here: frames = data chunk bytes / block align, for PCM, float, A-law and mu-law.
+  """
   try:
+    with open(path, "rb") as f:
+      riff = f.read(12)
+      if len(riff) < 12 or riff[:4] not in (b"RIFF", b"RF64") or riff[8:] != b"WAVE":
+        return None
+      block, long_size = None, None
+      while len(head := f.read(8)) == 8:
+        chunk, size = head[:4], struct.unpack("<I", head[4:])[0]
+        if chunk == b"data":
+          if riff[:4] == b"RF64" and size == 0xFFFFFFFF:
+            size = long_size
+          return None if not block or size is None or size in _UNKNOWN_SIZES else size // block
+        if chunk in (b"fmt ", b"ds64"):
+          body = f.read(size)
+          if chunk == b"ds64" and len(body) >= 16:
+            long_size = struct.unpack("<Q", body[8:16])[0]
+          elif chunk == b"fmt " and len(body) >= 16:
+            codec, block = struct.unpack("<H", body[:2])[0], struct.unpack("<H", body[12:14])[0]
+            if codec == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the codec opens the sub-format
+              codec = struct.unpack("<H", body[24:26])[0]
+            if codec not in _WAV_FRAME_CODECS:
+              return None
+        else:
+          f.seek(size, os.SEEK_CUR)
+        f.seek(size % 2, os.SEEK_CUR)  # chunks are padded to an even size
+  except OSError:
+    return None
+  return None
+
+
+def _read_audio(path: pathlib.Path, allow_truncated: bool, warn: Warn) -> tuple[np.ndarray, int]:
+  """[N, C] float32 audio and its rate; DataError "truncated" if it holds fewer frames than promised."""
+  try:
+    declared = sf.info(str(path)).frames
     audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
   except (RuntimeError, OSError) as e:  # soundfile.LibsndfileError is a RuntimeError
     raise DataError("audio", str(path), f"cannot read audio: {e}") from None
+  if declared >= 2**62:  # libsndfile's way of saying it does not know
+    declared = 0
+  promised = max(declared, _wav_header_frames(path) or 0)
+  if len(audio) < promised:
+    held = f"holds {len(audio)} of the {promised} frames its header promises ({len(audio) / rate:.3f} s of"
+    held += f" {promised / rate:.3f} s)"
+    if not allow_truncated:
+      raise DataError("truncated", str(path), held)
+    warn("truncated_kept", f"{path}: kept although it {held}")
   _check_finite(audio, str(path), time_axis=0)
   return audio, rate
 
@@ -188,10 +283,12 @@ def _audio_sources(files: list[pathlib.Path]) -> list[tuple[pathlib.Path, list[p
   return sources
 
 
-def _audio_episode(stem: pathlib.Path, group: list, swap_channels: bool, options: dict) -> Episode:
+def _audio_episode(
+  warn: Warn, stem: pathlib.Path, group: list, swap_channels: bool, allow_truncated: bool, options: dict
+) -> Episode:
   where = str(group[0] or group[1])
   if len(group) == 1:
-    audio, rate = _read_audio(group[0])
+    audio, rate = _read_audio(group[0], allow_truncated, warn)
     if audio.shape[1] != 2:
       raise DataError("audio", where, f"has {audio.shape[1]} channels; a single file must be stereo (user, model)")
     sources = group[0].name
@@ -201,7 +298,7 @@ def _audio_episode(stem: pathlib.Path, group: list, swap_channels: bool, options
       raise DataError(
         "missing", where, f"the {missing} channel is missing: no {stem.name}.{missing} file to pair it with"
       )
-    (user, rate), (model, model_rate) = _read_audio(group[0]), _read_audio(group[1])
+    (user, rate), (model, model_rate) = (_read_audio(f, allow_truncated, warn) for f in group)
     for f, a in zip(group, (user, model)):
       if a.shape[1] != 1:
         raise DataError("audio", str(f), f"has {a.shape[1]} channels; paired files must be mono")
@@ -215,7 +312,8 @@ def _audio_episode(stem: pathlib.Path, group: list, swap_channels: bool, options
     pad = lambda a, n: np.pad(a, ((0, n), (0, 0)))
     audio = np.concatenate([pad(user, max(-diff, 0)), pad(model, max(diff, 0))], axis=1)
     sources = f"{group[0].name},{group[1].name}"
-  audio = _resample(audio, rate, where)
+  audio = _resample(audio, rate, where, warn)
+  _warn_clipping(audio, where, warn)
   if swap_channels:
     audio = audio[:, ::-1]
   fields, transcript = _transcript_fields(stem, options)
@@ -236,15 +334,20 @@ def _transcript_options(user_tier: str, model_tier: str, ctm_channels: dict[str,
 
 
 def _collect(items, make, policy: _Policy) -> list[Episode]:
-  """Runs `make` (which validates) on each (id, where, *args) item, de-duplicating ids; errors go to `policy`."""
+  """Runs `make(warn, *args)` (which validates) on each (id, where, *args) item, de-duplicating ids.
+
+  Errors go to `policy`, and so do the warnings of each episode kept.
+  """
   episodes, seen = [], set()
   for ep_id, where, *args in items:
+    notes: list[tuple[str, str]] = []
     try:
       if ep_id in seen:
         raise DataError("duplicate", where, f"episode id {ep_id!r} (the file stem) is already taken by another input")
-      ep = make(*args)
+      ep = make(lambda kind, message, notes=notes: notes.append((kind, message)), *args)
       seen.add(ep_id)
       episodes.append(ep)
+      policy.kept(notes)
     except DataError as e:
       policy(e)
   return episodes
@@ -258,22 +361,38 @@ def build_audio_episodes(
   user_tier: str = "user",
   model_tier: str = "model",
   ctm_channels: dict[str, str] | None = None,
+  allow_truncated: bool = False,
+  warnings: collections.Counter | None = None,
 ) -> tuple[list[Episode], collections.Counter]:
-  """Audio episodes from stereo or paired WAV/FLAC recordings with transcripts; returns (episodes, skips)."""
-  policy = _Policy(on_error)
+  """Audio episodes from stereo or paired WAV/FLAC recordings with transcripts; returns (episodes, skips).
+
+  Truncated files are skipped unless `allow_truncated`; the warnings of written episodes are counted
+  into `warnings` when it is given.
+  """
+  policy = _Policy(on_error, warnings)
   options = _transcript_options(user_tier, model_tier, ctm_channels)
   sources = _audio_sources(expand_inputs(inputs, AUDIO_SUFFIXES))
   items = [(stem.name, str(group[0] or group[1]), stem, group) for stem, group in sources]
-  make = lambda stem, group: _audio_episode(stem, group, swap_channels, options)
+  make = lambda warn, stem, group: _audio_episode(warn, stem, group, swap_channels, allow_truncated, options)
   return _collect(items, make, policy), policy.skips
 
 
 def _video_episode(
-  path: pathlib.Path, fps: float, width: int, height: int, swap_channels: bool, options: dict
+  warn: Warn,
+  path: pathlib.Path,
+  fps: float,
+  width: int,
+  height: int,
+  swap_channels: bool,
+  allow_truncated: bool,
+  options: dict,
 ) -> Episode:
   where = str(path)
-  frames, times, audio = video.decode_mp4(path, fps=fps, width=width, height=height)
+  frames, times, audio = video.decode_mp4(
+    path, fps=fps, width=width, height=height, allow_truncated=allow_truncated, warn=warn
+  )
   _check_finite(audio, where, time_axis=1)
+  _warn_clipping(audio.T, where, warn)
   if swap_channels and len(audio) == 2:
     audio = audio[::-1]
   user = audio[0]
@@ -313,16 +432,22 @@ def build_video_episodes(
   user_tier: str = "user",
   model_tier: str = "model",
   ctm_channels: dict[str, str] | None = None,
+  allow_truncated: bool = False,
+  warnings: collections.Counter | None = None,
 ) -> tuple[list[Episode], collections.Counter]:
-  """Audio-visual episodes from video files with transcripts; returns (episodes, skips)."""
+  """Audio-visual episodes from video files with transcripts; returns (episodes, skips).
+
+  Truncated files are skipped unless `allow_truncated`; the warnings of written episodes are counted
+  into `warnings` when it is given.
+  """
   if width <= 0 or height <= 0 or width % video.PATCH or height % video.PATCH:
     raise ValueError(f"frame size {width}x{height}: width and height must be positive multiples of {video.PATCH}")
   if not fps > 0:
     raise ValueError(f"fps is {fps}; it must be positive")
-  policy = _Policy(on_error)
+  policy = _Policy(on_error, warnings)
   options = _transcript_options(user_tier, model_tier, ctm_channels)
   items = [(p.stem, str(p), p) for p in expand_inputs(inputs, VIDEO_SUFFIXES)]
-  make = lambda path: _video_episode(path, fps, width, height, swap_channels, options)
+  make = lambda warn, path: _video_episode(warn, path, fps, width, height, swap_channels, allow_truncated, options)
   return _collect(items, make, policy), policy.skips
 
 
@@ -425,7 +550,7 @@ def build_text_episodes(
     for path in expand_inputs(inputs, TEXT_SUFFIXES)
     for ep_id, source, turns in _text_documents(path)
   ]
-  make = lambda *document: _text_episode(*document, words_per_second)
+  make = lambda warn, *document: _text_episode(*document, words_per_second)
   return _collect(items, make, policy), policy.skips
 
 
@@ -440,11 +565,37 @@ def write_episodes(episodes: list[Episode], out: str | os.PathLike, episodes_per
   return len(episodes)
 
 
-def summary(written: int, skips: collections.Counter) -> str:
-  """The build summary: episodes written, skipped, and one line per skip reason."""
+def summary(written: int, skips: collections.Counter, warnings: collections.Counter | None = None) -> str:
+  """The build summary: episodes written, skipped, one line per skip reason, then (if counted) the warnings."""
   lines = [f"episodes written: {written}", f"skipped: {sum(skips.values())}"]
   lines += [f"  {reason}: {n}" for reason, n in sorted(skips.items())]
+  if warnings is not None:
+    lines.append(f"warnings: {sum(warnings.values())}")
+    lines += [f"  {kind}: {n}" for kind, n in sorted(warnings.items())]
   return "\n".join(lines)
+
+
+class OutputError(Exception):
+  """A dataset directory that cannot be used or written; `status` is the exit status it ends a build with."""
+
+  def __init__(self, message: str, status: int = 1):
+    super().__init__(message)
+    self.status = status
+
+
+def check_out(out: str | os.PathLike) -> None:
+  """Raises OutputError (status 2) unless `out` is a writable directory or can be created as one."""
+  path = pathlib.Path(out)
+  if os.path.lexists(path) and not path.is_dir():
+    raise OutputError(f"--out {path}: exists and is not a directory", 2)
+  existing = path
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  if not existing.is_dir():
+    raise OutputError(f"--out {path}: cannot be created, {existing} is not a directory", 2)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    what = "is not writable" if existing == path else f"cannot be created, {existing} is not writable"
+    raise OutputError(f"--out {path}: {what}", 2)
 
 
 def _channel_map(text: str) -> dict[str, str]:
@@ -471,6 +622,9 @@ def _parser() -> argparse.ArgumentParser:
 
   def media(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swap_channels", action="store_true", help="channel 0 is the model, 1 the user")
+    p.add_argument(
+      "--allow_truncated", action="store_true", help="keep what a truncated file holds (counted as a warning)"
+    )
     p.add_argument("--user_tier", default="user", help="TextGrid interval tier of the user's words")
     p.add_argument("--model_tier", default="model", help="TextGrid interval tier of the model's words")
     p.add_argument("--ctm_channels", type=_channel_map, default=None, help="CTM channel mapping, e.g. A=user,B=model")
@@ -497,12 +651,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(args)
   except DataError:
     raise
+  except OutputError as e:
+    parser.exit(e.status, f"{parser.prog}: error: {e}\n")
   except (FileNotFoundError, ValueError) as e:
     parser.error(str(e))
 
 
 def _run(args: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  check_out(args.out)
+  warnings: collections.Counter = collections.Counter()
   media = {}
   if args.kind in ("audio", "video"):
     media = dict(
@@ -510,6 +668,8 @@ def _run(args: argparse.Namespace) -> int:
       user_tier=args.user_tier,
       model_tier=args.model_tier,
       ctm_channels=args.ctm_channels,
+      allow_truncated=args.allow_truncated,
+      warnings=warnings,
     )
   if args.kind == "audio":
     episodes, skips = build_audio_episodes(args.inputs, on_error=args.on_error, **media)
@@ -519,8 +679,12 @@ def _run(args: argparse.Namespace) -> int:
     )
   else:
     episodes, skips = build_text_episodes(args.inputs, words_per_second=args.words_per_second, on_error=args.on_error)
-  written = write_episodes(episodes, args.out, args.episodes_per_shard) if episodes else 0
-  print(summary(written, skips))
+  try:
+    written = write_episodes(episodes, args.out, args.episodes_per_shard) if episodes else 0
+  except (OSError, RuntimeError) as e:  # ArrayRecordWriter reports a failed write as a RuntimeError
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise OutputError(f"cannot write the dataset to {args.out}: {message}") from None
+  print(summary(written, skips, warnings))
   return 0 if written else 1
 
 

@@ -172,13 +172,20 @@ def _to_float32(audio: np.ndarray) -> np.ndarray:
 
 
 def log_mel(
-  audio: np.ndarray, *, causal: bool = True, start_frame: int = 0, num_frames: int | None = None
+  audio: np.ndarray,
+  *,
+  causal: bool = True,
+  start_frame: int = 0,
+  num_frames: int | None = None,
+  origin_frame: int = 0,
 ) -> np.ndarray:
   """Log10 mel [num_frames, 80] float32 of frames [start_frame, start_frame + num_frames) of 16 kHz
   mono `audio` (int16, or float in [-1, 1]); num_frames defaults to the rest of len(audio) // 200.
 
   Reads only the samples those frames need, so a crop of a long episode is cheap; samples outside
-  the array, also for frames past its end, are zeros.
+  the array, also for frames past its end, are zeros. When `audio` is itself a piece of a longer
+  recording that starts at frame `origin_frame` of it, pass that: each frame's value is then the
+  same bitwise as from the whole recording (BLAS kernels round a row by its place in a block).
   """
   audio = _check_audio(audio)
   if num_frames is None:
@@ -191,14 +198,21 @@ def log_mel(
   a, b = max(lo, 0), min(hi, len(audio))
   if a < b:
     x[a - lo : b - lo] = _to_float32(audio[a:b])
-  return _log_mel_frames(x, start_frame, num_frames)
+  return _log_mel_frames(x, origin_frame + start_frame, num_frames)
 
 
 def dmel_bins(
-  audio: np.ndarray, *, causal: bool = True, start_frame: int = 0, num_frames: int | None = None
+  audio: np.ndarray,
+  *,
+  causal: bool = True,
+  start_frame: int = 0,
+  num_frames: int | None = None,
+  origin_frame: int = 0,
 ) -> np.ndarray:
   """dMel bins [num_frames, 80] uint8: quantize(log_mel(audio, ...)), same arguments."""
-  return quantize(log_mel(audio, causal=causal, start_frame=start_frame, num_frames=num_frames))
+  return quantize(
+    log_mel(audio, causal=causal, start_frame=start_frame, num_frames=num_frames, origin_frame=origin_frame)
+  )
 
 
 class StreamingFeaturizer:

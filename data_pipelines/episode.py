@@ -37,6 +37,15 @@ version 1 (all integers little-endian):
 A dataset directory holds `episodes-XXXXX-of-YYYYY.array_record` shards and `manifest.json`, which
 lists every episode's shard, first record, record count, id, micro-turn count and whether it has
 audio and video, so that a pipeline can plan crops without reading any media.
+
+A reader trusts no number it has not checked against what the records hold, so that what it
+allocates is bounded by the records themselves: shard names stay inside the dataset directory, an
+episode's records lie inside its shard, C + 1 of them; C is what the writer lays out, ceil(N / S)
+(at least 1) chunks for N samples, else ceil(windows / chunk_windows) (at least 1) with video, else
+0; 1 <= chunk_windows <= MAX_CHUNK_WINDOWS; N is 0 without an audio dtype and within a sample of
+duration x 16000 with one; a text-only episode has no gap longer than MAX_TEXT_GAP_SECONDS between
+0, its word and event times and its duration (so its micro-turns are bounded by its text); the
+manifest's micro-turn count is the header's.
 """
 
 from __future__ import annotations
@@ -60,6 +69,8 @@ MAGIC = b"TMLXEPI1"
 MANIFEST = "manifest.json"
 WRITER_OPTIONS = "group_size:1,zstd:3"  # one record per ArrayRecord chunk: random access reads one record
 DEFAULT_CHUNK_SECONDS = 5.0
+MAX_CHUNK_WINDOWS = 300  # 60 s: a reader reads whole chunks, so a chunk bounds what one read loads
+MAX_TEXT_GAP_SECONDS = 60.0  # longest stretch of a text-only episode without a word or event
 
 _AUDIO_DTYPES = ("<i2", "<f4")
 
@@ -80,6 +91,7 @@ SKIP_REASONS = (
   "transcript",  # unparseable transcript
   "video",  # undecodable video file
   "duplicate",  # two episodes with one id
+  "truncated",  # a media file holding fewer samples or frames than its header promises
 )
 
 
@@ -171,6 +183,8 @@ def _unpack(data: bytes, where: str, kind: str) -> tuple[dict, dict[str, np.ndar
     header = json.loads(data[12 : 12 + h])
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise DataError("schema", where, f"header is not valid JSON: {e}") from None
+  if not isinstance(header, dict) or not isinstance(header.get("arrays", {}), dict):
+    raise DataError("schema", where, "the header (and its field 'arrays') must be a JSON object")
   if header.get("schema") != SCHEMA_VERSION:
     raise DataError("schema", where, f"field 'schema' is {header.get('schema')!r}; this reader reads {SCHEMA_VERSION}")
   if header.get("kind") != kind:
@@ -181,12 +195,14 @@ def _unpack(data: bytes, where: str, kind: str) -> tuple[dict, dict[str, np.ndar
     try:
       dtype = np.dtype(info["dtype"])
       shape = tuple(int(n) for n in info["shape"])
+      if min(shape, default=0) < 0:
+        raise ValueError(f"shape {list(shape)} has a negative size")
       count = math.prod(shape)
       start = int(info["offset"])
       if start < 0 or start + count * dtype.itemsize > len(body):
         raise ValueError(f"needs bytes [{start}, {start + count * dtype.itemsize}) of a {len(body)}-byte payload")
       arrays[name] = np.frombuffer(body, dtype, count, start).reshape(shape)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
       raise DataError("schema", where, f"array {name!r}: {e}") from None
   return header, arrays
 
@@ -232,13 +248,14 @@ class EpisodeHeader:
 def episode_records(ep: Episode, chunk_seconds: float = DEFAULT_CHUNK_SECONDS) -> list[bytes]:
   """The records of one episode: its header record, then one chunk record per `chunk_seconds`."""
   windows = max(1, round(chunk_seconds / MICRO_TURN_SECONDS))
+  if windows > MAX_CHUNK_WINDOWS:
+    raise ValueError(
+      f"chunk_seconds={chunk_seconds}: a chunk holds at most {MAX_CHUNK_WINDOWS * MICRO_TURN_SECONDS:g} s"
+    )
   span = windows * SAMPLES_PER_MICRO_TURN
-  if ep.has_audio:
-    chunks = max(1, -(-len(ep.user_audio) // span))
-  elif ep.frames is not None:
-    chunks = max(1, -(-ep.num_windows // windows))
-  else:
-    chunks = 0
+  chunks = _chunk_count(
+    None if ep.user_audio is None else len(ep.user_audio), ep.num_windows, ep.frames is not None, windows
+  )
   media = Media(
     num_samples=0 if ep.user_audio is None else len(ep.user_audio),
     audio_dtype=None if ep.user_audio is None else ep.user_audio.dtype.str,
@@ -275,6 +292,68 @@ def episode_records(ep: Episode, chunk_seconds: float = DEFAULT_CHUNK_SECONDS) -
   return records
 
 
+def _chunk_count(num_samples: int | None, num_windows: int, video: bool, chunk_windows: int) -> int:
+  """The chunks the writer lays out: audio in spans of `chunk_windows` windows, else the windows of
+  a video, else none."""
+  if num_samples is not None:
+    return max(1, -(-num_samples // (chunk_windows * SAMPLES_PER_MICRO_TURN)))
+  if video:
+    return max(1, -(-num_windows // chunk_windows))
+  return 0
+
+
+def _check_media(ep: Episode, media: Media, where: str) -> None:
+  """The media layout against itself and the duration, as the writer lays it out, before any
+  number in it sizes anything."""
+  if not 1 <= media.chunk_windows <= MAX_CHUNK_WINDOWS:
+    raise DataError(
+      "schema", where, f"field 'media.chunk_windows' is {media.chunk_windows}; a chunk holds 1 to {MAX_CHUNK_WINDOWS}"
+    )
+  if media.audio_dtype is not None and media.audio_dtype not in _AUDIO_DTYPES:
+    raise DataError("schema", where, f"field 'media.audio_dtype' is {media.audio_dtype!r}; want int16 or float32")
+  if media.num_samples < 0 or (media.audio_dtype is None and media.num_samples != 0):
+    raise DataError(
+      "schema",
+      where,
+      f"field 'media.num_samples' is {media.num_samples} with 'media.audio_dtype' {media.audio_dtype!r}; "
+      "want 0 without audio, a count with it",
+    )
+  shape = media.frame_shape
+  if shape is not None and (len(shape) != 3 or shape[2] != 3 or min(shape) < 0):
+    raise DataError("schema", where, f"field 'media.frame_shape' is {list(shape)}; want [H, W, 3]")
+  times = ep.frame_times
+  if (shape is None) != (times is None):
+    raise DataError(
+      "schema",
+      where,
+      f"field 'media.frame_shape' is {shape} but array 'frame_times' is {'absent' if times is None else 'present'}",
+    )
+  if times is not None and (times.dtype.str != "<f8" or times.ndim != 1):
+    raise DataError("schema", where, f"array 'frame_times' is {times.dtype}{list(times.shape)}; want <f8 [T]")
+  if not (math.isfinite(ep.duration) and ep.duration > 0):
+    return  # _validate_timing names it
+  audio = None if media.audio_dtype is None else media.num_samples
+  want = _chunk_count(audio, ep.num_windows, shape is not None, media.chunk_windows)
+  if media.chunks != want:
+    if audio is not None:
+      raise DataError(
+        "schema",
+        where,
+        f"field 'media.num_samples' is {audio}, {want} chunks of {media.chunk_windows} windows; "
+        f"field 'media.chunks' is {media.chunks}",
+      )
+    raise DataError(
+      "schema",
+      where,
+      f"field 'media.chunks' is {media.chunks}; "
+      + (
+        f"'duration' {ep.duration} s is {want} chunks of {media.chunk_windows} windows"
+        if shape is not None
+        else "a text-only episode has none"
+      ),
+    )
+
+
 def _parse_header(data: bytes, where: str) -> EpisodeHeader:
   header, arrays = _unpack(data, where, "episode")
   try:
@@ -298,12 +377,9 @@ def _parse_header(data: bytes, where: str) -> EpisodeHeader:
       bg_results=[Event(float(t), str(x)) for t, x in header.get("bg_results", [])],
       meta=dict(header.get("meta", {})),
     )
-  except (KeyError, TypeError, ValueError) as e:
+  except (KeyError, TypeError, ValueError, OverflowError) as e:
     raise DataError("schema", where, f"malformed header field: {e!r}") from None
-  if media.chunk_windows < 1 or media.chunks < 0:
-    raise DataError("schema", where, f"field 'media' has {media.chunks} chunks of {media.chunk_windows} windows")
-  if media.audio_dtype is not None and media.audio_dtype not in _AUDIO_DTYPES:
-    raise DataError("schema", where, f"field 'media.audio_dtype' is {media.audio_dtype!r}; want int16 or float32")
+  _check_media(ep, media, where)
   _validate_timing(
     ep,
     where,
@@ -402,8 +478,9 @@ def _validate_timing(ep: Episode, where: str, num_samples: int | None, num_frame
   if not (math.isfinite(ep.duration) and ep.duration > 0):
     raise DataError("length", where, f"field 'duration' is {ep.duration}; it must be a positive number of seconds")
   if num_samples is not None:
-    want = round(ep.duration * SAMPLE_RATE)
-    if abs(num_samples - want) > 1:
+    want = ep.duration * SAMPLE_RATE
+    want = round(want) if math.isfinite(want) else want
+    if not abs(num_samples - want) <= 1:
       raise DataError("length", where, f"the audio has {num_samples} samples; 'duration' {ep.duration} s means {want}")
   if num_frames is not None or ep.frame_times is not None:
     times = 0 if ep.frame_times is None else len(ep.frame_times)
@@ -421,6 +498,36 @@ def _validate_timing(ep: Episode, where: str, num_samples: int | None, num_frame
     _check_times([w.end for w in words], ep.duration, where, name)
   for name in ("typed_text", "bg_calls", "bg_results"):
     _check_times([e.time for e in getattr(ep, name)], ep.duration, where, name)
+  if num_samples is None and num_frames is None:
+    _check_text_gaps(ep, where)
+
+
+def _check_text_gaps(ep: Episode, where: str) -> None:
+  """A text-only episode's duration comes from its text: no gap between 0, its word and event
+  times and its duration may pass MAX_TEXT_GAP_SECONDS, so its micro-turns are bounded by its text."""
+  marks = [(w.start, name, i) for name in ("user_words", "model_words") for i, w in enumerate(getattr(ep, name))]
+  marks += [(w.end, name, i) for name in ("user_words", "model_words") for i, w in enumerate(getattr(ep, name))]
+  marks += [
+    (e.time, name, i) for name in ("typed_text", "bg_calls", "bg_results") for i, e in enumerate(getattr(ep, name))
+  ]
+  marks.sort(key=lambda m: m[0])
+  prev = 0.0
+  for t, name, i in marks:
+    if t - prev > MAX_TEXT_GAP_SECONDS:
+      raise DataError(
+        "schema",
+        where,
+        f"field {name!r}[{i}] at {t} s comes {t - prev:g} s after the text before it; a text-only episode has "
+        f"no gap over {MAX_TEXT_GAP_SECONDS:g} s",
+      )
+    prev = t
+  if ep.duration - prev > MAX_TEXT_GAP_SECONDS:
+    raise DataError(
+      "schema",
+      where,
+      f"field 'duration' is {ep.duration} s, {ep.duration - prev:g} s after its last text (at {prev} s); a text-only "
+      f"episode ends within {MAX_TEXT_GAP_SECONDS:g} s of it",
+    )
 
 
 def _check_times(times: list[float], duration: float, where: str, field: str, strict: bool = False) -> None:
@@ -493,6 +600,22 @@ def write_dataset(
   return entries
 
 
+def _check_shard_name(directory: pathlib.Path, shard, manifest: str, where: str) -> None:
+  """A manifest's shard must be a relative path that stays inside the dataset directory, symlinks
+  resolved."""
+  if not isinstance(shard, str) or not shard:
+    raise DataError("schema", manifest, f"malformed manifest: {where} has shard {shard!r}; want a file name")
+  if pathlib.PurePath(shard).is_absolute() or ".." in pathlib.PurePath(shard).parts:
+    why = "an absolute path" if pathlib.PurePath(shard).is_absolute() else "a path with '..'"
+    raise DataError("schema", manifest, f"{where} has shard {shard!r} outside the dataset directory: {why}")
+  root = directory.resolve()
+  target = (directory / shard).resolve()
+  if root not in target.parents:
+    raise DataError(
+      "schema", manifest, f"{where} has shard {shard!r} outside the dataset directory: it resolves to {target}"
+    )
+
+
 class EpisodeReader:
   """Random access to a dataset directory's episodes by manifest position.
 
@@ -511,11 +634,34 @@ class EpisodeReader:
       )
     try:
       manifest = json.loads(path.read_text())
+      if not isinstance(manifest, dict):
+        raise ValueError("it is not a JSON object")
       if manifest.get("schema") != SCHEMA_VERSION:
         raise ValueError(f"schema {manifest.get('schema')!r}, this reader reads {SCHEMA_VERSION}")
       self.episodes = [EpisodeInfo(**e) for e in manifest["episodes"]]
+      shards = manifest.get("shards", [])
+      if not isinstance(shards, list):
+        raise ValueError("field 'shards' is not a list")
     except (ValueError, KeyError, TypeError) as e:
       raise DataError("schema", str(path), f"malformed manifest: {e}") from None
+    checked: set = set()
+    for k, info in enumerate(self.episodes):
+      for name, value, low in (
+        ("index", info.index, 0),
+        ("records", info.records, 1),
+        ("num_micro_turns", info.num_micro_turns, 0),
+      ):
+        if not (isinstance(value, int) and value >= low):
+          raise DataError(
+            "schema", str(path), f"malformed manifest: episode {k} has {name} {value!r}; want an integer >= {low}"
+          )
+    for where, shard in [
+      *((f"episode {k}", e.shard) for k, e in enumerate(self.episodes)),
+      *(("'shards'", s) for s in shards),
+    ]:
+      if not isinstance(shard, str) or shard not in checked:
+        _check_shard_name(self.directory, shard, str(path), where)
+        checked.add(shard)
     self._readers: dict[str, ArrayRecordReader] = {}
 
   def __len__(self) -> int:
@@ -524,6 +670,19 @@ class EpisodeReader:
   def fingerprint(self) -> str:
     """A hash of the manifest: part of the data-spec hash that a checkpoint records."""
     return hashlib.sha256((self.directory / MANIFEST).read_bytes()).hexdigest()[:16]
+
+  def _bounds(self, i: int) -> None:
+    """The episode's records must lie inside its shard: a shard holding fewer records than its
+    manifest says (truncated, or a manifest that lies) fails here, before its numbers size anything."""
+    info = self.episodes[i]
+    held = self._reader(info.shard).num_records()
+    if info.index + info.records > held:
+      raise DataError(
+        "corrupt",
+        self._where(i, 0),
+        f"cannot read records [{info.index}, {info.index + info.records}): the shard holds {held} records "
+        "(truncated, or the manifest is wrong)",
+      )
 
   def _reader(self, shard: str) -> ArrayRecordReader:
     if shard not in self._readers:
@@ -549,11 +708,21 @@ class EpisodeReader:
       raise DataError("corrupt", self._where(i, which[0]), f"cannot read record (corrupted chunk): {e}") from None
 
   def header(self, i: int) -> EpisodeHeader:
-    """The episode's header record: text, events, frame times and the layout of its media."""
+    """The episode's header record, checked against itself, the manifest and the shard: text,
+    events, frame times and the layout of its media."""
+    self._bounds(i)
+    info = self.episodes[i]
     head = _parse_header(self._records(i, [0])[0], self._where(i, 0))
-    if head.media.chunks + 1 != self.episodes[i].records:
+    if head.media.chunks + 1 != info.records:
       raise DataError(
-        "schema", self._where(i, 0), f"has {head.media.chunks} chunks; the manifest says {self.episodes[i].records - 1}"
+        "schema", self._where(i, 0), f"has {head.media.chunks} chunks; the manifest says {info.records - 1}"
+      )
+    if head.num_micro_turns != info.num_micro_turns:
+      raise DataError(
+        "schema",
+        self._where(i, 0),
+        f"has {head.num_micro_turns} micro-turns ('duration' {head.duration} s); "
+        f"the manifest says {info.num_micro_turns}",
       )
     return head
 

@@ -8,17 +8,23 @@ continuous mel it speaks (AUDIO_OUT), in order, the row's video patches, and the
 every micro-turn (I: typed text and background results; O: the model's text). The printout gives
 positions per micro-turn by kind, the padding ratio and the segments of the row, and with --rows,
 the same averaged over the first N rows of the step.
+
+A mistyped path (the config file, --out's directory, a dataset or tokenizer of the config) fails in
+one line, checked before any dataset, model or Grain is loaded; nothing is created but --out.
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import sys
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines.contract import PATCH_SIZE, Kind
+from tmlx import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/tiny.py.")
 _STEP = flags.DEFINE_integer("step", 0, "Training step of the row.")
@@ -122,16 +128,41 @@ def render(row: dict, tokenizer, path: str, title: str) -> None:
   plt.close(fig)
 
 
+def _check_paths(config) -> None:
+  """Exits with one line when --out cannot be written or the config names a dataset or tokenizer
+  that is not there."""
+  from data_pipelines.pipeline import missing_paths
+
+  out = _OUT.value
+  if out:
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+      sys.exit(f"--out={out}: no directory {parent} to write it in")
+    if os.path.isdir(out):
+      sys.exit(f"--out={out}: is a directory; give the PNG's file name")
+  try:
+    missing = missing_paths(config)
+  except ValueError as e:  # a malformed data.mixture
+    sys.exit(cli.one_line(e))
+  if missing:
+    sys.exit(missing[0])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = cli.load_config(_CONFIG)
+  _check_paths(config)
+  from data_pipelines.episode import DataError
   from data_pipelines.pipeline import make_source
   from data_pipelines.tokenizer import make_tokenizer
 
-  config = _CONFIG.value
-  source = make_source(config)
-  tokenizer = make_tokenizer(config.data.tokenizer)
-  rows = [source.row(_STEP.value, _ROW.value + i) for i in range(_ROWS.value)]
+  try:
+    source = make_source(config)
+    tokenizer = make_tokenizer(config.data.tokenizer)
+    rows = [source.row(_STEP.value, _ROW.value + i) for i in range(_ROWS.value)]
+  except (DataError, FileNotFoundError, ValueError) as e:  # a bad dataset, or a config the source refuses
+    sys.exit(cli.one_line(e))
   first = row_stats(rows[0])
   print(f"row (step {_STEP.value}, row {_ROW.value}) of data.source={config.data.source!r}:")
   for s, t, i, o in micro_turn_text(rows[0], tokenizer):
@@ -149,4 +180,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

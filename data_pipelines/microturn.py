@@ -221,13 +221,18 @@ def window_micro_turns(
     if media.user_audio is None or media.model_audio is None:
       raise ValueError("the episode is aligned with audio, but its media has none")
     frames = FRAMES_PER_MICRO_TURN * length
-    frame0 = FRAMES_PER_MICRO_TURN * start - media.sample_offset // dmel.HOP_LENGTH
-    heard = dmel.dmel_bins(media.user_audio, causal=causal, start_frame=frame0, num_frames=frames).reshape(
-      length, FRAMES_PER_MICRO_TURN, NUM_MELS
-    )
+    origin = media.sample_offset // dmel.HOP_LENGTH  # the episode frame the media's audio starts at
+    frame0 = FRAMES_PER_MICRO_TURN * start - origin
+    heard = dmel.dmel_bins(
+      media.user_audio, causal=causal, start_frame=frame0, num_frames=frames, origin_frame=origin
+    ).reshape(length, FRAMES_PER_MICRO_TURN, NUM_MELS)
     # O_t speaks window t + 1.
     spoken = dmel.log_mel(
-      media.model_audio, causal=causal, start_frame=frame0 + FRAMES_PER_MICRO_TURN, num_frames=frames
+      media.model_audio,
+      causal=causal,
+      start_frame=frame0 + FRAMES_PER_MICRO_TURN,
+      num_frames=frames,
+      origin_frame=origin,
     )
     said = dmel.normalize(spoken).astype(np.float16).reshape(length, FRAMES_PER_MICRO_TURN, NUM_MELS)
     said_dmel = said_bins(said)

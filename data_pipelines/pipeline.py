@@ -2,24 +2,30 @@
 
 The row at (step, row) is a pure function of the seed, the data spec and those two indices, so
 resuming needs only the step, every process computes exactly its own rows of the global batch, and
-worker processes (`data.num_workers`) change the speed, never the output.
+worker processes (`data.num_workers`) change the speed, never the output. Grain is imported by
+`make_dataset` only, so that a command can check its paths and configs before loading it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
+from typing import TYPE_CHECKING
 
-import grain
 import ml_collections
 import numpy as np
 
 from data_pipelines.align import AlignSpec
 from data_pipelines.contract import RowSpec
+from data_pipelines.episode import MANIFEST
 from data_pipelines.episode_source import EpisodeSource, EpisodeSourceSpec, empty_stats, parse_mixture
 from data_pipelines.synthetic import SyntheticSource, SyntheticSpec
 from data_pipelines.tokenizer import make_tokenizer
+
+if TYPE_CHECKING:
+  import grain
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = ("synthetic", "episodes")
@@ -36,6 +42,24 @@ def resolve_dirs(spec: str) -> list[pathlib.Path]:
       if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
         path = PROJECT_ROOT / path
       out.append(path)
+  return out
+
+
+def missing_paths(config: ml_collections.ConfigDict) -> list[str]:
+  """What the configured source would read but is not there: each a line naming the config field
+  and the path. Checks existence only, reading nothing (no manifest, no model, no Grain)."""
+  d = config.data
+  out = []
+  if d.source == "episodes":
+    for m in parse_mixture(d.mixture, root=PROJECT_ROOT):
+      if not os.path.isfile(os.path.join(m.path, MANIFEST)):
+        out.append(
+          f"config data.mixture: {m.path}: no episode dataset here (no {MANIFEST}); "
+          "build one with `python -m data_pipelines.build`"
+        )
+  kind, sep, path = str(d.tokenizer).partition(":")
+  if kind == "sentencepiece" and sep and path and not os.path.isfile(path):
+    out.append(f"config data.tokenizer: {path}: no SentencePiece model here")
   return out
 
 
@@ -131,6 +155,8 @@ def make_dataset(
   global_batch = config.data.global_batch_size
   if global_batch % process_count:
     raise ValueError(f"config.data.global_batch_size={global_batch} is not divisible by the {process_count} processes")
+  import grain
+
   local = global_batch // process_count
   source = make_source(config)
 

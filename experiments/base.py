@@ -271,7 +271,7 @@ def get_config(arg=None):
   c.checkpoint = mlc.ConfigDict()
   # Save every this many steps (and at the last step); 0 disables checkpoints.
   c.checkpoint.every = 100
-  # Keep the latest this many checkpoints.
+  # Keep the latest this many checkpoints (at least 1).
   c.checkpoint.keep = 3
   # Also keep every checkpoint whose step is a multiple of this (0: none beyond the latest ones).
   c.checkpoint.keep_every = 0
@@ -312,7 +312,10 @@ def get_config(arg=None):
   c.stream.audio_steps = 10
 
   c.runtime = mlc.ConfigDict()
-  # Fake CPU devices to create (applied by tmlx.main before JAX starts); 0 leaves the default.
+  # CPU runs only: the number of CPU devices JAX creates in each process (tmlx.main applies it
+  # before JAX starts), so a one-machine run can use a multi-device mesh (the main job: 8 devices,
+  # data=2 x expert=4). In a multi-process job the mesh spans processes x this many devices. It
+  # does not limit threads or cores, and is ignored on GPU and TPU. 0: JAX's default (one device).
   c.runtime.cpu_devices = 0
   return c
 

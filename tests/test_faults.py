@@ -56,13 +56,13 @@ def cache_env(tmp_path_factory) -> dict[str, str]:
 class Run:
   """One `python -m tmlx.main` process in its own process group, logging to a file."""
 
-  def __init__(self, workdir, log_path, env: dict[str, str]):
+  def __init__(self, workdir, log_path, env: dict[str, str], *extra: str):
     self.log_path = log_path
     full_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     full_env.update(env, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
       self.proc = subprocess.Popen(
-        [sys.executable, "-m", "tmlx.main", *ARGS, f"--workdir={workdir}"],
+        [sys.executable, "-m", "tmlx.main", *ARGS, *extra, f"--workdir={workdir}"],
         cwd=ROOT,
         env=full_env,
         stdin=subprocess.DEVNULL,

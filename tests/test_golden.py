@@ -227,6 +227,7 @@ SCALAR_METRICS = (
   "router_entropy",
   "moe_dropped_fraction",
   "grad_norm",
+  "update_norm",
   "bad_step",
   "learning_rate",
   "text_targets",

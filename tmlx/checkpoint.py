@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
+import logging as std_logging
 import os
+import re
 import sys
 import time
 
@@ -257,6 +260,20 @@ def checkpoint_dir(path: str) -> str:
   return inner if os.path.isdir(inner) else path
 
 
+def open_existing(path: str, what: str = "checkpoint") -> Checkpointer:
+  """A read-only Checkpointer of `path` (a workdir or checkpoint directory) that must exist and
+  hold at least one step: NoCheckpointError, a FileNotFoundError (one line, naming `what` and the path) otherwise.
+  Nothing is created, so a mistyped path stays a mistake and does not become an empty directory."""
+  directory = checkpoint_dir(path)
+  if "://" not in directory and not os.path.isdir(directory):
+    raise NoCheckpointError(f"{what} {path}: no such directory (expected a workdir or its checkpoints directory)")
+  ckpt = Checkpointer(directory, keep=1, async_save=False, read_only=True)
+  if not ckpt.all_steps():
+    ckpt.close()
+    raise NoCheckpointError(f"{what} {path}: no checkpoint steps in {directory}")
+  return ckpt
+
+
 def _require_shardings(abstract) -> None:
   for path, leaf in jax.tree.leaves_with_path(abstract):
     if getattr(leaf, "sharding", None) is None:
@@ -270,22 +287,78 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint although some exist."""
 
 
+class CheckpointSaveError(CheckpointError):
+  """A save failed (disk full, no permission, storage unreachable): the run stops, since going on
+  would train steps that no checkpoint can bring back."""
+
+
+class _OrbaxWriteTaskNoise(std_logging.Filter):
+  """Drops asyncio's "... exception was never retrieved" reports of Orbax's write tasks:
+  when a save fails, every array's write fails with the same error, which the save reports once."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    unretrieved = "exception was never retrieved" in message.split("\n", 1)[0]  # Task, Future, _GatheringFuture
+    return not (unretrieved and ("orbax" in message or "OCDBT" in message))
+
+
+std_logging.getLogger("asyncio").addFilter(_OrbaxWriteTaskNoise())
+
+
+def _reason(e: BaseException) -> str:
+  """The innermost message of an exception chain, in one line."""
+  while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(e).split())
+  if len(text) > 600:  # tensorstore's messages name the file first; keep that and the OS error
+    os_error = re.search(r"[^:]*:[^:]*\[os_error_code=[^\]]*\]", text)
+    text = f"{text[:250]} ... {os_error.group(0).strip() if os_error else text[-300:]}"
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+_TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "Too many open files", "Cannot allocate memory")
+
+
+def _transient(e: BaseException) -> bool:
+  """Whether a failed read says more about the storage or the machine than about the checkpoint
+  (out of memory or file handles, a store that did not answer): such a step is not quarantined."""
+  if isinstance(e, (MemoryError, TimeoutError, ConnectionError)):
+    return True
+  text = str(e)
+  return any(marker in text for marker in _TRANSIENT)
+
+
+class NoCheckpointError(FileNotFoundError):
+  """A path given to read checkpoints from is not there, or holds none."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+  """A readable checkpoint whose arrays do not fit the config's state: the config is wrong (or the
+  workdir is another run's), not the checkpoint, so nothing is moved aside."""
+
+
 class Checkpointer:
   """Saves {state, config, meta} into `directory` when asked (the train loop decides when),
   keeping the latest `keep` steps and, with `keep_every` > 0, every step divisible by it."""
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool, keep_every: int = 0):
+  def __init__(self, directory: str, *, keep: int, async_save: bool, keep_every: int = 0, read_only: bool = False):
     self.directory = os.path.abspath(directory)
     policies = [checkpoint_managers.LatestN(keep)]
     if keep_every > 0:
       policies.append(checkpoint_managers.EveryNSteps(keep_every))
-    self._manager = ocp.CheckpointManager(
-      self.directory,
-      options=ocp.CheckpointManagerOptions(
+    if read_only:  # another run's checkpoints: never create, clean up or delete anything there
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
-      ),
+      )
+    self._saving: int | None = None  # the step of the latest save started
+    self._failed = ""  # the message of a save failure, once one was seen
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=options,
       item_handlers={
         # Uncompressed: zstd saves ~8% of the bytes of trained float weights, and costs more in
         # CPU time than the disk time it saves (benchmarks/checkpoint.py).
@@ -315,11 +388,27 @@ class Checkpointer:
       "data": data or {},
       "fingerprints": fingerprints_async(state),
     }
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config), meta=_MetaSave(meta)),
-      force=True,
-    )
+    with self._save_errors():
+      self._manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config), meta=_MetaSave(meta)
+        ),
+        force=True,
+      )
+    self._saving = step
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """A failure of the save in flight (reported by Orbax at the next save or wait) or of this one
+    becomes one CheckpointSaveError naming the step, the directory and the cause."""
+    if self._failed:
+      raise CheckpointSaveError(self._failed)
+    try:
+      yield
+    except Exception as e:
+      self._failed = f"saving checkpoint step {self._saving} in {self.directory} failed: {_reason(e)}"
+      raise CheckpointSaveError(self._failed) from None
 
   def restore(self, step: int, abstract_state):
     """Restores `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs) and
@@ -337,17 +426,38 @@ class Checkpointer:
     verify(out.state, out.meta, f"{self.directory}/{step}")
     return out.state
 
-  def restore_latest(self, abstract_state, quarantine: bool = True) -> tuple[object, int] | None:
+  def restore_latest(
+    self, abstract_state, quarantine: bool = True, config: dict | None = None
+  ) -> tuple[object, int] | None:
     """The newest step that restores and verifies, falling back past bad steps (each logged);
     None when there is no checkpoint; CheckpointError when none of them is usable. Unusable steps
-    are moved aside when `quarantine` (the run's own directory), left alone otherwise."""
+    are moved aside when `quarantine` (the run's own directory), left alone otherwise.
+
+    A step whose arrays are readable but do not fit `abstract_state` (another tree, shape or
+    dtype) raises IncompatibleCheckpointError before anything is moved: the message names the first
+    misfit array and, given the resolved `config`, the fields in which it differs from the
+    checkpoint's own config."""
     failures = []
     found = None
     for step in reversed(self.all_steps()):
       try:
+        misfit = self._misfit(step, abstract_state)
+      except Exception as e:  # unreadable tree metadata: unusable, handled with the restore below
+        misfit = None
+        logging.debug("tree metadata of step %d unreadable: %s", step, e)
+      if misfit is not None:
+        if failures and quarantine:
+          self._quarantine([s for s, _ in failures])
+        raise IncompatibleCheckpointError(self._incompatible_message(step, misfit, config))
+      try:
         found = self.restore(step, abstract_state), step
         break
       except Exception as e:  # Orbax and tensorstore raise many types for missing or bad files
+        if _transient(e):  # the storage or this machine failed, not the checkpoint: move nothing
+          raise CheckpointError(
+            f"{self.directory}/{step}: could not be read ({_reason(e)}); this looks like a passing failure of the "
+            "storage or of this machine, not of the checkpoint, so nothing was moved: rerun"
+          ) from e
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         logging.warning("checkpoint step %d in %s is unusable, trying the one before: %s", step, self.directory, reason)
         failures.append((step, reason))
@@ -358,6 +468,40 @@ class Checkpointer:
         f"no usable checkpoint in {self.directory}: " + "; ".join(f"step {s}: {r}" for s, r in failures)
       )
     return found
+
+  def _misfit(self, step: int, abstract_state) -> str | None:
+    """The first difference between the arrays saved at `step` and `abstract_state` (names, then
+    shapes and dtypes), or None when the tree fits."""
+    saved = {leaf_name(p): leaf for p, leaf in jax.tree.leaves_with_path(self._manager.item_metadata(step).state)}
+    wanted = {leaf_name(p): leaf for p, leaf in jax.tree.leaves_with_path(abstract_state)}
+    for name in sorted(set(wanted) - set(saved)):
+      return f"array {name} {list(wanted[name].shape)} of this config is not in the checkpoint"
+    for name in sorted(set(saved) - set(wanted)):
+      return f"array {name} {list(saved[name].shape)} of the checkpoint is not in this config's state"
+    for name, want in wanted.items():
+      have = saved[name]
+      if tuple(have.shape) != tuple(want.shape) or np.dtype(have.dtype) != np.dtype(want.dtype):
+        return (
+          f"array {name} is {list(have.shape)} {np.dtype(have.dtype).name} in the checkpoint but "
+          f"{list(want.shape)} {np.dtype(want.dtype).name} in this config"
+        )
+    return None
+
+  def _incompatible_message(self, step: int, misfit: str, config: dict | None) -> str:
+    where = f"{self.directory}/{step}"
+    differ = ""
+    if config is not None:
+      try:
+        changes = config_differences(self.restore_config(step), config)
+      except Exception as e:  # the config item is unreadable: say so, the arrays still decide
+        changes = [f"(the checkpoint's config is unreadable: {type(e).__name__})"]
+      shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+      differ = f"; config fields that differ from the checkpoint's: {shown or 'none'}"
+    return (
+      f"{where} does not fit this config: {misfit}{differ}. Nothing was moved: run with the checkpoint's "
+      f"config (python -m tmlx.checkpoint inspect {self.directory} shows it), use another --workdir for the "
+      "new config, or start from its parameters with config.init.params_from"
+    )
 
   def _quarantine(self, steps: list[int]) -> None:
     """Moves unusable steps aside (kept for a post-mortem) so that the run can save them again."""
@@ -438,12 +582,59 @@ class Checkpointer:
   def restore_config(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
+  def check(self) -> None:
+    """Raises CheckpointSaveError if the save in flight has failed already (cheap: call it often)."""
+    with self._save_errors():
+      self._manager.check_for_errors()
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._save_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the save in flight and closes; a failed save raises CheckpointSaveError here
+    unless it was raised already."""
+    reported = bool(self._failed)
+    try:
+      with self._save_errors():
+        self._manager.wait_until_finished()
+    except CheckpointSaveError:
+      if not reported:
+        raise
+    finally:
+      try:
+        self._manager.close()
+      except Exception as e:  # the failed save again: reported above
+        logging.debug("closing the checkpoint manager: %s", e)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """'model.num_layers: 2 → 3' for every field whose value differs between two resolved configs."""
+  as_json = lambda tree: _flatten(json.loads(json.dumps(tree)))  # tuples and lists alike
+  old, new = as_json(saved), as_json(current)
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+    if a != b:
+      out.append(f"{key}: {a!r} → {b!r}")
+  return out
+
+
+def quarantined(directory: str) -> list[str]:
+  """Names of the steps an earlier run moved aside as unusable (`<step>.unusable-<time>`)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(n for n in os.listdir(directory) if ".unusable-" in n)
 
 
 def grown_axis(old_shape: tuple, new_shape: tuple) -> int | None:
@@ -476,11 +667,11 @@ def verify(state, meta: dict, where: str) -> None:
 def inspect(path: str, step: int | None = None, check: bool = False, out=sys.stdout) -> None:
   """Prints the steps, the resolved config, the array tree (shape, dtype, size) and, with
   `check`, whether every array matches its fingerprint (restored onto this process's first device)."""
-  ckpt = Checkpointer(path, keep=1_000_000, async_save=False)
+  ckpt = open_existing(path)
   steps = ckpt.all_steps()
   print(f"checkpoints in {ckpt.directory}: steps {steps}", file=out)
-  if not steps:
-    return
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"checkpoint {path}: no step {step} (steps: {steps})")
   step = steps[-1] if step is None else step
   meta = ckpt.restore_meta(step)
   config = ckpt.restore_config(step)
@@ -527,7 +718,10 @@ def main(argv=None) -> None:
   p.add_argument("--step", type=int, default=None, help="step to inspect (default: the latest)")
   p.add_argument("--verify", action="store_true", help="restore every array and check its fingerprint")
   args = parser.parse_args(argv)
-  inspect(checkpoint_dir(args.path), args.step, args.verify)
+  try:
+    inspect(args.path, args.step, args.verify)
+  except FileNotFoundError as e:
+    raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

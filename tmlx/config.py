@@ -8,6 +8,7 @@ cross-field constraints that would otherwise fail deep inside JAX.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 
 import ml_collections
@@ -83,6 +84,39 @@ def _same_type(value, ref) -> bool:
   return isinstance(value, type(ref))
 
 
+def _finite_floats(config, schema, prefix: str = "") -> None:
+  """Every float field is a finite number (nan and inf pass the type check, and then break the
+  run only once it computes with them)."""
+  for key, ref in schema.items():
+    if f"{prefix}{key}" == "mesh_rules":
+      continue
+    if isinstance(ref, _GROUP):
+      _finite_floats(config[key], ref, f"{prefix}{key}.")
+    elif isinstance(ref, float) and not math.isfinite(config[key]):
+      raise ConfigError(f"config.{prefix}{key}={config[key]}: must be a finite number")
+
+
+def _in_range(config, name: str, low: float, high: float, *, high_open: bool = False) -> None:
+  node = config
+  for part in name.split("."):
+    node = node[part]
+  if not (low <= node < high if high_open else low <= node <= high):
+    raise ConfigError(f"config.{name}={node}: must be in [{low}, {high}{')' if high_open else ']'}")
+
+
+def _check_datasets(value: str, field: str) -> None:
+  """DIR:WEIGHT entries of data.mixture / eval.data: each weight a finite number > 0."""
+  from data_pipelines.episode_source import parse_mixture
+
+  try:
+    entries = parse_mixture(value)
+  except ValueError as e:
+    raise ConfigError(f"config.{field}={value!r}: {str(e).removeprefix('config data.mixture').lstrip(': ')}") from None
+  for entry in entries:
+    if not math.isfinite(entry.weight):
+      raise ConfigError(f"config.{field}: weight {entry.weight} of {entry.path!r} must be a finite number > 0")
+
+
 def _positive(config, *names: str) -> None:
   for name in names:
     node = config
@@ -94,7 +128,9 @@ def _positive(config, *names: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ConfigError naming the first bad field. `num_devices` enables the mesh checks."""
-  _check_schema(config, base.get_config(), "")
+  schema = base.get_config()
+  _check_schema(config, schema, "")
+  _finite_floats(config, schema)
   m, d = config.model, config.data
   _positive(
     config,
@@ -117,9 +153,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     "data.k_max",
     "data.text_only_k_max",
     "optimizer.grad_accum_steps",
+    "optimizer.learning_rate",
     "train.num_steps",
     "logging.every",
+    "checkpoint.keep",  # 0 would keep nothing, and the next run would start from scratch
   )
+  _in_range(config, "optimizer.final_lr_fraction", 0.0, 1.0)
+  _in_range(config, "optimizer.b1", 0.0, 1.0, high_open=True)
+  _in_range(config, "optimizer.b2", 0.0, 1.0, high_open=True)
+  for name in ("optimizer.warmup_steps", "optimizer.eps", "optimizer.weight_decay", "checkpoint.every"):
+    _in_range(config, name, 0, math.inf)
+  for name in ("checkpoint.keep_every", "runtime.cpu_devices", "train.max_consecutive_bad_steps"):
+    _in_range(config, name, 0, math.inf)
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(
       f"config.model.num_heads={m.num_heads} is not divisible by config.model.num_kv_heads="
@@ -154,6 +199,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if d.source == "episodes":
     if not d.mixture.strip():
       raise ConfigError("config.data.mixture is empty: data.source='episodes' needs DIR:WEIGHT entries")
+    _check_datasets(d.mixture, "data.mixture")
     a, frames = AUDIO_POSITIONS_PER_MICRO_TURN, FRAMES_PER_MICRO_TURN
     if m.frames_per_position * a != frames:
       raise ConfigError(

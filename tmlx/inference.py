@@ -11,13 +11,13 @@ from flax import nnx
 
 from experiments import base
 from tmlx import sharding, train
-from tmlx.checkpoint import Checkpointer, checkpoint_dir
+from tmlx.checkpoint import Checkpointer, open_existing
 from tmlx.nn.model import InteractionModel
 
 
 def load_config(path: str, *, step: int | None = None) -> ml_collections.ConfigDict:
   """The resolved config saved with checkpoint `step` (default: the latest) under `path`."""
-  ckpt = Checkpointer(checkpoint_dir(path), keep=1_000_000, async_save=False)
+  ckpt = open_existing(path)
   try:
     return _saved_config(ckpt, _step(ckpt, path, step))[0]
   finally:
@@ -54,7 +54,7 @@ def load_model(
   The model lives on `devices` (default: all) with the config's mesh if it fits them, else
   replicated (or on `mesh`, axis sizes, if given); the arrays are resharded on read and verified
   against their fingerprints."""
-  ckpt = Checkpointer(checkpoint_dir(path), keep=1_000_000, async_save=False)
+  ckpt = open_existing(path)
   try:
     config, step = _saved_config(ckpt, _step(ckpt, path, step))
     devices = list(jax.devices() if devices is None else devices)

@@ -13,6 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tmlx import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment file, e.g. experiments/tiny.py (or experiments/tiny.py:tiny).", lock_config=True
 )
@@ -39,7 +41,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  config = _CONFIG.value
+  config = cli.load_config(_CONFIG)
   # Before JAX creates a backend: the experiment's row for this accelerator (mesh, XLA flags).
   from tmlx import accelerators
 
@@ -66,22 +68,34 @@ def main(argv):
     logging.error("%s", e)
     sys.exit(f"invalid multi-process setup: {e}")
 
+  import jax
+
+  from tmlx import checkpoint, train, workdir_lock
   from tmlx import config as config_lib
-  from tmlx import train
 
   try:
-    config_lib.validate(config)
+    config_lib.validate(config, jax.device_count())
   except config_lib.ConfigError as e:
     logging.error("%s", e)
     sys.exit(f"invalid config: {e}")
-  logging.info("workdir %s", os.path.abspath(_WORKDIR.value))
-  metrics = train.run(config, _WORKDIR.value)
+  workdir = _WORKDIR.value
+  if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+    sys.exit(f"--workdir={workdir}: exists and is not a directory")
+  logging.info("workdir %s", workdir if "://" in workdir else os.path.abspath(workdir))
+  try:
+    metrics = train.run(config, workdir)
+  except (workdir_lock.WorkdirLockedError, checkpoint.IncompatibleCheckpointError, checkpoint.NoCheckpointError) as e:
+    logging.error("%s", e)
+    sys.exit(f"refused: {e}")
+  except (checkpoint.CheckpointError, workdir_lock.WorkdirLockLostError) as e:  # a failed save, a lost lock, ...
+    logging.error("%s", e)
+    sys.exit(f"stopped: {e}")
   if metrics:
     logging.info("final: %s", {k: round(v, 5) for k, v in metrics.items()})
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from tmlx.metrics import MetricWriter, Progress
 from tmlx.nn.model import InteractionModel, ModelConfig, count_parameters
 from tmlx.nn.moe import balance_bias_update
 from tmlx.optim import clip_by_global_norm, make_optimizer
+from tmlx.workdir_lock import WorkdirLock, WorkdirLockedError, WorkdirLockLostError
 
 
 @flax.struct.dataclass
@@ -138,10 +139,13 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
     grad_norm = optax.tree.norm(grads)
     grads = clip_by_global_norm(grads, grad_norm, sc.clip_norm)
     updates, opt_state = sc.tx.update(grads, state.opt_state, state.params)
+    update_norm = optax.tree.norm(updates)
     params = optax.apply_updates(state.params, updates)
     model_state = _update_router_biases(state.model_state, moe.expert_load / n, sc.bias_update_rate)
-    # A non-finite loss or gradient skips the update: the step advances, nothing else changes.
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss, gradient or update (a NaN learning rate, an optimizer moment that
+    # overflowed) skips the update: the step advances, nothing else changes, so a non-finite
+    # state is never trained on or saved.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = TrainState(
       step=state.step + 1,
@@ -166,6 +170,7 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
       "moe/load_balance_loss": moe.load_balance_loss / n,
       "moe/router_z_loss": moe.z_loss / n,
       "grad_norm": grad_norm,
+      "update_norm": update_norm,
       "bad_step": 1.0 - ok.astype(jnp.float32),
       "learning_rate": sc.schedule(state.step),
       "text_targets": text_norm,
@@ -261,17 +266,44 @@ def _global_batch(local: dict, shardings: dict) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns final metrics."""
-  # Config and mesh.
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns final metrics.
+
+  The job holds the workdir's lock (`tmlx.workdir_lock`) from before it writes anything there
+  until it ends: a second trainer on the same workdir refuses to start."""
   config_lib.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  lock = _lock_workdir(workdir)
+  try:
+    return _run(config, workdir, lock)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _lock_workdir(workdir: str) -> WorkdirLock | None:
+  """Process 0 takes the lock on behalf of the job; every process raises if it could not."""
+  lock, refused = None, ""
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir)
+    except WorkdirLockedError as e:
+      refused = str(e)
+    except Exception as e:  # storage refused or unreachable: every process must hear of it
+      refused = f"{workdir}: cannot take the workdir lock: {type(e).__name__}: {e}"
+  if jax.process_count() > 1:
+    if multihost_utils.process_allgather(np.int32(bool(refused))).max() and not refused:
+      refused = f"{workdir}: process 0 found this workdir in use by another training job (its log names the job)"
+  if refused:
+    raise WorkdirLockedError(refused)
+  return lock
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | None) -> dict[str, float]:
+  # Mesh.
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_table(config.mesh.rules)
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
   resolved = config.to_dict()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump({"hash": config_lib.config_hash(config), "config": resolved}, f, indent=1)
 
   # Abstract state and shardings.
   num_steps = config.train.num_steps
@@ -287,9 +319,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     keep_every=config.checkpoint.keep_every,
     async_save=config.checkpoint.async_save,
   )
+  aside = checkpoint_lib.quarantined(ckpt.directory)
+  if aside:
+    logging.warning(
+      "%s holds %d checkpoint step(s) an earlier run found unusable and moved aside: %s; inspect them with "
+      "python -m tmlx.checkpoint inspect, and delete them when done",
+      ckpt.directory,
+      len(aside),
+      ", ".join(aside),
+    )
   data_spec = data_pipelines.data_spec_hash(config)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings)
-  restored = ckpt.restore_latest(target)
+  try:
+    restored = ckpt.restore_latest(target, config=resolved)
+    state = None if restored is not None else _initial_state(config, spec, target)
+  except BaseException:
+    ckpt.close()
+    raise
   if restored is not None:
     state, latest = restored
     logging.info("resumed from checkpoint step %d in %s", latest, ckpt.directory)
@@ -302,8 +348,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         saved_spec,
         data_spec,
       )
-  else:
-    state = _initial_state(config, spec, target)
+  # Only now: a config that a checkpoint here refused does not replace the one that wrote it.
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump({"hash": config_lib.config_hash(config), "config": resolved}, f, indent=1)
 
   def save(step: int, state: TrainState) -> None:
     data = {"step": step, "seed": config.seed, "spec_hash": data_spec}
@@ -386,7 +434,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       watchdog.beat(step)
       local, stats = next(data)
       data_stats.add(stats)
-      if preemption.agreed():  # a SIGTERM in any process: every process stops here, after step - 1
+      # A background save that failed, or a lock another job took over, stops every process now
+      # (not at the next save), in the same all-gather as the preemption flag.
+      trouble = _trouble(lock, ckpt)
+      preempted, troubled = preemption.agreed(trouble is not None)
+      if troubled:
+        raise trouble or checkpoint_lib.CheckpointError("another process of this job stopped here: see its log")
+      if preempted:  # a SIGTERM in any process: every process stops here, after step - 1
         done = step - 1
         if config.checkpoint.every > 0 and done > start and not every(done, config.checkpoint.every):
           save(done, state)
@@ -433,11 +487,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   finally:
     try:
       ckpt.close()
-      writer.close()
     finally:
-      preemption.close()  # only now: a SIGTERM while the last save finishes does not cut it short
-      watchdog.close()
+      try:
+        writer.close()
+      finally:
+        preemption.close()  # only now: a SIGTERM while the last save finishes does not cut it short
+        watchdog.close()
   return last_metrics
+
+
+def _trouble(lock: WorkdirLock | None, ckpt: Checkpointer) -> Exception | None:
+  """This process's reason to stop now: its lock was taken over, or a background save failed."""
+  try:
+    if lock is not None:
+      lock.check()
+    ckpt.check()
+  except (WorkdirLockLostError, checkpoint_lib.CheckpointSaveError) as e:
+    return e
+  return None
 
 
 def _duplex_eval(probe, step: int, state: TrainState, *, report: bool) -> dict[str, float]:
@@ -495,21 +562,17 @@ def _initial_state(config: ml_collections.ConfigDict, spec: StateSpec, target: T
   another run), else `init.params_from` (its parameters, with a fresh optimizer), else scratch."""
   init = config.init
   if init.resume_from:
-    other = Checkpointer(checkpoint_lib.checkpoint_dir(init.resume_from), keep=1_000_000, async_save=False)
-    restored = other.restore_latest(target, quarantine=False)
+    other = checkpoint_lib.open_existing(init.resume_from, "config.init.resume_from:")
+    restored = other.restore_latest(target, quarantine=False, config=config.to_dict())
     other.close()
-    if restored is None:
-      raise FileNotFoundError(f"config.init.resume_from={init.resume_from!r}: no checkpoint there")
     logging.info("resumed from checkpoint step %d of %s (config.init.resume_from)", restored[1], other.directory)
     return restored[0]
   state = jax.jit(spec.init, out_shardings=spec.shardings)()
   if not init.params_from:
     logging.info("initialized from scratch")
     return state
-  other = Checkpointer(checkpoint_lib.checkpoint_dir(init.params_from), keep=1_000_000, async_save=False)
+  other = checkpoint_lib.open_existing(init.params_from, "config.init.params_from:")
   step = other.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"config.init.params_from={init.params_from!r}: no checkpoint there")
   reinit = tuple(r.strip() for r in init.reinit.split(",") if r.strip())
   loaded, fresh, unused = other.restore_params(step, target.params, reinit)
   other.close()
@@ -565,10 +628,12 @@ class Preemption:
       logging.warning("SIGTERM received: stopping at the next step boundary with a checkpoint")
     self.requested = True
 
-  def agreed(self) -> bool:
+  def agreed(self, trouble: bool = False) -> tuple[bool, bool]:
+    """(whether any process has the notice, whether any process reports `trouble`)."""
     if jax.process_count() == 1:
-      return self.requested
-    return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+      return self.requested, trouble
+    flags = multihost_utils.process_allgather(np.array([self.requested, trouble], np.int32)).reshape(-1, 2)
+    return bool(flags[:, 0].max()), bool(flags[:, 1].max())
 
   def close(self) -> None:
     if self._previous is not None:

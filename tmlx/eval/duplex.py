@@ -876,9 +876,10 @@ def main(argv=None) -> int:
   for d in dirs:
     if not os.path.isfile(os.path.join(d, "manifest.json")):
       raise SystemExit(f"--data {d}: no episode dataset here (no manifest.json); build one with data_pipelines.build")
-  if not os.path.exists(args.checkpoint):
-    raise SystemExit(f"--checkpoint {args.checkpoint}: no such directory")
-  model, config, step = load_model(args.checkpoint, step=args.step, devices=jax.devices()[:1])
+  try:
+    model, config, step = load_model(args.checkpoint, step=args.step, devices=jax.devices()[:1])
+  except FileNotFoundError as e:
+    raise SystemExit(f"--checkpoint: {e}") from None
   for name in ("temperature", "top_p", "audio_temperature", "audio_steps", "window"):
     if getattr(args, name) is not None:
       config.stream[name] = getattr(args, name)

@@ -86,7 +86,10 @@ def evaluate(args: argparse.Namespace) -> dict:
 
   zero = _ids(args.zero, "--zero", ABLATIONS)
   disabled = _ids(args.disable_experts, "--disable_experts")
-  model, config, step = load_model(args.checkpoint, step=args.step)
+  try:
+    model, config, step = load_model(args.checkpoint, step=args.step)
+  except FileNotFoundError as e:
+    raise SystemExit(f"--checkpoint: {e}") from None
   num_experts = config.model.moe.num_experts
   if any(not 0 <= e < num_experts for e in disabled):
     raise SystemExit(f"--disable_experts: ids must be in 0..{num_experts - 1}")

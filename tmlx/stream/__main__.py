@@ -107,7 +107,11 @@ def plot_timeline(path: str, heard: np.ndarray, said: np.ndarray, turns: list[di
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
+  for flag, path in (("--input", args.input), ("--video", args.video)):  # before loading anything heavy
+    if path is not None and not os.path.isfile(path):
+      raise SystemExit(f"{flag} {path}: no such file")
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise SystemExit(f"--out {args.out}: exists and is not a directory")
   import jax
   import soundfile as sf
 
@@ -116,7 +120,11 @@ def main(argv=None) -> int:
   from tmlx.inference import load_model
   from tmlx.stream.session import Session
 
-  model, config, step = load_model(args.checkpoint, step=args.step, devices=jax.devices()[:1])
+  try:
+    model, config, step = load_model(args.checkpoint, step=args.step, devices=jax.devices()[:1])
+  except FileNotFoundError as e:
+    raise SystemExit(f"--checkpoint: {e}") from None
+  os.makedirs(args.out, exist_ok=True)
   for name in ("temperature", "top_p", "audio_temperature", "audio_steps"):
     if getattr(args, name) is not None:
       config.stream[name] = getattr(args, name)
