@@ -94,10 +94,18 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   ici, dcn = _ici_and_dcn(mesh_config, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  from jax.experimental import mesh_utils
+
   if math.prod(dcn.values()) == 1:
     shape = tuple(ici[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-  from jax.experimental import mesh_utils
+    try:
+      return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+      # A physical topology whose axes do not each match a mesh axis (expert=16 on a v5p 4x8x8
+      # slice): split physical axes. The last mesh axes (expert, tensor) still get the innermost,
+      # best-connected rings of chips.
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      return Mesh(grid, MESH_AXES, axis_types=auto)
 
   ici_shape = tuple(ici[a] for a in MESH_AXES)
   dcn_shape = tuple(dcn[a] for a in MESH_AXES)
@@ -109,7 +117,9 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
       f"config.mesh.dcn: axis sizes {dcn} multiply to {math.prod(dcn_shape)}, but the devices span "
       f"{granules} {kind}; the DCN product must equal that number"
     )
-  grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, process_is_granule=not by_slice)
+  grid = mesh_utils.create_hybrid_device_mesh(
+    ici_shape, dcn_shape, devices, process_is_granule=not by_slice, allow_split_physical_axes=True
+  )
   return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
