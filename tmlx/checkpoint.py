@@ -469,10 +469,23 @@ class Checkpointer:
       )
     return found
 
+  def _saved_leaves(self, step: int) -> dict:
+    """{leaf name: metadata (shape, dtype)} of the arrays saved at `step`, read without the arrays."""
+    return {leaf_name(p): leaf for p, leaf in jax.tree.leaves_with_path(self._manager.item_metadata(step).state)}
+
+  def pick_step(self, step: int | None, path: str) -> int:
+    """`step`, or the latest when None; FileNotFoundError naming `path` when it is not saved here."""
+    steps = self.all_steps()
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise FileNotFoundError(f"checkpoint {path}: no step {step} (steps: {steps})")
+    return step
+
   def _misfit(self, step: int, abstract_state) -> str | None:
     """The first difference between the arrays saved at `step` and `abstract_state` (names, then
     shapes and dtypes), or None when the tree fits."""
-    saved = {leaf_name(p): leaf for p, leaf in jax.tree.leaves_with_path(self._manager.item_metadata(step).state)}
+    saved = self._saved_leaves(step)
     wanted = {leaf_name(p): leaf for p, leaf in jax.tree.leaves_with_path(abstract_state)}
     for name in sorted(set(wanted) - set(saved)):
       return f"array {name} {list(wanted[name].shape)} of this config is not in the checkpoint"
@@ -527,7 +540,7 @@ class Checkpointer:
     it, unless exactly one dimension grew (more experts): then the saved array is returned as it
     is, for the caller to place at the start of that dimension (`grown_axis`).
     """
-    saved = {leaf_name(p): leaf for p, leaf in jax.tree.leaves_with_path(self._manager.item_metadata(step).state)}
+    saved = self._saved_leaves(step)
     current = {leaf_name(("params",) + tuple(p)): leaf for p, leaf in jax.tree.leaves_with_path(abstract_params)}
     wanted, fresh = {}, []
     for name, leaf in current.items():
@@ -594,13 +607,10 @@ class Checkpointer:
   def close(self) -> None:
     """Waits for the save in flight and closes; a failed save raises CheckpointSaveError here
     unless it was raised already."""
-    reported = bool(self._failed)
     try:
-      with self._save_errors():
-        self._manager.wait_until_finished()
-    except CheckpointSaveError:
-      if not reported:
-        raise
+      if not self._failed:  # a failure already raised is not raised again
+        with self._save_errors():
+          self._manager.wait_until_finished()
     finally:
       try:
         self._manager.close()
@@ -670,9 +680,7 @@ def inspect(path: str, step: int | None = None, check: bool = False, out=sys.std
   ckpt = open_existing(path)
   steps = ckpt.all_steps()
   print(f"checkpoints in {ckpt.directory}: steps {steps}", file=out)
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f"checkpoint {path}: no step {step} (steps: {steps})")
-  step = steps[-1] if step is None else step
+  step = ckpt.pick_step(step, path)
   meta = ckpt.restore_meta(step)
   config = ckpt.restore_config(step)
   print(

@@ -96,10 +96,16 @@ def _finite_floats(config, schema, prefix: str = "") -> None:
       raise ConfigError(f"config.{prefix}{key}={config[key]}: must be a finite number")
 
 
-def _in_range(config, name: str, low: float, high: float, *, high_open: bool = False) -> None:
+def _field(config, name: str):
+  """The value of dotted field `name` ('optimizer.b1')."""
   node = config
   for part in name.split("."):
     node = node[part]
+  return node
+
+
+def _in_range(config, name: str, low: float, high: float, *, high_open: bool = False) -> None:
+  node = _field(config, name)
   if not (low <= node < high if high_open else low <= node <= high):
     raise ConfigError(f"config.{name}={node}: must be in [{low}, {high}{')' if high_open else ']'}")
 
@@ -119,9 +125,7 @@ def _check_datasets(value: str, field: str) -> None:
 
 def _positive(config, *names: str) -> None:
   for name in names:
-    node = config
-    for part in name.split("."):
-      node = node[part]
+    node = _field(config, name)
     if node <= 0:
       raise ConfigError(f"config.{name}={node}: must be > 0")
 
@@ -161,9 +165,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _in_range(config, "optimizer.final_lr_fraction", 0.0, 1.0)
   _in_range(config, "optimizer.b1", 0.0, 1.0, high_open=True)
   _in_range(config, "optimizer.b2", 0.0, 1.0, high_open=True)
-  for name in ("optimizer.warmup_steps", "optimizer.eps", "optimizer.weight_decay", "checkpoint.every"):
-    _in_range(config, name, 0, math.inf)
-  for name in ("checkpoint.keep_every", "runtime.cpu_devices", "train.max_consecutive_bad_steps"):
+  for name in (
+    "optimizer.warmup_steps",
+    "optimizer.eps",
+    "optimizer.weight_decay",
+    "checkpoint.every",
+    "checkpoint.keep_every",
+    "runtime.cpu_devices",
+    "train.max_consecutive_bad_steps",
+  ):
     _in_range(config, name, 0, math.inf)
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(

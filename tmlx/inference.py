@@ -19,19 +19,9 @@ def load_config(path: str, *, step: int | None = None) -> ml_collections.ConfigD
   """The resolved config saved with checkpoint `step` (default: the latest) under `path`."""
   ckpt = open_existing(path)
   try:
-    return _saved_config(ckpt, _step(ckpt, path, step))[0]
+    return _saved_config(ckpt, ckpt.pick_step(step, path))[0]
   finally:
     ckpt.close()
-
-
-def _step(ckpt: Checkpointer, path: str, step: int | None) -> int:
-  steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint under {path!r}")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"no checkpoint step {step} under {path!r} (steps: {steps})")
-  return step
 
 
 def _saved_config(ckpt: Checkpointer, step: int) -> tuple[ml_collections.ConfigDict, int]:
@@ -56,7 +46,7 @@ def load_model(
   against their fingerprints."""
   ckpt = open_existing(path)
   try:
-    config, step = _saved_config(ckpt, _step(ckpt, path, step))
+    config, step = _saved_config(ckpt, ckpt.pick_step(step, path))
     devices = list(jax.devices() if devices is None else devices)
     if mesh is not None:
       config.mesh.update(mesh)

@@ -98,6 +98,17 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _holder(current) -> dict:
+  """The lock record of a tensorstore read result ({} when missing or not a JSON object)."""
+  if current.state == "missing":
+    return {}
+  try:
+    record = json.loads(current.value)
+  except ValueError:
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
 def describe(record: dict) -> str:
   started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.get("started", 0)))
   return f"host {record.get('host')!r}, pid {record.get('pid')}, started {started}"
@@ -144,11 +155,7 @@ class WorkdirLock:
         if generation:
           return generation
         continue
-      try:
-        holder = json.loads(current.value)
-        holder = holder if isinstance(holder, dict) else {}
-      except ValueError:
-        holder = {}
+      holder = _holder(current)
       why = self._stale(holder)
       if why is None:
         raise WorkdirLockedError(
@@ -169,7 +176,7 @@ class WorkdirLock:
       pid, beat = int(holder["pid"]), float(holder["heartbeat"])
     except (KeyError, TypeError, ValueError):
       return "the record is unreadable"
-    if holder.get("host") == socket.gethostname() and holder.get("space") == _process_space():
+    if holder.get("host") == self._record["host"] and holder.get("space") == self._record["space"]:
       if pid == os.getpid() and holder.get("token") not in _HELD:  # a restarted container reuses pids
         return f"process {pid} is this process, started again"
       if not _pid_alive(pid):
@@ -199,11 +206,7 @@ class WorkdirLock:
         except Exception as e:
           logging.warning("%s: heartbeat failed (%s); retrying", self.where, e)
           return
-        try:
-          mine = current.state != "missing" and json.loads(current.value).get("token") == self._record["token"]
-        except (ValueError, AttributeError):
-          mine = False
-        if mine:
+        if _holder(current).get("token") == self._record["token"]:
           self._generation = current.stamp.generation
           return
         self.lost = True
