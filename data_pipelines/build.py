@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fnmatch
 import glob
 import json
 import logging
@@ -79,6 +80,7 @@ from data_pipelines.episode import (
   validate,
   write_dataset,
 )
+from tmlx import paths
 
 log = logging.getLogger("data_pipelines.build")
 
@@ -555,13 +557,13 @@ def build_text_episodes(
 
 
 def write_episodes(episodes: list[Episode], out: str | os.PathLike, episodes_per_shard: int = 64) -> int:
-  """Writes a dataset to `out`, removing shards of an earlier build that the new manifest does not list."""
-  out = pathlib.Path(out)
+  """Writes a dataset to `out` (a directory or an object-store URL, written locally and then copied:
+  `write_dataset`), removing shards of an earlier build that the new manifest does not list."""
   write_dataset(episodes, out, episodes_per_shard=episodes_per_shard)
-  keep = set(json.loads((out / MANIFEST).read_text())["shards"])
-  for old in out.glob("episodes-*-of-*.array_record"):
-    if old.name not in keep:
-      old.unlink()
+  keep = set(json.loads(paths.read_text(paths.join(out, MANIFEST)))["shards"])
+  for name in paths.listdir(out):
+    if fnmatch.fnmatch(name, "episodes-*-of-*.array_record") and name not in keep:
+      paths.remove(paths.join(out, name))
   return len(episodes)
 
 
@@ -584,7 +586,13 @@ class OutputError(Exception):
 
 
 def check_out(out: str | os.PathLike) -> None:
-  """Raises OutputError (status 2) unless `out` is a writable directory or can be created as one."""
+  """Raises OutputError (status 2) unless `out` is a writable directory or can be created as one
+  (an object-store URL: unless an object has that name; whether the bucket takes writes shows when
+  the dataset is copied there)."""
+  if paths.is_remote(out):
+    if paths.is_file(out):
+      raise OutputError(f"--out {out}: exists and is not a directory", 2)
+    return
   path = pathlib.Path(out)
   if os.path.lexists(path) and not path.is_dir():
     raise OutputError(f"--out {path}: exists and is not a directory", 2)

@@ -57,12 +57,14 @@ import math
 import os
 import pathlib
 import struct
+import tempfile
 from collections.abc import Iterable
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from data_pipelines.contract import MICRO_TURN_SECONDS, SAMPLE_RATE, SAMPLES_PER_MICRO_TURN
+from tmlx import paths
 
 SCHEMA_VERSION = 1
 MAGIC = b"TMLXEPI1"
@@ -562,8 +564,17 @@ def write_dataset(
   """Writes episodes into ArrayRecord shards plus `manifest.json`; returns the manifest entries.
 
   Each episode is validated first (DataError names the episode id). Shards are written under a
-  temporary name and renamed when complete, and the manifest is written last.
+  temporary name and renamed when complete, and the manifest is written last. ArrayRecord cannot
+  write to object storage: an `out_dir` URL is written in a local temporary directory (room for the
+  whole dataset) and then copied there, shards first and the manifest last.
   """
+  if paths.is_remote(out_dir):
+    with tempfile.TemporaryDirectory(prefix="tmlx_dataset_") as tmp:
+      entries = write_dataset(episodes, tmp, episodes_per_shard, chunk_seconds)
+      names = json.loads((pathlib.Path(tmp) / MANIFEST).read_text())["shards"]
+      for name in [*names, MANIFEST]:
+        paths.upload(os.path.join(tmp, name), paths.join(out_dir, name))
+    return entries
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   shards: list[list[Episode]] = [[]]
@@ -608,6 +619,8 @@ def _check_shard_name(directory: pathlib.Path, shard, manifest: str, where: str)
   if pathlib.PurePath(shard).is_absolute() or ".." in pathlib.PurePath(shard).parts:
     why = "an absolute path" if pathlib.PurePath(shard).is_absolute() else "a path with '..'"
     raise DataError("schema", manifest, f"{where} has shard {shard!r} outside the dataset directory: {why}")
+  if paths.is_remote(directory):  # no symlinks in object storage: the name decides
+    return
   root = directory.resolve()
   target = (directory / shard).resolve()
   if root not in target.parents:
@@ -626,7 +639,7 @@ class EpisodeReader:
   """
 
   def __init__(self, directory: str | os.PathLike):
-    self.directory = pathlib.Path(directory)
+    self.directory = paths.path(directory)  # pathlib, or epath for a gs:// URL
     path = self.directory / MANIFEST
     if not path.is_file():
       raise FileNotFoundError(

@@ -34,6 +34,7 @@ from data_pipelines.align import AlignSpec, Layout, align
 from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, FRAMES_PER_MICRO_TURN, RowSpec
 from data_pipelines.episode import SKIP_REASONS, DataError, EpisodeHeader, EpisodeReader, Span
 from data_pipelines.tokenizer import Tokenizer
+from tmlx import paths
 
 _MAX_CONSECUTIVE_SKIPS = 1000
 STAT_KEYS = ("windows", *(f"skipped_{r}" for r in SKIP_REASONS))
@@ -53,14 +54,14 @@ def parse_mixture(spec: str, root: str | os.PathLike | None = None) -> list[Mixt
   """Parses config `data.mixture`: "DIR:WEIGHT,DIR:WEIGHT,..." (a bare DIR has weight 1).
 
   A relative DIR is looked up in the working directory, then under `root` (the project root, where
-  the sample corpus lives).
+  the sample corpus lives). A DIR may be an object-store URL (`gs://BUCKET/PATH:0.5`).
   """
   entries = []
   for part in (p.strip() for p in spec.split(",")):
     if not part:
       continue
     path, sep, weight = part.rpartition(":")
-    if not sep:
+    if not sep or "/" in weight:  # no weight: a bare DIR, or a bare URL ('gs' + '//BUCKET/PATH')
       path, weight = part, "1"
     try:
       w = float(weight)
@@ -68,6 +69,9 @@ def parse_mixture(spec: str, root: str | os.PathLike | None = None) -> list[Mixt
       raise ValueError(f"config data.mixture: weight {weight!r} of {path!r} is not a number") from None
     if not w > 0:
       raise ValueError(f"config data.mixture: weight of {path!r} is {w}; weights must be positive")
+    if paths.is_remote(path):
+      entries.append(MixtureEntry(path.rstrip("/"), w))
+      continue
     p = pathlib.Path(path)
     if not p.is_absolute() and not p.exists() and root is not None and (pathlib.Path(root) / p).exists():
       p = pathlib.Path(root) / p

@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines.contract import PATCH_SIZE, Kind
-from tmlx import cli
+from tmlx import cli, paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/tiny.py.")
 _STEP = flags.DEFINE_integer("step", 0, "Training step of the row.")
@@ -124,7 +124,8 @@ def render(row: dict, tokenizer, path: str, title: str) -> None:
   ax.text(0, 1, "\n".join(lines) or "(no micro-turns)", family="monospace", fontsize=7, va="top")
   ax.set_title("aligned text per micro-turn", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  with paths.open(path, "wb") as f:
+    fig.savefig(f, format=os.path.splitext(path)[1][1:] or "png", dpi=80)
   plt.close(fig)
 
 
@@ -135,10 +136,10 @@ def _check_paths(config) -> None:
 
   out = _OUT.value
   if out:
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
+    parent = os.path.dirname(paths.absolute(out))
+    if not paths.is_remote(out) and not os.path.isdir(parent):  # object storage has no directories
       sys.exit(f"--out={out}: no directory {parent} to write it in")
-    if os.path.isdir(out):
+    if paths.is_dir(out):
       sys.exit(f"--out={out}: is a directory; give the PNG's file name")
   try:
     missing = missing_paths(config)

@@ -23,6 +23,7 @@ from data_pipelines.episode import MANIFEST
 from data_pipelines.episode_source import EpisodeSource, EpisodeSourceSpec, empty_stats, parse_mixture
 from data_pipelines.synthetic import SyntheticSource, SyntheticSpec
 from data_pipelines.tokenizer import make_tokenizer
+from tmlx import paths
 
 if TYPE_CHECKING:
   import grain
@@ -32,12 +33,15 @@ SOURCES = ("synthetic", "episodes")
 ON_ERROR = ("raise", "skip")
 
 
-def resolve_dirs(spec: str) -> list[pathlib.Path]:
-  """Comma-separated dataset directories, each relative one looked up in the working directory, then
-  in the project root (as `data.mixture` entries are)."""
+def resolve_dirs(spec: str) -> list:
+  """Comma-separated dataset directories (pathlib paths, or epath ones for object-store URLs), each
+  relative one looked up in the working directory, then in the project root (as `data.mixture`
+  entries are)."""
   out = []
   for part in (p.strip() for p in spec.split(",")):
-    if part:
+    if paths.is_remote(part):
+      out.append(paths.path(part.rstrip("/")))
+    elif part:
       path = pathlib.Path(part)
       if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
         path = PROJECT_ROOT / path
@@ -52,7 +56,7 @@ def missing_paths(config: ml_collections.ConfigDict) -> list[str]:
   out = []
   if d.source == "episodes":
     for m in parse_mixture(d.mixture, root=PROJECT_ROOT):
-      if not os.path.isfile(os.path.join(m.path, MANIFEST)):
+      if not paths.is_file(paths.join(m.path, MANIFEST)):
         out.append(
           f"config data.mixture: {m.path}: no episode dataset here (no {MANIFEST}); "
           "build one with `python -m data_pipelines.build`"

@@ -52,6 +52,7 @@ from praatio.data_classes.point_tier import PointTier
 
 from data_pipelines import build, video
 from data_pipelines.episode import MICRO_TURN_SECONDS, SAMPLE_RATE
+from tmlx import paths
 
 MODEL_VOICE = ("en-gb+f3", 180)
 # The model reacts to what it hears no sooner than this after it (a background call, an answer after a
@@ -568,8 +569,7 @@ def generate(
 ) -> dict[str, str]:
   """Writes raw inputs, then builds DIR/conversations, DIR/video and DIR/text, and the held-out
   DIR/heldout/conversations (and DIR/heldout/video, one video, when there are videos) from random
-  streams of their own; returns their summaries."""
-  out = pathlib.Path(out)
+  streams of their own; returns their summaries. DIR may be a gs:// URL (built locally, then copied)."""
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(raw) if raw else pathlib.Path(tmp)
     names = ["conversations", "video", "text"]
@@ -604,7 +604,7 @@ def generate(
         built[name] = build.build_text_episodes([d], on_error="raise")
   summaries = {}
   for name, (episodes, skips) in built.items():
-    written = build.write_episodes(episodes, out / name) if episodes else 0
+    written = build.write_episodes(episodes, paths.join(out, name)) if episodes else 0
     summaries[name] = build.summary(written, skips)
   return summaries
 

@@ -157,7 +157,8 @@ def get_config(arg=None):
   #              its keys) and the first with a matching substring wins;
   #   mesh       ICI axis sizes, e.g. {"fsdp": 8, "expert": 8}; dcn  DCN axis sizes, e.g. {"data": 4};
   #   xla_flags  appended to XLA_FLAGS (LIBTPU_INIT_ARGS on TPU) before JAX starts;
-  #   remat      model.remat for this accelerator ("" keeps the preset's).
+  #   remat      model.remat for this accelerator ("" keeps the preset's);
+  #   grad_accum_steps  optimizer.grad_accum_steps (micro-batches per step) for it (0 keeps).
   # Fields a row leaves out keep the preset's values. No row matches: the preset is used as is.
   c.mesh_rules = mlc.ConfigDict()
 
@@ -287,6 +288,17 @@ def get_config(arg=None):
   # logs of two runs to check that they trained on the same rows (e.g. N processes against one).
   c.logging.row_digests = False
 
+  c.profile = mlc.ConfigDict()
+  # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 (`tmlx.profiling`), in
+  # <workdir>/profile/plugins/profile/<time>/<host>.xplane.pb (TensorBoard's profile plugin, XProf);
+  # each step is inside a "train" step marker. 0: no trace. Start after the first few steps, whose
+  # times are not typical (the first saves and data reads); keep the window short (a trace of a
+  # large model is large).
+  c.profile.start_step = 0
+  c.profile.num_steps = 3
+  # Processes that write a trace: comma-separated indices ("0,8"), or "all".
+  c.profile.processes = "0"
+
   c.stream = mlc.ConfigDict()
   # Streaming sessions (tmlx.stream). Attention window in positions: each new position attends
   # to this many latest ones (itself included) and the KV cache is a ring of that size, so a
@@ -317,6 +329,14 @@ def get_config(arg=None):
   # data=2 x expert=4). In a multi-process job the mesh spans processes x this many devices. It
   # does not limit threads or cores, and is ignored on GPU and TPU. 0: JAX's default (one device).
   c.runtime.cpu_devices = 0
+  # Persistent compilation cache (`tmlx.compile_cache`): compiled programs are stored, and a later
+  # start of the same program (a resume, a rerun) loads them instead of compiling. Programs that
+  # compile in under a second are not stored (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS changes
+  # that); only process 0 writes. False: compile every time.
+  c.runtime.compile_cache = True
+  # Its directory; empty: JAX_COMPILATION_CACHE_DIR if the environment sets it, else
+  # <workdir>/compile_cache. One directory shared by the runs of a project compiles each program once.
+  c.runtime.compile_cache_dir = ""
   return c
 
 

@@ -28,13 +28,14 @@ def test_rows_are_chosen_by_substring_and_applied():
   env = {"XLA_FLAGS": "--xla_dump_to=/nowhere"}
   gpu = _pod()
   assert accelerators.apply(gpu, "nvidia h100 80gb hbm3", env) == "gpu_hopper"
-  assert (gpu.mesh.expert, gpu.mesh.dcn.fsdp, gpu.model.remat) == (8, -1, "full")
+  assert (gpu.mesh.expert, gpu.mesh.dcn.fsdp, gpu.model.remat, gpu.optimizer.grad_accum_steps) == (8, -1, "full", 1)
   assert env["XLA_FLAGS"] == "--xla_dump_to=/nowhere --xla_gpu_enable_latency_hiding_scheduler=true"
   assert sharding.mesh_shape(gpu.mesh, 64) == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}  # 8 nodes
 
   tpu = _pod()
   assert accelerators.apply(tpu, "tpu v5p-1024", env) == "tpu_v5p"
   assert "--xla_tpu_enable_async_collective_fusion=true" in env["LIBTPU_INIT_ARGS"]
+  assert tpu.optimizer.grad_accum_steps == 2  # micro-batches for headroom (tests/test_plan_compile.py)
   assert sharding.mesh_shape(tpu.mesh, 1024) == {"data": 4, "fsdp": 4, "expert": 16, "tensor": 4}  # 4 slices
 
   cpu = _pod()
@@ -49,6 +50,7 @@ def test_rows_are_chosen_by_substring_and_applied():
     (dict(match="h100", mesh=dict(fsdpp=2)), r"mesh_rules\.bad\.mesh\.fsdpp: not a mesh axis"),
     (dict(match="h100", dcn=dict(data=0)), r"mesh_rules\.bad\.dcn\.data=0"),
     (dict(match="h100", remat="some"), r"mesh_rules\.bad\.remat='some'"),
+    (dict(match="h100", grad_accum_steps=-2), r"mesh_rules\.bad\.grad_accum_steps=-2: expected an integer"),
     (dict(match="h100", flags="x"), r"mesh_rules\.bad\.flags: unknown field"),
   ],
 )

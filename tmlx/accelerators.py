@@ -1,5 +1,5 @@
 """The accelerator a process runs on, found before JAX starts, and the experiment's row of
-`config.mesh_rules` for it (mesh shape, DCN shape, XLA flags, remat policy).
+`config.mesh_rules` for it (mesh shape, DCN shape, XLA flags, remat policy, micro-batches).
 
 XLA reads its flags when the backend is created, so the row is chosen from what the machine says
 without JAX: `TMLX_ACCELERATOR` if set (an override, e.g. "h100"); "cpu" when JAX_PLATFORMS is
@@ -25,7 +25,7 @@ from absl import logging
 from tmlx.config import ConfigError
 
 ENV_ACCELERATOR = "TMLX_ACCELERATOR"
-ROW_FIELDS = ("match", "mesh", "dcn", "xla_flags", "remat")
+ROW_FIELDS = ("match", "mesh", "dcn", "xla_flags", "remat", "grad_accum_steps")
 
 
 def detect(env: Mapping[str, str] | None = None, nvidia_smi: Callable[[], str | None] | None = None) -> str:
@@ -84,17 +84,20 @@ def apply(config, accelerator: str | None = None, environ: MutableMapping[str, s
     config.mesh.dcn[axis] = int(size)
   if row.get("remat"):
     config.model.remat = row["remat"]
+  if row.get("grad_accum_steps"):
+    config.optimizer.grad_accum_steps = int(row["grad_accum_steps"])
   flags = str(row.get("xla_flags") or "").strip()
   if flags:
     var = "LIBTPU_INIT_ARGS" if accelerator.startswith("tpu") else "XLA_FLAGS"
     environ[var] = f"{environ.get(var, '')} {flags}".strip()
   logging.info(
-    "mesh_rules: row %r for accelerator %r: mesh %s, dcn %s, remat %s, xla flags %r",
+    "mesh_rules: row %r for accelerator %r: mesh %s, dcn %s, remat %s, %d micro-batches, xla flags %r",
     name,
     accelerator,
     {a: config.mesh[a] for a in ("data", "fsdp", "expert", "tensor")},
     dict(config.mesh.dcn),
     config.model.remat,
+    config.optimizer.grad_accum_steps,
     flags,
   )
   return name
@@ -123,3 +126,6 @@ def check_rules(rules: Mapping) -> None:
     remat = row.get("remat") or ""
     if remat and remat not in CHOICES["model.remat"]:
       raise ConfigError(f"{where}.remat={remat!r}: expected one of {CHOICES['model.remat']} (or '' to keep)")
+    accum = row.get("grad_accum_steps", 0)
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 0:
+      raise ConfigError(f"{where}.grad_accum_steps={accum!r}: expected an integer ≥ 1 (or 0 to keep)")

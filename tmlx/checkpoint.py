@@ -49,6 +49,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 import tmlx
+from tmlx import paths
 
 _GOLDEN = 2654435761  # odd multiplier that spreads element indices over 32 bits
 _MASK = np.uint64(2**32 - 1)
@@ -256,8 +257,8 @@ def leaf_name(path) -> str:
 
 def checkpoint_dir(path: str) -> str:
   """The checkpoint directory of `path`, a workdir or a checkpoint directory."""
-  inner = os.path.join(path, "checkpoints")
-  return inner if os.path.isdir(inner) else path
+  inner = paths.join(path, "checkpoints")
+  return inner if paths.is_dir(inner) else path
 
 
 def open_existing(path: str, what: str = "checkpoint") -> Checkpointer:
@@ -265,7 +266,7 @@ def open_existing(path: str, what: str = "checkpoint") -> Checkpointer:
   hold at least one step: NoCheckpointError, a FileNotFoundError (one line, naming `what` and the path) otherwise.
   Nothing is created, so a mistyped path stays a mistake and does not become an empty directory."""
   directory = checkpoint_dir(path)
-  if "://" not in directory and not os.path.isdir(directory):
+  if not paths.is_dir(directory):
     raise NoCheckpointError(f"{what} {path}: no such directory (expected a workdir or its checkpoints directory)")
   ckpt = Checkpointer(directory, keep=1, async_save=False, read_only=True)
   if not ckpt.all_steps():
@@ -342,7 +343,7 @@ class Checkpointer:
   keeping the latest `keep` steps and, with `keep_every` > 0, every step divisible by it."""
 
   def __init__(self, directory: str, *, keep: int, async_save: bool, keep_every: int = 0, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)  # a gs:// URL as it is: Orbax writes there itself
     policies = [checkpoint_managers.LatestN(keep)]
     if keep_every > 0:
       policies.append(checkpoint_managers.EveryNSteps(keep_every))
@@ -520,9 +521,9 @@ class Checkpointer:
     """Moves unusable steps aside (kept for a post-mortem) so that the run can save them again."""
     if jax.process_index() == 0:
       for step in steps:
-        bad = os.path.join(self.directory, str(step))
+        bad = paths.join(self.directory, str(step))
         aside = f"{bad}.unusable-{int(time.time())}"
-        os.rename(bad, aside)
+        paths.move(bad, aside)  # on object storage a copy, then the deletion of the step
         logging.warning("moved unusable checkpoint step %d to %s", step, aside)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("tmlx checkpoint quarantine")
@@ -578,7 +579,7 @@ class Checkpointer:
     leaves carry and checked against their fingerprints."""
     _require_shardings(abstract)
     restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(self.directory, str(step), "state"),
+      paths.join(self.directory, str(step), "state"),
       args=ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
       ),
@@ -642,9 +643,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 def quarantined(directory: str) -> list[str]:
   """Names of the steps an earlier run moved aside as unusable (`<step>.unusable-<time>`)."""
-  if not os.path.isdir(directory):
-    return []
-  return sorted(n for n in os.listdir(directory) if ".unusable-" in n)
+  return [n for n in paths.listdir(directory) if ".unusable-" in n]
 
 
 def grown_axis(old_shape: tuple, new_shape: tuple) -> int | None:

@@ -21,7 +21,7 @@ from data_pipelines.contract import (
   min_positions_per_micro_turn,
 )
 from experiments import base
-from tmlx import sharding
+from tmlx import profiling, sharding
 from tmlx.nn.flow_head import T_SAMPLINGS
 from tmlx.nn.model import DTYPES, REMAT_POLICIES
 from tmlx.nn.moe import ROUTER_SCORES, TRANSPORTS
@@ -232,6 +232,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}"
     )
   step_list(config.train.inject_nan_at_steps, "train.inject_nan_at_steps")
+  _in_range(config, "profile.start_step", 0, math.inf)
+  if config.profile.start_step:
+    _positive(config, "profile.num_steps")
+  try:
+    profiling.processes(config.profile.processes)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   try:
     table = sharding.rules_table(config.mesh.rules)
   except sharding.ShardingError as e:

@@ -6,6 +6,7 @@ This is the only module of tmlx that reads flags.
 
 from __future__ import annotations
 
+import atexit
 import logging as std_logging
 import os
 import sys
@@ -31,21 +32,35 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Keeps INFO chatter of Orbax's internals out of the training log (warnings still pass)."""
+  """Keeps INFO chatter of Orbax's and the object-storage clients' internals (a line per file read
+  from gs://) out of the training log (warnings still pass)."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+    quiet = ("/orbax/", "/gcsfs/", "/fsspec/")
+    return record.levelno >= std_logging.WARNING or not any(q in record.pathname for q in quiet)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # The goodput clock of this run segment, from the process's start; its last write is an exit
+  # hook registered before JAX's own, so that it runs after them (hooks run last-in first-out).
+  from tmlx import goodput
+
+  recorder = goodput.Recorder(goodput.process_start_time())
+  atexit.register(recorder.finish)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = cli.load_config(_CONFIG)
   # Before JAX creates a backend: the experiment's row for this accelerator (mesh, XLA flags).
   from tmlx import accelerators
 
   accelerators.apply(config)
+  if accelerators.detect() == "cpu" and not os.environ.get("JAX_PLATFORMS"):
+    # No TPU or NVIDIA GPU here: do not let installed accelerator plugins (the test extras'
+    # libtpu and CUDA plugin, for topology descriptions) try to start and print their failures.
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
   # Also before: fake CPU devices for single-machine runs.
   # In a multi-process job this is the device count of each process (see tmlx.distributed).
   if config.runtime.cpu_devices > 0:
@@ -63,14 +78,15 @@ def main(argv):
     local_device_ids=_LOCAL_DEVICE_IDS.value,
   )
   try:
-    distributed.initialize_from_env(overrides=overrides)
+    with recorder.span("distributed_init"):
+      distributed.initialize_from_env(overrides=overrides)
   except distributed.DistributedEnvError as e:
     logging.error("%s", e)
     sys.exit(f"invalid multi-process setup: {e}")
 
   import jax
 
-  from tmlx import checkpoint, train, workdir_lock
+  from tmlx import checkpoint, paths, train, workdir_lock
   from tmlx import config as config_lib
 
   try:
@@ -79,11 +95,11 @@ def main(argv):
     logging.error("%s", e)
     sys.exit(f"invalid config: {e}")
   workdir = _WORKDIR.value
-  if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+  if paths.exists(workdir) and not paths.is_dir(workdir):
     sys.exit(f"--workdir={workdir}: exists and is not a directory")
-  logging.info("workdir %s", workdir if "://" in workdir else os.path.abspath(workdir))
+  logging.info("workdir %s", paths.absolute(workdir))
   try:
-    metrics = train.run(config, workdir)
+    metrics = train.run(config, workdir, recorder)
   except (workdir_lock.WorkdirLockedError, checkpoint.IncompatibleCheckpointError, checkpoint.NoCheckpointError) as e:
     logging.error("%s", e)
     sys.exit(f"refused: {e}")

@@ -1,4 +1,5 @@
-"""Metric writers: JSONL and TensorBoard events in the workdir, plus a progress line.
+"""Metric writers: JSONL and TensorBoard events in the workdir (a local directory or an object-store
+URL, `tmlx.paths`), plus a progress line.
 
 Only process 0 writes; on other processes every method is a no-op.
 """
@@ -14,22 +15,49 @@ import jax
 import numpy as np
 from absl import logging
 
+from tmlx import paths
+
+FLUSH_S = 30.0  # object storage: the longest a logged row waits in memory (checkpoints flush sooner)
+
 
 class MetricWriter:
-  """Writes `{step, **scalars}` to `<workdir>/metrics.jsonl` and TensorBoard event files."""
+  """Writes `{step, **scalars}` to `<workdir>/metrics.jsonl` and TensorBoard event files.
 
-  def __init__(self, workdir: str, *, tensorboard: bool, enabled: bool | None = None):
+  A run that resumes from `start_step` keeps the rows of steps up to it and drops later ones (and a
+  line cut by a kill): the steps it trains again log them again, so after any number of kills and
+  resumes every step has one row. On a local disk rows are appended one line at a time. Object
+  storage cannot append (an append silently overwrites), so there the rows are held in memory and
+  `flush` rewrites the whole object: the train loop flushes before each checkpoint save, so the
+  rows a checkpoint covers are stored before the checkpoint can exist; `write` flushes at most every
+  FLUSH_S seconds, and `close` at the end. A crash loses at most the rows since the last flush,
+  which belong to steps after the last checkpoint, which the resumed run logs again.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool, enabled: bool | None = None, start_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
+    self._rows: list[str] | None = None  # object storage: every row of the file, rewritten on flush
+    self._flushed = time.monotonic()
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    paths.makedirs(workdir)
+    self._path = paths.join(workdir, "metrics.jsonl")
+    kept, changed = _kept_rows(self._path, start_step)
+    if paths.is_remote(workdir):
+      self._rows = kept
+      if changed:
+        self.flush()
+    else:
+      if changed:  # replaced whole, so that a kill now leaves the old file or the new one
+        tmp = self._path + ".tmp"
+        paths.write_text(tmp, "".join(kept))
+        os.replace(tmp, self._path)
+      self._jsonl = open(self._path, "a", buffering=1)
     if tensorboard:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float], arrays: dict[str, np.ndarray] | None = None) -> None:
     """Scalars, plus arrays (e.g. expert load [L, E]: nested lists in JSONL, one histogram per row
@@ -38,7 +66,13 @@ class MetricWriter:
       return
     clean = {k: float(v) for k, v in scalars.items()}
     lists = {k: np.asarray(v).tolist() for k, v in (arrays or {}).items()}
-    self._jsonl.write(json.dumps({"step": step, **clean, **lists}, allow_nan=True) + "\n")
+    line = json.dumps({"step": step, **clean, **lists}, allow_nan=True) + "\n"
+    if self._rows is not None:
+      self._rows.append(line)
+      if time.monotonic() - self._flushed >= FLUSH_S:
+        self.flush()
+    else:
+      self._jsonl.write(line)
     if self._tb is not None:
       for k, v in clean.items():
         self._tb.add_scalar(k, v, step)
@@ -46,11 +80,45 @@ class MetricWriter:
         for i, row in enumerate(np.asarray(v).reshape(-1, np.shape(v)[-1])):
           self._tb.add_histogram(f"{k}/layer_{i}", row, step)
 
+  def flush(self) -> None:
+    """Stores every row written so far (and the TensorBoard events)."""
+    if not self.enabled:
+      return
+    if self._rows is not None:
+      paths.write_text(self._path, "".join(self._rows))
+      self._flushed = time.monotonic()
+    if self._tb is not None:
+      self._tb.flush()
+
   def close(self) -> None:
+    if self._rows is not None:
+      self.flush()
+      self._rows = None
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _kept_rows(path: str, start_step: int | None) -> tuple[list[str], bool]:
+  """The lines of an existing metrics file that a run resuming from `start_step` keeps (all when
+  None), and whether any was dropped."""
+  try:
+    text = paths.read_text(path)
+  except FileNotFoundError:
+    return [], False
+  lines = text.splitlines(keepends=True)
+  if start_step is None:
+    return lines, False
+  kept = []
+  for line in lines:
+    try:
+      complete = line.endswith("\n") and json.loads(line)["step"] <= start_step
+    except (ValueError, KeyError, TypeError):  # cut by a kill, or not a row
+      complete = False
+    if complete:
+      kept.append(line)
+  return kept, len(kept) != len(lines)
 
 
 class Progress:

@@ -1,19 +1,27 @@
-"""Pod plan: per-device memory of parameters and optimizer state, without any device.
+"""Pod plan: per-device memory of a config on the chips it is meant for, without the chips.
 
-`python -m tmlx.plan --config=experiments/tml_interaction_small.py --devices=256`
+`python -m tmlx.plan --config=experiments/tml_interaction_small.py --devices=256` counts what
+lives on a device between steps: parameters, optimizer state and the step counter. The mesh is an
+AbstractMesh (axis names and sizes only) and the train state comes from `jax.eval_shape`, so this
+runs on a laptop for any pod size. Gradients, activations and XLA temporaries come on top.
 
-The mesh is an AbstractMesh (axis names and sizes only) and the train state comes from
-`jax.eval_shape`, so this runs on a laptop for any pod size, and tells before a launch whether a
-mesh fits the chips. It counts what lives on the device between steps: parameters, optimizer
-state and the step counter. Gradients (one more parameter-sized buffer during the step),
-activations and XLA temporaries come on top.
+`python -m tmlx.plan --config=... --compile --topology=v5p-512` compiles the real train step for
+the target (`tmlx.targets`: TPU slices from libtpu's topology descriptions, GPU clusters from the
+CUDA plugin's) and reports what XLA's memory analysis says of one chip: arguments, outputs,
+temporaries and the peak against the chip's HBM, the compile time, XLA's FLOPs beside
+`tmlx.flops`, and partitioner warnings that mean wasted memory or bandwidth (findings). It exits
+non-zero when the step does not fit, or fits with less headroom than --max_hbm_fraction.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import re
 import sys
+import time
 
 import jax
 import ml_collections
@@ -21,7 +29,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 from tmlx import config as config_lib
-from tmlx import sharding, train
+from tmlx import flops, sharding, targets, train
 
 # Chip memory in decimal GB as vendors quote it (an H100 has 80 GB, a TPU v5p chip 95 GB).
 # Decimal is the smaller reading of "GB", so fractions against it err on the safe side.
@@ -198,6 +206,173 @@ def format_plan(p: PodPlan) -> str:
   return "\n".join(lines)
 
 
+# --- Compiling the step for a target without the hardware (--compile) -------------------------
+
+# Partitioner and compiler warnings that mean the program moves or recomputes far more than it
+# should: printed as findings and checked by tests (a preset should have none).
+FINDING_PATTERNS = ("Involuntary full rematerialization",)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledPlan:
+  """Per-chip memory of the compiled train step on a target, from XLA's memory analysis."""
+
+  target: str
+  chip: str
+  mesh: dict[str, int]
+  num_layers: int
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int  # outputs written in place of donated arguments (the train state)
+  temp_bytes: int
+  peak_bytes: int  # XLA's peak where it reports one, else argument + output - alias + temp
+  peak_source: str  # 'xla' or 'sum'
+  hbm_bytes: float
+  compile_s: float
+  xla_flops: float | None  # XLA's cost analysis of the step, per chip (None where not given)
+  model_flops: float  # tmlx.flops of one step, per chip
+  findings: tuple[str, ...]
+
+  @property
+  def fraction(self) -> float:
+    return self.peak_bytes / self.hbm_bytes
+
+  def golden(self) -> dict:
+    """What the golden files hold: the memory figures (bytes), exact for pinned compilers."""
+    keys = ("target", "mesh", "num_layers", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")
+    return {k: getattr(self, k) for k in (*keys, "peak_bytes")}
+
+
+class _CapturedStderr:
+  """Copies what C++ code writes to file descriptor 2 (XLA's warnings) while it is entered, and
+  writes it through afterwards."""
+
+  def __enter__(self):
+    import tempfile
+
+    sys.stderr.flush()
+    self._file = tempfile.TemporaryFile(mode="w+b")
+    self._saved = os.dup(2)
+    os.dup2(self._file.fileno(), 2)
+    return self
+
+  def __exit__(self, *exc):
+    sys.stderr.flush()
+    os.dup2(self._saved, 2)
+    os.close(self._saved)
+    self._file.seek(0)
+    self.text = self._file.read().decode(errors="replace")
+    self._file.close()
+    sys.stderr.write(self.text)
+    return False
+
+
+def _findings(log: str) -> tuple[str, ...]:
+  lines = [line.strip() for line in log.splitlines() if any(p in line for p in FINDING_PATTERNS)]
+  # The same warning repeats per layer or per collective; keep one of each text.
+  return tuple(dict.fromkeys(re.sub(r"^\S+ \S+\s+\d+ \S+:\d+\] ", "", line) for line in lines))
+
+
+def compile_step(
+  config: ml_collections.ConfigDict, target: targets.Target, devices=None, save_executable: str | None = None
+) -> CompiledPlan:
+  """Compiles the train step of `config` (its mesh rules for `target` already applied, see
+  `for_target`) for `target`'s devices and reads back what XLA says of its memory.
+
+  Raises DoesNotFit when the compiler runs out of the chip's memory. With `save_executable`, writes
+  the serialized executable there (loadable with `jax.experimental.serialize_executable`
+  `deserialize_and_load` on the target's devices)."""
+  devices = target.devices() if devices is None else devices
+  config_lib.validate(config, len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules_table(config.mesh.rules)
+  spec = _state_spec(config, mesh)
+  step_fn, _, abstract_batch = train.jit_train_step(config, spec, mesh, rules)
+  t0 = time.perf_counter()
+  with _CapturedStderr() as log:
+    try:
+      compiled = step_fn.lower(spec.abstract, abstract_batch).compile()
+    except Exception as e:  # XLA raises its own runtime error type
+      if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+        raise DoesNotFit(f"{target.name}: the train step does not fit one {target.chip}: {_first_line(e)}") from e
+      raise
+  compile_s = time.perf_counter() - t0
+  if save_executable:
+    import pickle
+
+    from jax.experimental import serialize_executable
+
+    with open(save_executable, "wb") as f:
+      pickle.dump(serialize_executable.serialize(compiled), f)
+  mem = compiled.memory_analysis()
+  peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+  summed = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list):  # older jax: one dict per program
+    cost = cost[0] if cost else None
+  tokens = config.data.global_batch_size * config.data.seq_len
+  return CompiledPlan(
+    target=target.name,
+    chip=target.chip,
+    mesh=dict(mesh.shape),
+    num_layers=config.model.num_layers,
+    argument_bytes=int(mem.argument_size_in_bytes),
+    output_bytes=int(mem.output_size_in_bytes),
+    alias_bytes=int(mem.alias_size_in_bytes),
+    temp_bytes=int(mem.temp_size_in_bytes),
+    peak_bytes=peak or int(summed),
+    peak_source="xla" if peak else "sum",
+    hbm_bytes=target.hbm_bytes,
+    compile_s=compile_s,
+    xla_flops=float(cost["flops"]) if cost and "flops" in cost else None,
+    model_flops=flops.flops_per_token(config) * tokens / len(devices),
+    findings=_findings(log.text),
+  )
+
+
+class DoesNotFit(RuntimeError):
+  pass
+
+
+def _first_line(e: BaseException) -> str:
+  return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def for_target(config: ml_collections.ConfigDict, target: targets.Target, environ: dict) -> str | None:
+  """Applies the preset's mesh-rules row for `target` to `config` and its XLA flags to `environ`
+  (LIBTPU_INIT_ARGS or XLA_FLAGS, read when the target's compiler starts); returns the row."""
+  from tmlx import accelerators
+
+  return accelerators.apply(config, accelerator=target.accelerator, environ=environ)
+
+
+def format_compiled(c: CompiledPlan) -> str:
+  mesh = " x ".join(f"{a}={n}" for a, n in c.mesh.items())
+  gib = 2**30
+  lines = [
+    f"compiled train step for {c.target} ({c.chip}), mesh {mesh}, {c.num_layers} layers, in {c.compile_s:.0f}s",
+    f"per chip: arguments {c.argument_bytes / gib:.2f} GiB, outputs {c.output_bytes / gib:.2f} GiB "
+    f"(aliased {c.alias_bytes / gib:.2f} GiB), temporaries {c.temp_bytes / gib:.2f} GiB",
+    f"peak {c.peak_bytes / gib:.2f} GiB{'' if c.peak_source == 'xla' else ' (arguments + outputs - aliased + temps)'}"
+    f" = {c.fraction:.1%} of the {c.hbm_bytes / GB:.0f} GB of one {c.chip}",
+    f"FLOPs per chip per step: model (tmlx.flops) {c.model_flops:.4g}, XLA cost analysis "
+    + (
+      "not given for this platform"
+      if c.xla_flops is None
+      else f"{c.xla_flops:.4g} ({c.xla_flops / c.model_flops:.2f}x)"
+    ),
+  ]
+  if c.xla_flops is not None and c.num_layers > 1:
+    # XLA's cost analysis counts the body of a while loop (the scanned layers) once.
+    lines.append("  (XLA counts the scanned layers once: compare the two at --config.model.num_layers=1)")
+  if c.findings:
+    lines.append(f"findings ({len(c.findings)}): the partitioner could not shard these efficiently")
+    lines += [f"  {f}" for f in c.findings]
+  else:
+    lines.append("findings: none")
+  return "\n".join(lines)
+
+
 def _cli() -> None:
   # Flags are defined only when run as a program: importing `plan` next to tmlx.main (tests do)
   # must not register a second --config.
@@ -208,19 +383,51 @@ def _cli() -> None:
     "config", None, "Experiment file, e.g. experiments/tml_interaction_small.py.", lock_config=True
   )
   devices = flags.DEFINE_integer("devices", 256, "Devices in the pod; fills the mesh axis that is -1.")
+  topology = flags.DEFINE_string(
+    "topology",
+    None,
+    f"Target chips ({', '.join(targets.KNOWN)}, ...): the preset's mesh-rules row for them applies and "
+    "--devices is theirs.",
+  )
+  compile_ = flags.DEFINE_bool(
+    "compile", False, "Compile the train step for --topology (no hardware needed) and report its memory."
+  )
+  max_fraction = flags.DEFINE_float(
+    "max_hbm_fraction", 0.8, "With --compile: fail when the peak exceeds this fraction of one chip's HBM."
+  )
+  save_executable = flags.DEFINE_string("save_executable", None, "With --compile: write the serialized executable.")
+  json_out = flags.DEFINE_string("json", None, "With --compile: write the figures as JSON to this file.")
   flags.mark_flags_as_required(["config"])
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # Shapes and shardings only: never open an accelerator (on a TPU VM that would also take the
-    # chips from a training job running there).
+    # chips from a training job running there). Topology descriptions open none either.
     jax.config.update("jax_platforms", "cpu")
+    if compile_.value and not topology.value:
+      sys.exit("invalid flags: --compile needs --topology (e.g. --topology=v5p-512)")
     try:
-      p = plan(config.value, devices.value)
-    except (config_lib.ConfigError, sharding.ShardingError) as e:
-      sys.exit(f"invalid config: {e}")
-    print(format_plan(p))
+      target = targets.target(topology.value) if topology.value else None
+      if target is not None:
+        for_target(config.value, target, os.environ)  # XLA flags before the target's compiler starts
+      if not compile_.value:
+        print(format_plan(plan(config.value, target.num_devices if target else devices.value)))
+        return
+      result = compile_step(config.value, target, save_executable=save_executable.value)
+    except ValueError as e:  # ConfigError and ShardingError are ValueErrors; so are unknown topologies
+      sys.exit(f"invalid config: {e}" if not str(e).startswith("--") else f"invalid flags: {e}")
+    except DoesNotFit as e:
+      sys.exit(f"does not fit: {e}")
+    print(format_compiled(result))
+    if json_out.value:
+      with open(json_out.value, "w") as f:
+        json.dump(dataclasses.asdict(result), f, indent=1)
+    if result.fraction > max_fraction.value:
+      sys.exit(
+        f"does not fit with headroom: peak {result.peak_bytes / 2**30:.2f} GiB is {result.fraction:.1%} of one "
+        f"{result.chip}'s HBM, above --max_hbm_fraction={max_fraction.value}"
+      )
 
   app.run(main)
 
@@ -229,4 +436,18 @@ if __name__ == "__main__":
   _cli()
 
 
-__all__ = ["CHIPS", "PlanRow", "PodPlan", "VariableLayout", "abstract_mesh", "format_plan", "plan", "variable_layouts"]
+__all__ = [
+  "CHIPS",
+  "CompiledPlan",
+  "DoesNotFit",
+  "PlanRow",
+  "PodPlan",
+  "VariableLayout",
+  "abstract_mesh",
+  "compile_step",
+  "for_target",
+  "format_compiled",
+  "format_plan",
+  "plan",
+  "variable_layouts",
+]

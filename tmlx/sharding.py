@@ -109,8 +109,12 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
   ici_shape = tuple(ici[a] for a in MESH_AXES)
   dcn_shape = tuple(dcn[a] for a in MESH_AXES)
-  by_slice = all(getattr(d, "slice_index", None) is not None for d in devices) and devices[0].platform == "tpu"
-  granules = len({d.slice_index for d in devices}) if by_slice else len({d.process_index for d in devices})
+  # A TPU slice is the ICI domain (one slice's devices may carry no slice_index at all).
+  by_slice = devices[0].platform == "tpu"
+  if by_slice:
+    granules = len({getattr(d, "slice_index", 0) for d in devices})
+  else:
+    granules = len({d.process_index for d in devices})
   if granules != math.prod(dcn_shape):
     kind = "TPU slices" if by_slice else "processes (hosts)"
     raise ShardingError(

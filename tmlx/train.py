@@ -30,8 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipelines
 from tmlx import checkpoint as checkpoint_lib
+from tmlx import compile_cache, flops, goodput, paths, profiling, sharding
 from tmlx import config as config_lib
-from tmlx import flops, sharding
 from tmlx.checkpoint import Checkpointer
 from tmlx.losses import LossConfig, loss_sums, target_counts
 from tmlx.metrics import MetricWriter, Progress
@@ -243,6 +243,25 @@ def step_config(config: ml_collections.ConfigDict, spec: StateSpec, mesh, rules)
   )
 
 
+def jit_train_step(config: ml_collections.ConfigDict, spec: StateSpec, mesh, rules):
+  """(jitted step, batch shardings, abstract global batch): what `run` compiles, and what
+  `tmlx.plan --compile` compiles for a target it does not have (`step_fn.lower(spec.abstract,
+  abstract_batch).compile()`)."""
+  row = data_pipelines.row_spec(config)
+  batch_sh = {k: sharding.batch_sharding(mesh, rules, len(shape) + 1) for k, (shape, _) in row.fields().items()}
+  step_fn = jax.jit(
+    functools.partial(train_step, sc=step_config(config, spec, mesh, rules)),
+    in_shardings=(spec.shardings, batch_sh),
+    out_shardings=(spec.shardings, NamedSharding(mesh, PartitionSpec())),
+    donate_argnums=(0,),
+  )
+  abstract_batch = {
+    k: jax.ShapeDtypeStruct((config.data.global_batch_size, *shape), dtype, sharding=batch_sh[k])
+    for k, (shape, dtype) in row.fields().items()
+  }
+  return step_fn, batch_sh, abstract_batch
+
+
 def _update_router_biases(model_state: dict, expert_load: jax.Array, rate: float) -> dict:
   """Aux-loss-free balancing of every MoE layer from this step's load [L, E]."""
   if rate == 0:
@@ -265,17 +284,36 @@ def _global_batch(local: dict, shardings: dict) -> dict:
   return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def run(config: ml_collections.ConfigDict, workdir: str, recorder: goodput.Recorder | None = None) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns final metrics.
 
   The job holds the workdir's lock (`tmlx.workdir_lock`) from before it writes anything there
-  until it ends: a second trainer on the same workdir refuses to start."""
+  until it ends: a second trainer on the same workdir refuses to start. `recorder` is the goodput
+  clock of this process (tmlx.main starts it at process start and writes it last at exit); without
+  one, the run keeps its own from this call on and writes it when it returns."""
   config_lib.validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   lock = _lock_workdir(workdir)
+  own_recorder = recorder is None
+  recorder = goodput.Recorder() if own_recorder else recorder
+  restore_cache_setting = None
   try:
-    return _run(config, workdir, lock)
+    recorder.attach(workdir, write=jax.process_index() == 0)
+    # After the lock: a refused trainer writes nothing here. Before the first compile of the run.
+    cache_dir = compile_cache.directory(config.runtime, workdir)
+    restore_cache_setting = compile_cache.enable(cache_dir)
+    recorder.compile_cache(dir=cache_dir)
+    logging.info("persistent compilation cache: %s", cache_dir or "off (config.runtime.compile_cache=False)")
+    return _run(config, workdir, lock, recorder)
+  except BaseException as e:
+    recorder.ended_by(f"stopped: {type(e).__name__}")
+    raise
   finally:
+    recorder.enter("shutdown")
+    if restore_cache_setting is not None:
+      restore_cache_setting()
+    if own_recorder:
+      recorder.finish()
     if lock is not None:
       lock.release()
 
@@ -298,7 +336,9 @@ def _lock_workdir(workdir: str) -> WorkdirLock | None:
   return lock
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | None) -> dict[str, float]:
+def _run(
+  config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | None, recorder: goodput.Recorder
+) -> dict[str, float]:
   # Mesh.
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_table(config.mesh.rules)
@@ -314,7 +354,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | No
 
   # Restore (latest checkpoint in the workdir) or initialize from scratch, sharded.
   ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
+    paths.join(workdir, "checkpoints"),
     keep=config.checkpoint.keep,
     keep_every=config.checkpoint.keep_every,
     async_save=config.checkpoint.async_save,
@@ -330,12 +370,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | No
     )
   data_spec = data_pipelines.data_spec_hash(config)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings)
+  recorder.enter("restore")
   try:
     restored = ckpt.restore_latest(target, config=resolved)
     state = None if restored is not None else _initial_state(config, spec, target)
   except BaseException:
     ckpt.close()
     raise
+  recorder.enter("startup")
   if restored is not None:
     state, latest = restored
     logging.info("resumed from checkpoint step %d in %s", latest, ckpt.directory)
@@ -350,14 +392,26 @@ def _run(config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | No
       )
   # Only now: a config that a checkpoint here refused does not replace the one that wrote it.
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with paths.open(paths.join(workdir, "config.json"), "w") as f:
       json.dump({"hash": config_lib.config_hash(config), "config": resolved}, f, indent=1)
 
   def save(step: int, state: TrainState) -> None:
     data = {"step": step, "seed": config.seed, "spec_hash": data_spec}
-    ckpt.save(step, state, resolved, mesh_shape=dict(mesh.shape), data=data)
+    with recorder.span("checkpoint"):
+      writer.flush()  # the metrics rows up to `step` are stored before a checkpoint of it can exist
+      ckpt.save(step, state, resolved, mesh_shape=dict(mesh.shape), data=data)
+    recorder.saved(step)
 
   start = int(state.step)
+  lost_steps, lost_s = recorder.restored(start)
+  if lost_steps:
+    logging.warning(
+      "goodput: %d step(s) (%.1f s of step time) that earlier runs in this workdir trained after step %d are "
+      "lost (not in the checkpoint resumed from) and run again",
+      lost_steps,
+      lost_s,
+      start,
+    )
 
   # Data: this process's rows of each global batch, from the restored step on.
   row = data_pipelines.row_spec(config)
@@ -370,7 +424,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | No
       process_count=jax.process_count(),
     )
   )
-  batch_sh = {k: sharding.batch_sharding(mesh, rules, len(shape) + 1) for k, (shape, _) in row.fields().items()}
+  step_fn, batch_sh, abstract_batch = jit_train_step(config, spec, mesh, rules)
   local_rows = config.data.global_batch_size // jax.process_count()
   logging.info(
     "data: process %d reads rows %d..%d of each global batch of %d",
@@ -394,21 +448,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | No
     )
 
   # Compile once.
-  sc = step_config(config, spec, mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  step_fn = jax.jit(
-    functools.partial(train_step, sc=sc),
-    in_shardings=(spec.shardings, batch_sh),
-    out_shardings=(spec.shardings, replicated),
-    donate_argnums=(0,),
-  )
+  recorder.enter("compile")
   t0 = time.perf_counter()
-  abstract_batch = {
-    k: jax.ShapeDtypeStruct((config.data.global_batch_size, *shape), dtype, sharding=batch_sh[k])
-    for k, (shape, dtype) in row.fields().items()
-  }
+  hits_before = compile_cache.hits()
   compiled = step_fn.lower(state, abstract_batch).compile()
-  logging.info("compiled train_step in %.1fs", time.perf_counter() - t0)
+  requests, hits = (a - b for a, b in zip(compile_cache.hits(), hits_before))
+  recorder.compile_cache(train_step_hit=bool(hits) if requests else None)
+  logging.info(
+    "compiled train_step in %.1fs%s",
+    time.perf_counter() - t0,
+    " (persistent compilation cache hit)" if hits else "",
+  )
+  recorder.enter("startup")
 
   # Throughput accounting: model FLOPs per position and the peak of one device.
   flops_per_pos = flops.flops_per_token(config)
@@ -421,18 +472,23 @@ def _run(config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | No
   )
 
   # Loop. On any exit, in-flight checkpoint writes finish before the process goes.
-  writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard)
+  writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard, start_step=start)
   progress = Progress(start, num_steps)
   data_stats = DataStats(config.data.max_skip_ratio)
-  bad_steps = BadSteps(config.train.max_consecutive_bad_steps)
+  bad_steps = BadSteps(config.train.max_consecutive_bad_steps, on_bad=recorder.bad_step)
   last_metrics: dict[str, float] = {}
   t_log, step_log = time.perf_counter(), start
   preemption = Preemption()
   watchdog = Watchdog(config.train.step_timeout_s)
+  profiler = profiling.Profiler(config.profile, workdir, jax.process_index())
+  recorder.steps_begin()
   try:
     for step in range(start + 1, num_steps + 1):
       watchdog.beat(step)
-      local, stats = next(data)
+      with recorder.span("profile"):
+        profiler.step(step, state)
+      with recorder.span("data_wait"):
+        local, stats = next(data)
       data_stats.add(stats)
       # A background save that failed, or a lock another job took over, stops every process now
       # (not at the next save), in the same all-gather as the preemption flag.
@@ -444,7 +500,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | No
         done = step - 1
         if config.checkpoint.every > 0 and done > start and not every(done, config.checkpoint.every):
           save(done, state)
-        ckpt.wait()
+        with recorder.span("checkpoint"):
+          ckpt.wait()
+        recorder.ended_by(f"preempted at step {done}")
         if done in ckpt.all_steps():
           logging.warning("preempted at step %d: saved (checkpoint complete); rerun to resume", done)
         else:
@@ -476,15 +534,20 @@ def _run(config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | No
         m["bad_steps"] = float(bad_steps.total)
         progress.log(step, m)
         if evaluate:
-          m.update(_duplex_eval(probe, step, state, report=config.eval.report and step == num_steps))
+          with recorder.span("eval"):
+            m.update(_duplex_eval(probe, step, state, report=config.eval.report and step == num_steps))
         t_log, step_log = time.perf_counter(), step  # the evaluation's time is not a training step's
         writer.write(step, m, arrays)
         _warn_about(step, m, config)
         last_metrics = m
+      recorder.step_done(step)
       if every(step, config.checkpoint.every, last=num_steps if config.checkpoint.every > 0 else None):
         save(step, state)
     bad_steps.observe()
+    recorder.ended_by("completed")
   finally:
+    profiler.close()
+    recorder.enter("checkpoint")  # the last saves finish
     try:
       ckpt.close()
     finally:
@@ -692,8 +755,9 @@ class BadSteps:
   """Counts steps whose update was skipped for a non-finite loss or gradient (`bad_step` flag),
   and raises BadStepsError after more than `limit` in a row."""
 
-  def __init__(self, limit: int):
+  def __init__(self, limit: int, on_bad=None):
     self.limit = limit
+    self.on_bad = on_bad  # called with the number of each bad step (the goodput clock)
     self.total = 0
     self.consecutive = 0
     self.pending: tuple[int, jax.Array] | None = None  # (step, its device flag), not read yet
@@ -708,6 +772,8 @@ class BadSteps:
       return
     self.total += 1
     self.consecutive += 1
+    if self.on_bad is not None:
+      self.on_bad(step)
     logging.warning(
       "step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
       step,

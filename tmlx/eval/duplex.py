@@ -68,7 +68,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -78,6 +77,7 @@ from typing import Protocol
 import numpy as np
 
 from data_pipelines.contract import FRAMES_PER_MICRO_TURN, MICRO_TURN_SECONDS, NUM_MELS
+from tmlx import paths
 
 FRAME_S = MICRO_TURN_SECONDS / FRAMES_PER_MICRO_TURN
 IPU_GAP_S = 0.25
@@ -693,15 +693,16 @@ def _transcript_json(tr: Transcript) -> dict:
 
 
 def write_outputs(result: Result, conversations: Sequence[Conversation], out_dir: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
+  """Per-conversation JSON and PNG and summary.json in `out_dir` (a local directory or a URL)."""
+  paths.makedirs(out_dir)
   by_id = {c.id: c for c in conversations}
   for entry in result.conversations:
     live = entry["_live"]
     data = {k: v for k, v in entry.items() if not k.startswith("_")}
-    with open(os.path.join(out_dir, f"{_safe(entry['id'])}.json"), "w") as f:
+    with paths.open(paths.join(out_dir, f"{_safe(entry['id'])}.json"), "w") as f:
       json.dump(data, f, indent=1, default=_jsonable)
-    plot_conversation(os.path.join(out_dir, f"{_safe(entry['id'])}.png"), by_id[entry["id"]], live, entry)
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    plot_conversation(paths.join(out_dir, f"{_safe(entry['id'])}.png"), by_id[entry["id"]], live, entry)
+  with paths.open(paths.join(out_dir, "summary.json"), "w") as f:
     json.dump(result.summary, f, indent=1, default=_jsonable)
 
 
@@ -755,7 +756,8 @@ def plot_conversation(path: str, conv: Conversation, live: Transcript, entry: di
     fontsize=9,
   )
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
+  with paths.open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=90)
   plt.close(fig)
 
 
@@ -777,7 +779,7 @@ class TrainingProbe:
     self.config, self.graphdef = config, graphdef
     self.dirs = [str(d) for d in resolve_dirs(config.eval.data)]
     for d in self.dirs:
-      if not os.path.isfile(os.path.join(d, "manifest.json")):
+      if not paths.is_file(paths.join(d, "manifest.json")):
         raise FileNotFoundError(
           f"config.eval.data: {d} is not an episode dataset (no manifest.json); build one with "
           "`python -m data_pipelines.build` or `python -m data_pipelines.sample_corpus`"
@@ -874,7 +876,7 @@ def main(argv=None) -> int:
 
   dirs = [d.strip() for d in args.data.split(",") if d.strip()]
   for d in dirs:
-    if not os.path.isfile(os.path.join(d, "manifest.json")):
+    if not paths.is_file(paths.join(d, "manifest.json")):
       raise SystemExit(f"--data {d}: no episode dataset here (no manifest.json); build one with data_pipelines.build")
   try:
     model, config, step = load_model(args.checkpoint, step=args.step, devices=jax.devices()[:1])

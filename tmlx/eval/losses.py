@@ -164,7 +164,9 @@ def main(argv=None) -> int:
   for key, value in results.items():
     print(f"{key:22s} {value:.6g}" if isinstance(value, float) else f"{key:22s} {value}")
   if args.out:
-    with open(args.out, "w") as f:
+    from tmlx import paths
+
+    with paths.open(args.out, "w") as f:
       json.dump(results, f, indent=1)
   return 0
 

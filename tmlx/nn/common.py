@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tmlx import sharding
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -95,6 +97,20 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
   return (x32 - mean) * jax.lax.rsqrt(var + eps)
+
+
+def lookup(table: jax.Array, ids: jax.Array, row_axis: str | None) -> jax.Array:
+  """`table[ids]` for an embedding table [N, D] whose D is sharded over fsdp ('embed').
+
+  The table is first gathered whole along D (rows stay split by `row_axis`'s rule). Taken from
+  the fsdp-split table directly, the rows would come out split along D, and in the backward pass
+  their batch-split cotangent would have to be resharded to that layout, which GSPMD can only do
+  by replicating the whole [B, S, D] cotangent on every chip ("involuntary full
+  rematerialization"). Gathered first, the gradient is a local scatter-add followed by the
+  reduce-scatter every fsdp parameter's gradient gets.
+  """
+  table = sharding.constrain(table, (row_axis, None))
+  return jnp.take(table, ids, axis=0)
 
 
 def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:

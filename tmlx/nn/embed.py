@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from data_pipelines.contract import NUM_DMEL_BINS, NUM_MELS
-from tmlx.nn.common import Dense, Dtypes, RMSNorm, fan_in_init, param
+from tmlx.nn.common import Dense, Dtypes, RMSNorm, fan_in_init, lookup, param
 
 
 class TextEmbed(nnx.Module):
@@ -22,7 +22,7 @@ class TextEmbed(nnx.Module):
     self.table = param(rngs, fan_in_init(0), (vocab_size, d_model), ("vocab", "embed"), dtypes.param)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.table[...], tokens, axis=0).astype(self.dtypes.compute)
+    return lookup(self.table[...], tokens, "vocab").astype(self.dtypes.compute)
 
 
 class DmelBagEmbed(nnx.Module):
@@ -82,6 +82,6 @@ class HMLPStem(nnx.Module):
     x = jax.nn.gelu(self.norm2(self.stage2(x)))
     # Stage 3: the whole 5x5 grid → one vector.
     x = self.norm3(self.stage3(x.reshape(b, p, 25 * w)))
-    rows = jnp.take(self.row_embed[...], rowcol[..., 0].astype(jnp.int32), axis=0)
-    cols = jnp.take(self.col_embed[...], rowcol[..., 1].astype(jnp.int32), axis=0)
+    rows = lookup(self.row_embed[...], rowcol[..., 0].astype(jnp.int32), "stem")
+    cols = lookup(self.col_embed[...], rowcol[..., 1].astype(jnp.int32), "stem")
     return x + (rows + cols).astype(self.dtypes.compute)

@@ -17,7 +17,7 @@ from flax import nnx
 from data_pipelines.contract import NUM_KINDS, NUM_MELS, Kind
 from tmlx import sharding
 from tmlx.nn.attention import Attention, KVCache, attention_mask, rope_angles
-from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, param, scan_modules, stack_modules
+from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, lookup, param, scan_modules, stack_modules
 from tmlx.nn.embed import DmelBagEmbed, HMLPStem, TextEmbed
 from tmlx.nn.flow_head import FlowConfig, FlowHead
 from tmlx.nn.moe import MoE, MoEConfig, MoEStats
@@ -130,7 +130,7 @@ class InteractionModel(nnx.Module):
   def embed(self, batch: dict[str, jax.Array]) -> jax.Array:
     """Input embedding of every position: kind + (text | dMel bag | video patch) [B, S, D]."""
     kind = batch["kind"].astype(jnp.int32)
-    x = jnp.take(self.kind_embed[...], kind, axis=0).astype(self.cfg.dtypes.compute)
+    x = lookup(self.kind_embed[...], kind, None).astype(self.cfg.dtypes.compute)
     is_text = (kind == Kind.MT) | (kind == Kind.TEXT_IN) | (kind == Kind.TEXT_OUT)
     is_audio = (kind == Kind.AUDIO_IN) | (kind == Kind.AUDIO_OUT)
     x = x + jnp.where(is_text[..., None], self.text_embed(batch["tokens"]), 0)

@@ -23,6 +23,8 @@ import sys
 
 import numpy as np
 
+from tmlx import paths
+
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m tmlx.stream", description=__doc__.split("\n\n")[0])
@@ -101,7 +103,8 @@ def plot_timeline(path: str, heard: np.ndarray, said: np.ndarray, turns: list[di
       top.text(turn["t"] * T, 70, turn["heard"], fontsize=7, color="cyan", rotation=90, va="top")
   bottom.set_xlabel("seconds")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with paths.open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
   for flag, path in (("--input", args.input), ("--video", args.video)):  # before loading anything heavy
     if path is not None and not os.path.isfile(path):
       raise SystemExit(f"{flag} {path}: no such file")
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
+  if paths.exists(args.out) and not paths.is_dir(args.out):
     raise SystemExit(f"--out {args.out}: exists and is not a directory")
   import jax
   import soundfile as sf
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
     model, config, step = load_model(args.checkpoint, step=args.step, devices=jax.devices()[:1])
   except FileNotFoundError as e:
     raise SystemExit(f"--checkpoint: {e}") from None
-  os.makedirs(args.out, exist_ok=True)
+  paths.makedirs(args.out)
   for name in ("temperature", "top_p", "audio_temperature", "audio_steps"):
     if getattr(args, name) is not None:
       config.stream[name] = getattr(args, name)
@@ -176,8 +179,10 @@ def main(argv=None) -> int:
   if not turns:
     raise SystemExit(f"--input {args.input}: shorter than one 200 ms micro-turn")
   mel = np.concatenate(mels)
-  np.save(os.path.join(args.out, "mel.npy"), mel)
-  sf.write(os.path.join(args.out, "speech.wav"), griffin_lim(mel, args.griffin_lim_iters), SAMPLE_RATE)
+  with paths.open(paths.join(args.out, "mel.npy"), "wb") as f:
+    np.save(f, mel)
+  with paths.open(paths.join(args.out, "speech.wav"), "wb") as f:
+    sf.write(f, griffin_lim(mel, args.griffin_lim_iters), SAMPLE_RATE, format="WAV")
   lat = np.array(latencies) * 1000
   summary = {
     "checkpoint_step": step,
@@ -186,9 +191,9 @@ def main(argv=None) -> int:
     "late_micro_turns": sum(turn["late"] for turn in turns),
     "real_time_factor": round(busy / (len(turns) * T), 4),
   }
-  with open(os.path.join(args.out, "timeline.json"), "w") as f:
+  with paths.open(paths.join(args.out, "timeline.json"), "w") as f:
     json.dump({"summary": summary, "micro_turns": turns}, f, indent=1)
-  plot_timeline(os.path.join(args.out, "timeline.png"), np.concatenate(heard_bins), mel, turns)
+  plot_timeline(paths.join(args.out, "timeline.png"), np.concatenate(heard_bins), mel, turns)
   said = " | ".join(f"{turn['t']}: {turn['said']!r}" for turn in turns if turn["said"])
   print(f"said: {said[:2000] or '(nothing)'}")
   lq = summary["latency_ms"]
