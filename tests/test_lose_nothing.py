@@ -20,8 +20,8 @@ import pytest
 
 from tests.helpers import ROOT, run_main, synthetic_batch, tiny_config
 from tests.test_faults import N, Run, _assert_same_final_state, _assert_same_losses, _steps_on_disk, cache_env
+from tmlx import checkpoint, sharding, train, workdir_lock
 from tmlx import config as config_lib
-from tmlx import sharding, train, workdir_lock
 
 __all__ = ["cache_env"]  # the fixture, imported for its use below
 
@@ -233,6 +233,26 @@ def test_config_and_path_mistakes_fail_in_one_line_and_create_nothing(tmp_path):
 def _limit_file_size():
   signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
   resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+
+
+def test_the_reason_of_a_failed_write_keeps_the_os_error_and_drops_the_spec():
+  """Which of Orbax's writes fails first varies; when it is the open of an array, tensorstore puts
+  the whole spec it opened between the OS's words and its error code."""
+  kvstore = {"driver": "ocdbt", "base": "file:///w/"}
+  spec = json.dumps({"driver": "zarr", "kvstore": kvstore, "metadata": {f"k{i}": i for i in range(60)}})
+  where = "/w/checkpoints/2.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/d/8a60"
+  text = (
+    'OUT_OF_RANGE: Error opening "zarr" driver: Error writing "model_state.blocks.moe.router_bias/.zarray" in OCDBT '
+    f'database at local file "{where}": Failed writing: "{where}": Failed to write 512 bytes to file 17: '
+    f"File too large [tensorstore_spec='{spec}'] [os_error_code='27']"
+  )
+  try:
+    raise RuntimeError("saving failed") from ValueError(text)
+  except RuntimeError as e:
+    reason = checkpoint._reason(e)
+  assert reason.startswith('ValueError: OUT_OF_RANGE: Error opening "zarr" driver: Error writing'), reason
+  assert reason.endswith("File too large [os_error_code='27']"), reason
+  assert "tensorstore_spec" not in reason and len(reason) < 700, reason
 
 
 def test_a_failed_save_stops_the_run_in_one_line(tmp_path):

@@ -233,6 +233,12 @@ def test_a_run_on_gcs_is_killed_resumed_past_a_damaged_step_and_evaluated(gcs, t
   assert json.loads(gcs.get("run/config.json"))["config"]["train"]["num_steps"] == N
   assert len([n for n in names if n.startswith("run/tensorboard/events.out.tfevents.")]) >= 1
   assert "run/LOCK" not in names
+  # The goodput log: the killed segment's last periodic record, and the rerun's ended one, written
+  # while the store's client was still open (not from the exit hook, after it closed).
+  assert "goodput: could not write" not in log, log[-3000:]
+  records = [json.loads(gcs.get(n)) for n in sorted(names) if n.startswith("run/goodput/")]
+  assert [(r["ended"], r["outcome"]) for r in records] == [(False, "running"), (True, "completed")], records
+  assert records[1]["reached_step"] == N and records[1]["start_step"] == 2, records[1]
 
   # Restored for a duplex evaluation, its outputs in the bucket.
   out = f"{workdir}/eval"

@@ -306,14 +306,19 @@ class _OrbaxWriteTaskNoise(std_logging.Filter):
 std_logging.getLogger("asyncio").addFilter(_OrbaxWriteTaskNoise())
 
 
+_SPEC = re.compile(r"\s*\[tensorstore_spec='.*?'\](?=\s*\[|\s*$)")
+_OS_ERROR = re.compile(r"[^:\[\]]*\[os_error_code=[^\]]*\]")  # "File too large [os_error_code='27']"
+
+
 def _reason(e: BaseException) -> str:
   """The innermost message of an exception chain, in one line."""
   while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
     e = e.__cause__ or e.__context__
   text = " ".join(str(e).split())
+  text = _SPEC.sub("", text)  # tensorstore appends the whole spec it opened: noise in one line
   if len(text) > 600:  # tensorstore's messages name the file first; keep that and the OS error
-    os_error = re.search(r"[^:]*:[^:]*\[os_error_code=[^\]]*\]", text)
-    text = f"{text[:250]} ... {os_error.group(0).strip() if os_error else text[-300:]}"
+    os_errors = _OS_ERROR.findall(text)
+    text = f"{text[:250]} ... {os_errors[-1].strip() if os_errors else text[-300:]}"
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 

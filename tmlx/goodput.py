@@ -85,6 +85,7 @@ class Recorder:
     self._dir: str | None = None
     self._path: str | None = None
     self._written = -float("inf")
+    self._ended_written = False
     self._mark = 0.0  # productive seconds at the end of the previous step
     self._recent: dict[int, float] = {}  # step -> its seconds, for the last few steps
     self.facts: dict = {
@@ -204,7 +205,9 @@ class Recorder:
       "host": socket.gethostname(),
       "pid": os.getpid(),
       "process_start": self.process_start,
-      "updated": time.time(),
+      # The segment's clock, not time.time(): the wall clock may be slewed meanwhile, and the
+      # buckets must add up to updated - process_start exactly.
+      "updated": self.process_start + sum(self.seconds.values()),
       "ended": ended,
       "seconds": dict(self.seconds),
       **self.facts,
@@ -216,15 +219,22 @@ class Recorder:
     self._written = time.monotonic()
     try:
       _write_json(self._path, self.record(ended=ended))
-    except OSError as e:  # the log must never stop training
+    except Exception as e:  # noqa: BLE001 - the log must never stop training, whatever its store raises
       from absl import logging
 
       logging.warning("goodput: could not write %s: %s", self._path, e)
 
-  def finish(self) -> None:
-    """The last write of the segment (tmlx.main calls it from an exit hook, as late as it can)."""
+  def finish(self, *, at_exit: bool = False) -> None:
+    """The last write of the segment (tmlx.main calls it from an exit hook, as late as it can;
+    tmlx.train.run also calls it when training ends, so an object store, whose client may be
+    closed by the time exit hooks run, still gets an ended record)."""
+    if at_exit and self._path is not None and paths.is_remote(self._path) and self._ended_written:
+      self._path = None
+      return
     self.write(ended=True)
-    self._path = None
+    self._ended_written = True
+    if at_exit:
+      self._path = None
 
 
 def _write_json(path: str, record: dict) -> None:

@@ -48,7 +48,7 @@ def main(argv):
   from tmlx import goodput
 
   recorder = goodput.Recorder(goodput.process_start_time())
-  atexit.register(recorder.finish)
+  atexit.register(recorder.finish, at_exit=True)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = cli.load_config(_CONFIG)
   # Before JAX creates a backend: the experiment's row for this accelerator (mesh, XLA flags).

@@ -294,8 +294,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, recorder: goodput.Recor
   config_lib.validate(config, jax.device_count())
   paths.makedirs(workdir)
   lock = _lock_workdir(workdir)
-  own_recorder = recorder is None
-  recorder = goodput.Recorder() if own_recorder else recorder
+  recorder = goodput.Recorder() if recorder is None else recorder
   restore_cache_setting = None
   try:
     recorder.attach(workdir, write=jax.process_index() == 0)
@@ -312,10 +311,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, recorder: goodput.Recor
     recorder.enter("shutdown")
     if restore_cache_setting is not None:
       restore_cache_setting()
-    if own_recorder:
-      recorder.finish()
     if lock is not None:
       lock.release()
+    recorder.finish()  # tmlx.main's exit hook writes once more, where the store is still open
 
 
 def _lock_workdir(workdir: str) -> WorkdirLock | None:
