@@ -60,6 +60,33 @@ def test_retention_keeps_the_latest_and_every_kth(tmp_path):
   assert Checkpointer(str(tmp_path), keep=2, keep_every=4, async_save=False).all_steps() == [4, 8, 9, 10]
 
 
+def test_a_save_of_small_replicated_arrays_compiles_nothing(tmp_path):
+  """Orbax's default cuts every replicated array into one slice per replica, a device program
+  compiled per shape (about 12 s in the first save of a tiny run); small arrays are written whole."""
+  mesh = jax.make_mesh((8,), ("data",))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state = {f"a{n}": jax.device_put(jnp.arange(8.0 * n).reshape(8, n), replicated) for n in range(1, 13)}
+  compiles = []
+
+  def on_compile(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(on_compile)
+  try:
+    ckpt = Checkpointer(str(tmp_path), keep=1, async_save=True)
+    ckpt.save(1, state, {"x": 1})
+    ckpt.close()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_compile)
+  assert compiles == [], compiles
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+  reader = Checkpointer(str(tmp_path), keep=1, async_save=False, read_only=True)
+  restored = reader.restore(1, target)
+  reader.close()
+  assert all(np.array_equal(restored[k], state[k]) for k in state)
+
+
 def _run(config, workdir, steps):
   config.train.num_steps = steps
   return train.run(config, str(workdir))

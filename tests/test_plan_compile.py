@@ -24,7 +24,9 @@ LAYERS = 2
 
 
 def _plan(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")}
+  # The compile itself is under test (its time is reported): no persistent cache (tests/conftest.py).
+  drop = ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "JAX_COMPILATION_CACHE_DIR")
+  env = {k: v for k, v in os.environ.items() if k not in drop}
   cmd = [sys.executable, "-m", "tmlx.plan", *args]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -23,6 +23,7 @@ import builtins
 import os
 import pathlib
 import shutil
+from collections.abc import Callable
 from typing import IO, Any
 
 
@@ -64,29 +65,27 @@ def _fs(url: str):
   return fs, fs._strip_protocol(url)
 
 
-def exists(p: str | os.PathLike) -> bool:
+def _probe(p: str | os.PathLike, local: Callable[[str], bool], remote: str) -> bool:
+  """`local(p)` on a local path; else the filesystem's method `remote`, asked afresh: another
+  process (or tensorstore) may have written there since a cached listing."""
   if not is_remote(p):
-    return os.path.exists(p)
+    return local(p)
   fs, where = _fs(os.fspath(p))
-  fs.invalidate_cache(where)  # another process (or tensorstore) may have written it since a listing
-  return fs.exists(where)
+  fs.invalidate_cache(where)
+  return getattr(fs, remote)(where)
+
+
+def exists(p: str | os.PathLike) -> bool:
+  return _probe(p, os.path.exists, "exists")
 
 
 def is_dir(p: str | os.PathLike) -> bool:
   """A local directory, or a URL prefix with at least one object under it."""
-  if not is_remote(p):
-    return os.path.isdir(p)
-  fs, where = _fs(os.fspath(p))
-  fs.invalidate_cache(where)
-  return fs.isdir(where)
+  return _probe(p, os.path.isdir, "isdir")
 
 
 def is_file(p: str | os.PathLike) -> bool:
-  if not is_remote(p):
-    return os.path.isfile(p)
-  fs, where = _fs(os.fspath(p))
-  fs.invalidate_cache(where)
-  return fs.isfile(where)
+  return _probe(p, os.path.isfile, "isfile")
 
 
 def makedirs(p: str | os.PathLike) -> None:
