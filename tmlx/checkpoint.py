@@ -214,7 +214,7 @@ def _named(paths, prints: np.ndarray) -> dict[str, list[int]]:
 # replicated shard writes a slice of it) only where a slice is at least this big. Cutting a slice
 # is a device program compiled per array shape: for the norm scales, biases and small tables it
 # costs more than it saves, and the first save of a process compiled one for each of them (about
-# 10 s for the tiny config on CPU; on a pod, a compile per distinct small shape on every host).
+# 12 s for the tiny config on CPU; on a pod, a compile per distinct small shape on every host).
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 16 << 20
 
 

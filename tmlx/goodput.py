@@ -85,7 +85,6 @@ class Recorder:
     self._dir: str | None = None
     self._path: str | None = None
     self._written = -float("inf")
-    self._ended_written = False
     self._mark = 0.0  # productive seconds at the end of the previous step
     self._recent: dict[int, float] = {}  # step -> its seconds, for the last few steps
     self.facts: dict = {
@@ -225,16 +224,12 @@ class Recorder:
       logging.warning("goodput: could not write %s: %s", self._path, e)
 
   def finish(self, *, at_exit: bool = False) -> None:
-    """The last write of the segment (tmlx.main calls it from an exit hook, as late as it can;
-    tmlx.train.run also calls it when training ends, so an object store, whose client may be
-    closed by the time exit hooks run, still gets an ended record)."""
-    if at_exit and self._path is not None and paths.is_remote(self._path) and self._ended_written:
-      self._path = None
+    """The last write of the segment. tmlx.train.run calls it when training ends; tmlx.main calls
+    it again from an exit hook (`at_exit`), as late as it can, to count the shutdown too, except on
+    an object store, whose client may be closed by then: there the record train.run wrote stays."""
+    if at_exit and self._path is not None and paths.is_remote(self._path):
       return
     self.write(ended=True)
-    self._ended_written = True
-    if at_exit:
-      self._path = None
 
 
 def _write_json(path: str, record: dict) -> None:

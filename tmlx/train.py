@@ -313,7 +313,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, recorder: goodput.Recor
       restore_cache_setting()
     if lock is not None:
       lock.release()
-    recorder.finish()  # tmlx.main's exit hook writes once more, where the store is still open
+    recorder.finish()  # ended; tmlx.main's exit hook rewrites it on a local workdir, shutdown counted
 
 
 def _lock_workdir(workdir: str) -> WorkdirLock | None:
