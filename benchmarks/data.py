@@ -5,11 +5,11 @@ Run:  python benchmarks/data.py              (about 3-4 minutes on 2 shared core
 In one run it measures
   (1) pipeline throughput on one core (one thread, one process, `EpisodeSource.row_and_stats`),
       in seconds of conversation packed per second, on generated episodes of 60 s: audio only
-      (the tiny preset's rows) and with 320x240 video at 5 fps (48 patches per micro-turn, rows of
+      (the sample_cpu preset's rows) and with 320x240 video at 5 fps (48 patches per micro-turn, rows of
       2048 positions). The header cache holds 2 episodes of the 16, so most windows read their
       episode's header record and then the 5 s media chunks they cover from the ArrayRecord
       shard, as with a corpus larger than memory;
-  (2) for the tiny and `cpu_bench` presets on the committed sample corpus: rows per second the
+  (2) for the `sample_cpu` and `cpu_bench` presets on the committed sample corpus: rows per second the
       configured Grain pipeline delivers (`make_dataset`, its threads, this machine's cores)
       against rows per second their training steps consume (`python -m tmlx.main` in a child
       process, median logged step time after the first log point, same machine, just before);
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from data_pipelines import episode as ep_lib  # noqa: E402
 from data_pipelines.contract import MICRO_TURN_SECONDS, SAMPLE_RATE  # noqa: E402
-from experiments.tiny import SAMPLE_MIXTURE  # noqa: E402
+from experiments.sample_cpu import SAMPLE_MIXTURE  # noqa: E402
 
 AUDIO_TARGET = 100.0
 VIDEO_TARGET = 20.0
@@ -152,18 +152,19 @@ def main(argv=None) -> None:
 
     # (2) training consumption first, so the throughput runs below do not share the cores with it.
     headroom = {}
-    for preset in ("tiny", "cpu_bench"):
-      train_rps = training_rows_per_s(preset, args.train_steps if preset == "tiny" else 6, os.path.join(tmp, preset))
+    for preset in ("sample_cpu", "cpu_bench"):
+      steps = args.train_steps if preset == "sample_cpu" else 6
+      train_rps = training_rows_per_s(preset, steps, os.path.join(tmp, preset))
       c = load_config(preset)
       c.data.source = "episodes"
       c.data.mixture = SAMPLE_MIXTURE
       c.data.max_patches = 64
       pipe_rps = pipeline_rows_per_s(c, steps=8)
       headroom[preset] = pipe_rps / train_rps
-      print(f"{preset:9s}: pipeline {pipe_rps:8.1f} rows/s, training consumes {train_rps:6.2f} rows/s")
+      print(f"{preset:10s}: pipeline {pipe_rps:8.1f} rows/s, training consumes {train_rps:6.2f} rows/s")
 
     # (1) one-core throughput.
-    c = load_config("tiny")
+    c = load_config("sample_cpu")
     c.data.source = "episodes"
     c.data.episode_cache = 2
     c.data.mixture = os.path.join(tmp, "audio")
@@ -185,7 +186,7 @@ def main(argv=None) -> None:
   results = {
     "pipeline_audio_realtime_x_per_core": (audio_x, f"target>={AUDIO_TARGET:g}"),
     "pipeline_video_realtime_x_per_core": (video_x, f"target>={VIDEO_TARGET:g}"),
-    "pipeline_vs_train_rows_tiny": (headroom["tiny"], f"target>={HEADROOM_TARGET:g}"),
+    "pipeline_vs_train_rows_tiny": (headroom["sample_cpu"], f"target>={HEADROOM_TARGET:g}"),
     "pipeline_vs_train_rows_cpu_bench": (headroom["cpu_bench"], f"target>={HEADROOM_TARGET:g}"),
     "dmel_vs_librosa_time": (d["ratio"], f"target<={DMEL_TARGET:g}"),
   }

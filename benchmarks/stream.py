@@ -21,8 +21,8 @@ It measures, in one process:
      one sequence: what a decoder without a KV cache pays at least once per micro-turn (in fact
      once per generated position). Headline: the speedup, median over interleaved rounds.
   3. Budget. p50/p99 of micro-turn latency over a fresh session of --turns micro-turns, for the
-     tiny and cpu_bench presets, against the 200 ms real-time budget (a micro-turn must be said
-     before the next one is heard). Target: tiny's p99 within 50 ms; cpu_bench (1024 wide) is
+     sample_cpu (the tiny model) and cpu_bench presets, against the 200 ms real-time budget (a
+     micro-turn must be said before the next one is heard). Target: tiny's p99 within 50 ms; cpu_bench (1024 wide) is
      information.
 
 The output ends with one line per headline figure: '<name> <value> target<op><value>'.
@@ -45,8 +45,8 @@ import numpy as np  # noqa: E402
 
 from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, SAMPLES_PER_MICRO_TURN, Kind  # noqa: E402
 from tmlx.nn.model import ModelConfig  # noqa: E402
-from tmlx.stream import Session  # noqa: E402
-from tmlx.train import new_model  # noqa: E402
+from tmlx.state import new_model  # noqa: E402
+from tmlx.stream import Session, StreamConfig  # noqa: E402
 
 BUDGET_MS = 200.0
 
@@ -128,17 +128,17 @@ def timed(fn, *args) -> float:
 
 
 def context_and_recompute(args) -> dict[str, float]:
-  c, model = preset("tiny")
+  c, model = preset("sample_cpu")
   c0 = copy.deepcopy(c)  # the same model without its attention window: attending to the whole session
   c0.model.attention_window = 0
   c0.stream.window = 0
   c0.stream.max_positions = (args.long + 50) * 32
   whole = new_model(ModelConfig.from_config(c0.model), 0)  # latency does not depend on the weights
   sessions = {
-    "ring": Session(model, c),  # long context, the preset's window
-    "whole": Session(whole, c0),  # long context, window 0
-    "short": Session(model, c),
-    "short_whole": Session(whole, c0),
+    "ring": Session(model, StreamConfig.from_config(c)),  # long context, the preset's window
+    "whole": Session(whole, StreamConfig.from_config(c0)),  # long context, window 0
+    "short": Session(model, StreamConfig.from_config(c)),
+    "short_whole": Session(whole, StreamConfig.from_config(c0)),
   }
   scripts = {name: Script(c, args.seed) for name in sessions}  # the same turns in the same order
 
@@ -207,7 +207,7 @@ def context_and_recompute(args) -> dict[str, float]:
 
 def budget(name: str, args) -> tuple[float, float]:
   c, model = preset(name)
-  session = Session(model, c)
+  session = Session(model, StreamConfig.from_config(c))
   script = Script(c, args.seed)
   for _ in range(2):  # compile
     step(session, script.turn(session._eot))
@@ -233,7 +233,7 @@ def main(argv=None) -> None:
   args = p.parse_args(argv)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, 1 device")
   found = context_and_recompute(args)
-  tiny = budget("tiny", args)
+  tiny = budget("sample_cpu", args)
   bench = budget("cpu_bench", args)
   print(f"stream_context_{args.long}_vs_{args.short}_window0 {found['ratio_whole']:.2f}")
   print(f"stream_tiny_p50_ms {tiny[0]:.1f}")

@@ -1,7 +1,7 @@
 """Look at what the model will eat: one packed row as a picture, and statistics over rows.
 
-    python -m data_pipelines.inspect --config=experiments/tiny.py --step=0 --row=0 --out=row.png
-    python -m data_pipelines.inspect --config=experiments/tiny.py --config.data.seq_len=512 --rows=64
+    python -m data_pipelines.inspect --config=experiments/sample_cpu.py --step=0 --row=0 --out=row.png
+    python -m data_pipelines.inspect --config=experiments/sample_cpu.py --config.data.seq_len=512 --rows=64
 
 The PNG shows the row's kind strip, the dMel the model hears (AUDIO_IN) and the dMel and
 continuous mel it speaks (AUDIO_OUT), in order, the row's video patches, and the aligned text of
@@ -26,7 +26,9 @@ from ml_collections import config_flags
 from data_pipelines.contract import PATCH_SIZE, Kind
 from tmlx import cli, paths
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/tiny.py.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment file, e.g. experiments/sample_cpu.py.", lock_config=True
+)
 _STEP = flags.DEFINE_integer("step", 0, "Training step of the row.")
 _ROW = flags.DEFINE_integer("row", 0, "Row of the global batch.")
 _ROWS = flags.DEFINE_integer("rows", 1, "Rows (from --row on) to average the statistics over.")

@@ -23,7 +23,6 @@ Normalization is the identity and whitespace is kept, so `decode(encode(text)) =
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 from collections.abc import Iterable, Iterator
@@ -274,22 +273,56 @@ def train(
   return SentencePieceTokenizer(f"{prefix}.model")
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.tokenizer", description=__doc__.split("\n\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("train", help="train a SentencePiece model with the reserved special ids")
-  t.add_argument("--input", nargs="+", required=True, help="text files and/or episode dataset directories")
-  t.add_argument("--vocab_size", type=int, required=True, help="total ids, including the 273 reserved/byte ids")
-  t.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
-  t.add_argument("--model_type", default="bpe", choices=("bpe", "unigram"))
-  t.add_argument("--num_threads", type=int, default=1, help="trainer threads; the model depends on this number")
-  args = parser.parse_args(argv)
+# The command line. Its flags are defined when it runs, not at import: serving and the data
+# pipeline import this module, next to commands with flags of the same names.
+
+PROG = "python -m data_pipelines.tokenizer"
+
+
+def _define_flags(fv) -> None:
+  from absl import flags
+
+  flags.DEFINE_multi_string(
+    "input",
+    None,
+    "Text files and/or episode dataset directories; the arguments after `--input PATH` that are not flags are "
+    "inputs too, so `--input a b` names two.",
+    required=True,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "vocab_size", None, "Total ids, including the 273 reserved/byte ids.", required=True, flag_values=fv
+  )
+  flags.DEFINE_string(
+    "out", None, "Output prefix: writes PREFIX.model and PREFIX.vocab.", required=True, flag_values=fv
+  )
+  flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece model type.", flag_values=fv)
+  flags.DEFINE_integer("num_threads", 1, "Trainer threads; the model depends on this number.", flag_values=fv)
+
+
+def _run(fv, args: list[str]) -> int:
+  """`train`: trains the model the parsed command line asks for (`train`) and says how to use it."""
+  from tmlx import cli
+
+  if not args or args[0] != "train":
+    cli.fail(PROG, f"the first argument is the command, 'train'; got {repr(args[0]) if args else 'nothing'}")
   try:
-    tok = train(args.input, args.vocab_size, args.out, args.model_type, args.num_threads)
+    tok = train([*fv.input, *args[1:]], fv.vocab_size, fv.out, fv.model_type, fv.num_threads)
   except (ValueError, OSError) as e:
-    parser.exit(2, f"error: {e}\n")
+    cli.fail(PROG, str(e))
   print(f"vocab_size {tok.vocab_size}: {tok.path} (use data.tokenizer=sentencepiece:{tok.path})")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs `python -m data_pipelines.tokenizer ARGS` in this process on `argv` (ARGS; default
+  sys.argv[1:]); returns the exit status."""
+  from tmlx import cli
+
+  return cli.call(PROG, _define_flags, _run, argv)
 
 
 if __name__ == "__main__":
-  main()
+  from tmlx import cli
+
+  cli.app_main(PROG, _define_flags, _run)

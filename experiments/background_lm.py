@@ -3,14 +3,16 @@
 trainer on text-only episodes (each micro-turn: typed text in, text out, no audio or video).
 
 Train:  python -m tmlx.main --config=experiments/background_lm.py --workdir=/tmp/tmlx_bg_lm
-Smaller, for tests:  --config=experiments/background_lm.py:tiny
+Smaller, for tests:  --config=experiments/background_lm.py:tiny  (size tiny-2l, `base.cpu_test_run`)
 """
 
 from experiments import base
 
 
 def get_config(arg=None):
+  arg = base.parse_arg(arg, __file__, tiny=False, size="")
   c = base.get_config()
+  base.apply_size(c, arg.size or ("tiny-2l" if arg.tiny else "tiny"), __file__)
   c.data.source = "episodes"
   c.data.mixture = "data/sample/text:1.0"
   c.data.frame_height = 0
@@ -22,4 +24,6 @@ def get_config(arg=None):
   c.mesh.expert = 4
   c.runtime.cpu_devices = 8
   c.checkpoint.every = 50
-  return base.tiny_variant(c, arg, "experiments/background_lm.py")
+  if arg.tiny:
+    base.cpu_test_run(c)
+  return c

@@ -2,8 +2,11 @@
 
 Presets (`experiments/*.py`) start from `get_config()` here and only override values; adding a
 key in a preset is an error (a test checks it), and so is overriding an unknown key from the
-command line (the config is locked).
+command line (the config is locked). Model sizes are one table (SIZES, applied by `apply_size`);
+each preset reads its argument with `parse_arg` ("tiny": its variant for tests, "size=NAME").
 """
+
+import os
 
 import ml_collections as mlc
 
@@ -151,7 +154,7 @@ def get_config(arg=None):
   # Logical-axis rules (see DEFAULT_RULES).
   c.mesh.rules = DEFAULT_RULES
 
-  # Per-accelerator settings, chosen at start-up (`tmlx.accelerators`): name -> row with
+  # Per-accelerator settings, chosen at start-up (`tmlx.runtime.accelerators`): name -> row with
   #   match      case-insensitive substrings of the accelerator's name ("h100", "tpu v5p", "cpu"),
   #              comma separated; rows are tried in the order of their names (a ConfigDict sorts
   #              its keys) and the first with a matching substring wins;
@@ -340,18 +343,107 @@ def get_config(arg=None):
   return c
 
 
-def tiny_variant(c: mlc.ConfigDict, arg, preset: str) -> mlc.ConfigDict:
-  """A CPU preset's variants: none (as is) or 'tiny' (2 layers, 128 positions, 2 steps, metrics
+# Model sizes, in the manner of big_vision's `decode_variant`: one row per size, the dimensions that
+# make a model that size, applied to a config by `apply_size`. A preset trains one size and tests
+# with the tiny row of the same structure (its `tiny` argument); `size=NAME` on the command line
+# trains the preset's recipe at another. Totals are parameters (`tmlx.nn.model.count_parameters`).
+#   tiny       MODEL_SPEC.md §7's tiny model, base.py's defaults (3.2M, 2.0M active)
+#   tiny-2l    tiny with 2 layers: what the tests of the CPU presets train (2.2M)
+#   69m-tiny   69m's structure (top-2 of 8, no shared expert) at tiny widths (1.9M)
+#   69m        1024 wide, a matmul-bound model for measuring CPU MFU (69M, 31M active)
+#   276b-tiny  276b's structure (GQA 4:1, top-6 of 16, 2 shared, untied vocab) at tiny widths (2.0M)
+#   276b       the full interaction model of MODEL_SPEC.md §7 (276.4B, 12.2B active)
+SIZE_FIELDS = (
+  "vocab_size",
+  "d_model",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "stem_width",
+  "moe.num_experts",
+  "moe.num_experts_per_tok",
+  "moe.num_shared_experts",
+  "moe.d_ff",
+  "flow.width",
+  "flow.depth",
+)
+# fmt: off
+SIZES = {
+  #             vocab    d_model layers heads kv_heads head_dim stem  experts top_k shared d_ff  flow_width flow_depth
+  "tiny":      (320,     128,    4,     4,    2,       32,      0,    8,      2,    1,     128,  128,       2),
+  "tiny-2l":   (320,     128,    2,     4,    2,       32,      0,    8,      2,    1,     128,  128,       2),
+  "69m-tiny":  (320,     128,    2,     4,    2,       32,      0,    8,      2,    0,     128,  64,        2),
+  "69m":       (320,     1024,   2,     8,    2,       128,     0,    8,      2,    0,     1024, 128,       2),
+  "276b-tiny": (320,     128,    2,     8,    2,       16,      32,   16,     6,    2,     64,   64,        2),
+  "276b":      (131_072, 4096,   56,    32,   8,       128,     1024, 256,    6,    2,     1536, 1536,      8),
+}
+# fmt: on
+
+
+def _file(preset: str) -> str:
+  """A preset's `__file__` as its --config flag names it."""
+  return f"experiments/{os.path.basename(preset)}"
+
+
+def apply_size(c: mlc.ConfigDict, size: str, preset: str) -> mlc.ConfigDict:
+  """Sets the model dimensions of `c` to the row `size` of SIZES; `preset` (the preset's __file__)
+  names the file in the error."""
+  if size not in SIZES:
+    raise ValueError(f"{_file(preset)}: unknown size={size!r} (known: {', '.join(SIZES)})")
+  for field, value in zip(SIZE_FIELDS, SIZES[size], strict=True):
+    *parents, leaf = field.split(".")
+    node = c.model
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _parse_value(text: str, default):
+  if isinstance(default, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError("not a bool")
+  return type(default)(text)  # int, float or str
+
+
+def parse_arg(arg: str | None, preset: str, **spec) -> mlc.ConfigDict:
+  """The argument of a preset's `get_config` (what follows the ':' of --config=FILE:ARG), in the
+  manner of big_vision's `parse_arg`: comma-separated `key=value` pairs, a bare `key` meaning
+  key=True ("tiny", "tiny,size=tiny", "size=69m"). `spec` gives each known key its default, whose
+  type (bool, int, float or str) the value is read as; keys not given keep it. An unknown key or
+  a value of the wrong type is a ValueError naming `preset` (the preset's __file__) and the key."""
+  out = mlc.ConfigDict(spec)
+  for item in (arg or "").split(","):
+    if not item.strip():
+      continue
+    key, has_value, text = (s.strip() for s in item.partition("="))
+    if key not in spec:
+      known = ", ".join(sorted(spec)) or "none"
+      raise ValueError(f"{_file(preset)}: unknown argument key {key!r} in {arg!r} (known: {known})")
+    default = spec[key]
+    if not has_value and not isinstance(default, bool):
+      raise ValueError(f"{_file(preset)}: argument key {key!r} needs a value ({key}=...)")
+    try:
+      out[key] = _parse_value(text, default) if has_value else True
+    except ValueError:
+      raise ValueError(
+        f"{_file(preset)}: bad value {text!r} for argument key {key!r} (expected {type(default).__name__})"
+      ) from None
+  return out
+
+
+def cpu_test_run(c: mlc.ConfigDict) -> mlc.ConfigDict:
+  """The short run of a CPU preset's `tiny` variant (for tests): 2 steps of 128 positions, metrics
   every step, a checkpoint every 2 steps, no duplex evaluation unless eval.every asks for one, and
-  then of one conversation: for tests); `preset` names the file in the error."""
-  if arg == "tiny":
-    c.model.num_layers = 2
-    c.data.seq_len = 128
-    c.train.num_steps = 2
-    c.logging.every = 1
-    c.checkpoint.every = 2
-    c.eval.every = 0
-    c.eval.conversations = 1
-  elif arg:
-    raise ValueError(f"{preset}: unknown argument {arg!r} (expected 'tiny' or none)")
+  then of one conversation."""
+  c.data.seq_len = 128
+  c.train.num_steps = 2
+  c.logging.every = 1
+  c.checkpoint.every = 2
+  c.eval.every = 0
+  c.eval.conversations = 1
   return c

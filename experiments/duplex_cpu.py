@@ -9,7 +9,7 @@ own, so that no held-out conversation or voice recurs in training):
 Train:  python -m tmlx.main --config=experiments/duplex_cpu.py --workdir=workdir/duplex
 Score:  python -m tmlx.eval duplex --checkpoint=workdir/duplex --data=workdir/duplex_data/heldout/conversations
 Both at once, with the target lines: python benchmarks/duplex.py
-Smaller, for tests:  --config=experiments/duplex_cpu.py:tiny
+Smaller, for tests:  --config=experiments/duplex_cpu.py:tiny  (size tiny-2l, `base.cpu_test_run`, the bundled sample)
 """
 
 from experiments import base
@@ -19,7 +19,9 @@ HELDOUT = "workdir/duplex_data/heldout/conversations"
 
 
 def get_config(arg=None):
+  arg = base.parse_arg(arg, __file__, tiny=False, size="")
   c = base.get_config()
+  base.apply_size(c, arg.size or ("tiny-2l" if arg.tiny else "tiny"), __file__)
   c.model.compute_dtype = "float32"  # bf16 matmuls are slower on XLA:CPU
   c.model.scan_unroll = 4
   # One (t, x0) draw per audio target: the audio figures have room to spare, and the hour buys more steps.
@@ -43,8 +45,8 @@ def get_config(arg=None):
   c.runtime.cpu_devices = 1
   c.train.num_steps = 6400
   c.checkpoint.every = 500
-  c = base.tiny_variant(c, arg, "experiments/duplex_cpu.py")
-  if arg == "tiny":  # the bundled sample, so that it runs on a fresh checkout
+  if arg.tiny:  # on the bundled sample, so that it runs on a fresh checkout
+    base.cpu_test_run(c)
     c.data.mixture = "data/sample/conversations"
     c.eval.data = "data/sample/heldout/conversations"
     c.data.global_batch_size = 8  # shardable over the tests' 8 fake devices

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # tmlx on a Cloud TPU VM slice: the same command on every worker of the slice.
-#   launch/tpu_vm.sh TPU_NAME ZONE --config=experiments/tml_interaction_small.py --workdir=gs://BUCKET/runs/a
+#   launch/tpu_vm.sh TPU_NAME ZONE --config=experiments/interaction_276b.py --workdir=gs://BUCKET/runs/a
 # First time (SETUP=1): copies this checkout to every worker and installs it there with the TPU
-# extra. Workers find their place themselves (tmlx/distributed.py, JAX's TPU detection); the
+# extra. Workers find their place themselves (tmlx/runtime/cluster.py, JAX's TPU detection); the
 # workdir must be a bucket or a disk all workers share.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 
 import data_pipelines
 from tmlx.nn.model import ModelConfig
-from tmlx.train import new_model
+from tmlx.state import new_model
 
 
 def tiny_config(arg=None):
-  return importlib.import_module("experiments.tiny").get_config(arg)
+  return importlib.import_module("experiments.sample_cpu").get_config(arg)
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

@@ -17,10 +17,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tests.helpers import ROOT
 from tmlx import sharding, train
 from tmlx.checkpoint import Checkpointer, CheckpointError, fingerprints, fingerprints_async, grown_axis, leaf_name
+from tmlx.state import state_spec
 
 
 def _config(**mesh):
-  c = importlib.import_module("experiments.tiny").get_config("tiny")
+  c = importlib.import_module("experiments.sample_cpu").get_config("tiny")
   c.data.source = "synthetic"
   c.model.compute_dtype = "float32"
   for k, v in mesh.items():
@@ -113,6 +114,8 @@ def test_a_corrupted_newest_step_falls_back_to_the_previous_one(tmp_path, caplog
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert "steps [2, 4]" in ok.stdout and "arrays match" in ok.stdout and '"num_steps": 4' in ok.stdout
   assert "params/blocks/attn/wq" in ok.stdout and "data position {'step': 4" in ok.stdout
+  wq = next(line for line in ok.stdout.splitlines() if "params/blocks/attn/wq" in line)
+  assert wq.split("MiB")[1].strip().startswith("P("), wq  # the PartitionSpec it was saved with
 
   _corrupt_newest(checkpoints, 4)
   bad = subprocess.run(inspect, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -129,7 +132,7 @@ def test_a_corrupted_newest_step_falls_back_to_the_previous_one(tmp_path, caplog
 
 def _restore_params(cfg, directory, step):
   mesh = sharding.make_mesh(cfg.mesh)
-  spec = train.state_spec(cfg, mesh, sharding.rules_table(cfg.mesh.rules))
+  spec = state_spec(cfg, mesh, sharding.rules_table(cfg.mesh.rules))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings)
   ckpt = Checkpointer(str(directory / "checkpoints"), keep=3, async_save=False)
   state = ckpt.restore(step, target)

@@ -12,7 +12,7 @@ PRESETS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem n
 
 
 def tiny():
-  return importlib.import_module("experiments.tiny").get_config()
+  return importlib.import_module("experiments.sample_cpu").get_config()
 
 
 def test_tiny_is_valid_on_8_devices():
@@ -96,12 +96,55 @@ def test_bad_choice():
 
 def test_cli_rejects_unknown_override(tmp_path):
   """The locked config of tmlx.main fails on a misspelled override, naming it."""
-  proc = run_main("experiments/tiny.py", tmp_path, "--config.model.d_modle=64")
+  proc = run_main("experiments/sample_cpu.py", tmp_path, "--config.model.d_modle=64")
   assert proc.returncode != 0
   assert "d_modle" in proc.stderr
 
 
 def test_cli_rejects_invalid_config(tmp_path):
-  proc = run_main("experiments/tiny.py", tmp_path, "--config.model.num_kv_heads=3")
+  proc = run_main("experiments/sample_cpu.py", tmp_path, "--config.model.num_kv_heads=3")
   assert proc.returncode != 0
   assert "config.model.num_heads=4 is not divisible by config.model.num_kv_heads=3" in proc.stderr
+
+
+def test_parse_arg_reads_known_keys_with_their_defaults_and_types():
+  spec = dict(tiny=False, size="", steps=0, lr=0.5)
+  assert base.parse_arg(None, "experiments/x.py", **spec).to_dict() == spec
+  assert base.parse_arg("", "experiments/x.py", **spec).to_dict() == spec
+  got = base.parse_arg("tiny, size=69m,steps=10,lr=1e-3", "experiments/x.py", **spec)
+  assert got.to_dict() == dict(tiny=True, size="69m", steps=10, lr=1e-3)
+  assert base.parse_arg("tiny=false", "experiments/x.py", **spec).tiny is False
+
+
+@pytest.mark.parametrize(
+  "arg, message",
+  [
+    ("sise=tiny", "experiments/sample_cpu.py: unknown argument key 'sise' in 'sise=tiny' (known: size, tiny)"),
+    ("tinyy", "experiments/sample_cpu.py: unknown argument key 'tinyy' in 'tinyy' (known: size, tiny)"),
+    ("tiny=maybe", "experiments/sample_cpu.py: bad value 'maybe' for argument key 'tiny' (expected bool)"),
+    ("size", "experiments/sample_cpu.py: argument key 'size' needs a value (size=...)"),
+    ("size=huge", "experiments/sample_cpu.py: unknown size='huge' (known: " + ", ".join(base.SIZES) + ")"),
+  ],
+)
+def test_a_bad_preset_argument_fails_in_one_line_naming_the_file_and_key(arg, message):
+  with pytest.raises(ValueError) as e:
+    importlib.import_module("experiments.sample_cpu").get_config(arg)
+  assert str(e.value) == message
+
+
+def test_a_bad_value_of_a_typed_key_names_its_type():
+  want = r"^experiments/x\.py: bad value 'ten' for argument key 'steps' \(expected int\)$"
+  with pytest.raises(ValueError, match=want):
+    base.parse_arg("steps=ten", "/anywhere/experiments/x.py", steps=0)
+
+
+def test_size_table_rows_set_every_size_field():
+  # The tiny row is base.py's defaults: a preset at size tiny overrides no model dimension.
+  assert base.apply_size(base.get_config(), "tiny", "experiments/x.py") == base.get_config()
+  for name, row in base.SIZES.items():
+    assert len(row) == len(base.SIZE_FIELDS), name
+  # `size=` picks the row: the 276B preset's test variant is its recipe at size 276b-tiny.
+  mod = importlib.import_module("experiments.interaction_276b")
+  assert mod.get_config("tiny,size=276b-tiny") == mod.get_config("tiny")
+  assert mod.get_config("size=276b") == mod.get_config()
+  assert mod.get_config("size=tiny").model.d_model == 128

@@ -1,11 +1,11 @@
 """Where a process sits in a multi-process job, read from fake SLURM, TPU and Kubernetes environments
-(tmlx.distributed's detectors are pure functions of an env mapping: no cluster, no JAX start-up)."""
+(tmlx.runtime.cluster's detectors are pure functions of an env mapping: no cluster, no JAX start-up)."""
 
 import pytest
 
 from tests.helpers import run_main
-from tmlx import distributed
-from tmlx.distributed import DistributedEnvError, Overrides, expand_counts, expand_hostlist, settings_from_env
+from tmlx.runtime import cluster as distributed
+from tmlx.runtime.cluster import DistributedEnvError, Overrides, expand_counts, expand_hostlist, settings_from_env
 
 
 def _slurm(**extra) -> dict:
@@ -310,7 +310,7 @@ def test_flag_errors_name_the_flag(flags, names):
 
 
 def test_main_rejects_half_given_flags(tmp_path):
-  proc = run_main("experiments/tiny.py:tiny", tmp_path / "w", "--num_processes=2", timeout=120)
+  proc = run_main("experiments/sample_cpu.py:tiny", tmp_path / "w", "--num_processes=2", timeout=120)
   assert proc.returncode != 0
   assert "--num_processes given but --coordinator_address, --process_id missing" in proc.stderr, proc.stderr[-2000:]
   assert not (tmp_path / "w" / "metrics.jsonl").exists()

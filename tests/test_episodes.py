@@ -348,7 +348,7 @@ def test_corrupt_chunk_and_truncated_shard(tmp_path):
 
 
 def test_skip_ratio_above_the_threshold_stops_training(tmp_path):
-  from tmlx.train import DataStats
+  from tmlx.faults import DataStats
 
   stats = DataStats(max_skip_ratio=0.05)
   stats.add({"windows": np.int64(50), "skipped_corrupt": np.int64(3)})  # fewer than 100 draws: no verdict
@@ -385,7 +385,7 @@ def test_inspect_cli_renders_a_row_and_prints_stats(tmp_path):
       sys.executable,
       "-m",
       "data_pipelines.inspect",
-      "--config=experiments/tiny.py",
+      "--config=experiments/sample_cpu.py",
       "--row=2",
       "--rows=3",
       f"--out={out}",
@@ -406,7 +406,7 @@ def test_inspect_cli_renders_a_row_and_prints_stats(tmp_path):
     [known_episode("good", 10, False), _bad("sample_rate")],
   )
   proc = run_main(
-    "experiments/tiny.py:tiny",
+    "experiments/sample_cpu.py:tiny",
     tmp_path / "run",
     f"--config.data.mixture={tmp_path / 'half_bad'}",
     "--config.data.max_skip_ratio=0.1",

@@ -73,7 +73,7 @@ import collections, importlib, json, sys
 import data_pipelines
 from data_pipelines.episode import DataError
 
-c = importlib.import_module("experiments.tiny").get_config("tiny")
+c = importlib.import_module("experiments.sample_cpu").get_config("tiny")
 c.data.mixture = sys.argv[1]
 c.data.seq_len = 256
 c.data.global_batch_size = 2
@@ -310,10 +310,13 @@ def _inspect(*args: str) -> subprocess.CompletedProcess:
 def test_inspect_cli_on_a_mistyped_path_fails_in_one_line_and_creates_nothing(tmp_path, which):
   missing = tmp_path / "mistyped"
   args = {
-    "mixture": ["--config=experiments/tiny.py", f"--config.data.mixture={missing}"],
-    "out": ["--config=experiments/tiny.py", f"--out={missing / 'row.png'}"],
+    "mixture": ["--config=experiments/sample_cpu.py", f"--config.data.mixture={missing}"],
+    "out": ["--config=experiments/sample_cpu.py", f"--out={missing / 'row.png'}"],
     "config": [f"--config={missing / 'tiny.py'}"],
-    "tokenizer": ["--config=experiments/tiny.py", f"--config.data.tokenizer=sentencepiece:{missing / 'tok.model'}"],
+    "tokenizer": [
+      "--config=experiments/sample_cpu.py",
+      f"--config.data.tokenizer=sentencepiece:{missing / 'tok.model'}",
+    ],
   }[which]
   proc = _inspect(*args)
   lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -23,10 +23,12 @@ import pytest
 
 import data_pipelines
 from tests.helpers import ROOT, tiny_config
-from tmlx import local_cluster, sharding, train
+from tmlx import sharding, train
 from tmlx.checkpoint import Checkpointer, leaf_name
+from tmlx.runtime import local_cluster
+from tmlx.state import state_spec
 
-TINY = "experiments/tiny.py:tiny"
+TINY = "experiments/sample_cpu.py:tiny"
 N = 8  # steps of every run
 ARGS = (
   f"--config={TINY}",
@@ -143,7 +145,7 @@ def _final_arrays(workdir) -> dict[str, np.ndarray]:
   config.model.compute_dtype = "float32"
   config.train.num_steps = N
   mesh = sharding.make_mesh(config.mesh)
-  spec = train.state_spec(config, mesh, sharding.rules_table(config.mesh.rules))
+  spec = state_spec(config, mesh, sharding.rules_table(config.mesh.rules))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings)
   ckpt = Checkpointer(str(workdir / "checkpoints"), keep=1_000_000, async_save=False)
   try:
@@ -301,7 +303,7 @@ def _restore_and_step(ckpt_dir, step: int, mesh: dict, devices) -> tuple[dict[st
   config.mesh.update(mesh)
   m = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_table(config.mesh.rules)
-  spec = train.state_spec(config, m, rules)
+  spec = state_spec(config, m, rules)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings)
   try:
     state = ckpt.restore(step, target)  # verifies every array's fingerprint

@@ -11,6 +11,7 @@ import data_pipelines
 from tests.helpers import tiny_config
 from tmlx import flops, sharding, train
 from tmlx.nn.model import ModelConfig
+from tmlx.state import new_model, state_spec
 
 
 def matmul_heavy_config(dense: bool):
@@ -38,7 +39,7 @@ def xla_flops_per_position(config) -> float:
   """XLA's FLOP count of one compiled train step, per sequence position of the batch."""
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   rules = sharding.rules_table(config.mesh.rules)
-  spec = train.state_spec(config, mesh, rules)
+  spec = state_spec(config, mesh, rules)
   sc = train.step_config(config, spec, mesh, rules)
   b = config.data.global_batch_size
   fields = data_pipelines.row_spec(config).fields()
@@ -84,7 +85,7 @@ def test_decoder_flops_are_six_per_active_matmul_parameter():
   """Independently of the formulas: each active decoder weight costs 6 FLOPs per token."""
   config = tiny_config("tiny")
   cfg = ModelConfig.from_config(config.model)
-  params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: train.new_model(cfg, 0))))
+  params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: new_model(cfg, 0))))
   routed_share = cfg.moe.num_experts_per_tok / cfg.moe.num_experts
   weights = {"wq": 1, "wk": 1, "wv": 1, "wo": 1, "router": 1, "shared_gate": 1, "shared_up": 1, "shared_down": 1}
   weights |= {"w_gate": routed_share, "w_up": routed_share, "w_down": routed_share}

@@ -35,6 +35,7 @@ import data_pipelines
 from tests.helpers import ROOT
 from tmlx import config as config_lib
 from tmlx import plan, sharding, train
+from tmlx.state import state_spec
 
 GOLDEN = ROOT / "tests" / "golden"
 UPDATE = os.environ.get("TMLX_UPDATE_GOLDEN") == "1"
@@ -49,7 +50,7 @@ PRESETS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem n
 # The fake CPU devices of tests/conftest.py.
 FAKE_DEVICES = 8
 # Presets whose full size runs only on a pod: the device count their shardings are pinned at.
-POD_DEVICES = {"tml_interaction_small": 256}
+POD_DEVICES = {"interaction_276b": 256}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Variant:
 
   @property
   def flag(self) -> str:
-    """As written on the command line: --config=experiments/tiny.py:tiny."""
+    """As written on the command line: --config=experiments/sample_cpu.py:tiny."""
     return f"experiments/{self.preset}.py" + (f":{self.arg}" if self.arg else "")
 
   def config(self):
@@ -214,7 +215,7 @@ def test_every_preset_has_golden_files():
   for preset in PRESETS:
     assert f"{preset}.config.json" in GOLDEN_FILES
     assert any(n.startswith(f"{preset}.") and ".shardings-" in n for n in GOLDEN_FILES), preset
-  assert "tml_interaction_small.shardings-256.json" in GOLDEN_FILES
+  assert "interaction_276b.shardings-256.json" in GOLDEN_FILES
 
 
 # Metrics of train_step: name → shape, in terms of L (layers) and E (experts).
@@ -241,7 +242,7 @@ PER_LAYER_METRICS = ("moe/dropped_fraction", "moe/router_entropy", "moe/load_bal
 
 
 def test_276b_train_step_traces_on_its_pod_mesh():
-  """The full tml_interaction_small step, traced and lowered for GPU and TPU on its 256-device pod.
+  """The full interaction_276b step, traced and lowered for GPU and TPU on its 256-device pod.
 
   Mirrors the "Compile once" section of `train.run`: the same jit with the state and batch
   shardings in and out and the state donated, on abstract values carrying those shardings, over an
@@ -254,12 +255,12 @@ def test_276b_train_step_traces_on_its_pod_mesh():
   layout of an output is chosen by XLA when compiling unless out_shardings fixes it, which is what
   `run` does; the lowered step's `out_info` carries those shardings.
   """
-  config = importlib.import_module("experiments.tml_interaction_small").get_config()
-  num_devices = POD_DEVICES["tml_interaction_small"]
+  config = importlib.import_module("experiments.interaction_276b").get_config()
+  num_devices = POD_DEVICES["interaction_276b"]
   config_lib.validate(config, num_devices)
   mesh = plan.abstract_mesh(config.mesh, num_devices)
   rules = sharding.rules_table(config.mesh.rules)
-  spec = train.state_spec(config, mesh, rules)
+  spec = state_spec(config, mesh, rules)
   row = data_pipelines.row_spec(config)
   batch_sh = {k: sharding.batch_sharding(mesh, rules, len(shape) + 1) for k, (shape, _) in row.fields().items()}
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings)
@@ -291,7 +292,7 @@ def test_276b_train_step_traces_on_its_pod_mesh():
   assert not changed, "state leaves changed across the step:\n" + "\n".join(changed[:20])
   # The intended layout: parameters and model state as the reviewed golden file has them, Adam's
   # moments exactly like their parameters, the counters replicated.
-  golden_path = GOLDEN / f"tml_interaction_small.shardings-{num_devices}.json"
+  golden_path = GOLDEN / f"interaction_276b.shardings-{num_devices}.json"
   assert golden_path.exists(), f"tests/golden/{golden_path.name} is missing.\n{REGENERATE}"
   golden = json.loads(golden_path.read_text(encoding="utf-8"))
   for group in ("params", "model_state"):

@@ -1,4 +1,4 @@
-"""The launch scripts: valid shell, and the environments they set up are the ones tmlx.distributed
+"""The launch scripts: valid shell, and the environments they set up are the ones tmlx.runtime.cluster
 reads (the 2-process run of launch/local.sh is in tests/test_multiprocess.py)."""
 
 import string
@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT
-from tmlx import distributed
+from tmlx.runtime import cluster as distributed
 
 LAUNCH = ROOT / "launch"
 
@@ -29,7 +29,7 @@ def test_gke_jobset_pods_find_their_place():
   """Each pod of the JobSet, with the variables Kubernetes and the manifest's downward API give it,
   gets a distinct process id and pod 0's stable DNS name as the coordinator."""
   text = string.Template((LAUNCH / "gke_jobset.yaml").read_text()).substitute(
-    IMAGE="registry.invalid/tmlx:test", NODES="4", CONFIG="experiments/tiny.py", WORKDIR="/shared/run"
+    IMAGE="registry.invalid/tmlx:test", NODES="4", CONFIG="experiments/sample_cpu.py", WORKDIR="/shared/run"
   )
   manifest = yaml.safe_load(text)
   jobset = manifest["metadata"]["name"]
@@ -56,6 +56,6 @@ def test_gke_jobset_pods_find_their_place():
     ids.append(settings.process_id)
   assert ids == [0, 1, 2, 3]
   assert container["command"][-1] == "tmlx.main" and container["args"] == [
-    "--config=experiments/tiny.py",
+    "--config=experiments/sample_cpu.py",
     "--workdir=/shared/run",
   ]

@@ -22,10 +22,11 @@ from tests.helpers import ROOT, run_main, synthetic_batch, tiny_config
 from tests.test_faults import N, Run, _assert_same_final_state, _assert_same_losses, _steps_on_disk, cache_env
 from tmlx import checkpoint, sharding, train, workdir_lock
 from tmlx import config as config_lib
+from tmlx.state import state_spec
 
 __all__ = ["cache_env"]  # the fixture, imported for its use below
 
-TINY = "experiments/tiny.py:tiny"
+TINY = "experiments/sample_cpu.py:tiny"
 
 
 def _last_line(text: str) -> str:
@@ -174,7 +175,7 @@ def test_a_non_finite_update_is_skipped_like_a_non_finite_gradient():
   config.optimizer.learning_rate = float("nan")
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_table(config.mesh.rules)
-  spec = train.state_spec(config, mesh, rules)
+  spec = state_spec(config, mesh, rules)
   state = jax.jit(spec.init, out_shardings=spec.shardings)()
   before = jax.device_get(state)
   step_fn = jax.jit(functools.partial(train.train_step, sc=train.step_config(config, spec, mesh, rules)))
@@ -249,7 +250,7 @@ def test_the_reason_of_a_failed_write_keeps_the_os_error_and_drops_the_spec():
   try:
     raise RuntimeError("saving failed") from ValueError(text)
   except RuntimeError as e:
-    reason = checkpoint._reason(e)
+    reason = checkpoint.handlers.reason(e)
   assert reason.startswith('ValueError: OUT_OF_RANGE: Error opening "zarr" driver: Error writing'), reason
   assert reason.endswith("File too large [os_error_code='27']"), reason
   assert "tensorstore_spec" not in reason and len(reason) < 700, reason

@@ -11,7 +11,8 @@ from flax import nnx
 from data_pipelines import Kind
 from tests.helpers import synthetic_batch, tiny_config, tiny_model
 from tmlx import sharding, train
-from tmlx.losses import audio_targets, loss_sums, text_target_weights
+from tmlx.losses import audio_targets, loss_config, loss_sums, text_target_weights
+from tmlx.state import state_spec
 
 
 def test_gathered_text_loss_equals_masked_full_loss():
@@ -19,7 +20,7 @@ def test_gathered_text_loss_equals_masked_full_loss():
   config.loss.silent_eot_weight = 0.5
   model = tiny_model()
   batch = synthetic_batch(config, rows=2)
-  lc = train.loss_config(config)
+  lc = loss_config(config)
 
   @nnx.jit
   def both(model, batch):
@@ -64,7 +65,7 @@ def test_gradient_accumulation_equals_the_full_batch():
   config.model.moe.bias_update_rate = 0.01  # the balancing biases move after the step
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_table(config.mesh.rules)
-  spec = train.state_spec(config, mesh, rules)
+  spec = state_spec(config, mesh, rules)
   state = jax.jit(spec.init, out_shardings=spec.shardings)()
   batch = synthetic_batch(config)
   results = []
@@ -96,7 +97,7 @@ def test_burn_in_leaves_out_the_first_micro_turns_of_windows_cut_from_mid_conver
   mt, seg = batch["micro_turn"], batch["segment_ids"]
   first = seg[0] == 1
   batch["micro_turn"][0, first] = mt[0, first] - mt[0, first].min()
-  lc = dataclasses.replace(train.loss_config(config), burn_in=2)
+  lc = dataclasses.replace(loss_config(config), burn_in=2)
   weights, _ = text_target_weights(batch, lc)
   audio, _ = audio_targets(batch, lc)
   none, _ = text_target_weights(batch, dataclasses.replace(lc, burn_in=0))

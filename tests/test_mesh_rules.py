@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from tests.helpers import tiny_config
-from tmlx import accelerators, sharding
+from tmlx import sharding
 from tmlx.config import ConfigError, validate
+from tmlx.runtime import accelerators
 
 
 def _pod():
-  return importlib.import_module("experiments.tml_interaction_small").get_config()
+  return importlib.import_module("experiments.interaction_276b").get_config()
 
 
 def test_accelerator_detection_without_jax():

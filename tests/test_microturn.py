@@ -14,8 +14,8 @@ from data_pipelines.episode import Episode, EpisodeReader, Event, Word
 from data_pipelines.tokenizer import ByteTokenizer
 from tests.helpers import tiny_config
 from tmlx.nn.model import ModelConfig
-from tmlx.stream import Session
-from tmlx.train import new_model
+from tmlx.state import new_model
+from tmlx.stream import Session, StreamConfig
 
 WINDOWS = 12  # 11 micro-turns: O_t speaks window t + 1
 
@@ -85,7 +85,7 @@ def test_a_live_session_feeds_the_model_exactly_the_training_row(tmp_path):
   ep_lib.write_dataset([ep], tmp_path / "ds", chunk_seconds=1.0)  # several chunks per window
   c = _config(str(tmp_path / "ds"))
   row = _row_from_micro_turn_0(data_pipelines.make_source(c))
-  session = Session(new_model(ModelConfig.from_config(c.model), 0), c, record_inputs=True)
+  session = Session(new_model(ModelConfig.from_config(c.model), 0), StreamConfig.from_config(c), record_inputs=True)
   segment = row["segment_ids"] == 1
   for t in range(WINDOWS - 1):
     at = segment & (row["micro_turn"] == t)

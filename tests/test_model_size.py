@@ -2,13 +2,13 @@
 
 from flax import nnx
 
-from experiments import tml_interaction_small
+from experiments import interaction_276b
 from tmlx.nn.model import ModelConfig, count_parameters
-from tmlx.train import new_model
+from tmlx.state import new_model
 
 
-def test_tml_interaction_small_is_276b_total_12b_active():
-  config = tml_interaction_small.get_config()
+def test_interaction_276b_is_276b_total_12b_active():
+  config = interaction_276b.get_config()
   cfg = ModelConfig.from_config(config.model)
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: new_model(cfg, 0))))
   total, active = count_parameters(abstract, cfg)

@@ -1,4 +1,4 @@
-"""Real multi-process jobs on loopback (launch/local.sh, tmlx.local_cluster): 2 processes x 4 fake
+"""Real multi-process jobs on loopback (launch/local.sh, tmlx.runtime.local_cluster): 2 processes x 4 fake
 devices train like 1 process x 8, share one workdir, and write checkpoints a 1-process run restores."""
 
 import json
@@ -12,9 +12,10 @@ import time
 import pytest
 
 from tests.helpers import ROOT, run_main
-from tmlx import distributed, local_cluster
+from tmlx.runtime import cluster as job_env
+from tmlx.runtime import distributed, local_cluster
 
-TINY = "experiments/tiny.py:tiny"
+TINY = "experiments/sample_cpu.py:tiny"
 # fp32, and a constant learning rate: runs of different lengths then take identical steps.
 COMMON = (
   "--config.model.compute_dtype=float32",
@@ -119,7 +120,7 @@ def test_two_processes_through_the_launcher_train_like_one_and_checkpoint_across
 def test_harness_times_out_and_kills_peers_of_a_failed_process(tmp_path):
   """Processes that wait for a third that never comes: the deadline, then a failure with a grace period."""
   args = [f"--config={TINY}", f"--workdir={tmp_path / 'w'}"]
-  hang = {distributed.ENV_NUM_PROCESSES: "3"}  # only 2 start: both block in initialize
+  hang = {job_env.ENV_NUM_PROCESSES: "3"}  # only 2 start: both block in initialize
   t0 = time.monotonic()
   results = local_cluster.run_local(2, args, timeout_s=6, log_dir=tmp_path / "a", env=hang, cwd=ROOT)
   assert [(r.timed_out, r.killed, r.returncode) for r in results] == [(True, True, -signal.SIGKILL)] * 2
@@ -146,21 +147,21 @@ def test_harness_times_out_and_kills_peers_of_a_failed_process(tmp_path):
   ],
 )
 def test_bad_environment_names_the_variable(monkeypatch, env, message):
-  for name in (*distributed.EXPLICIT_VARS, distributed.ENV_INIT_TIMEOUT, distributed.ENV_HEARTBEAT_TIMEOUT):
+  for name in (*job_env.EXPLICIT_VARS, job_env.ENV_INIT_TIMEOUT, job_env.ENV_HEARTBEAT_TIMEOUT):
     monkeypatch.delenv(name, raising=False)
   assert distributed.initialize_from_env() is None  # nothing set: a single process, nothing done
   for k, v in env.items():
     monkeypatch.setenv(k, v)
-  with pytest.raises(distributed.DistributedEnvError, match=message):
+  with pytest.raises(job_env.DistributedEnvError, match=message):
     distributed.initialize_from_env()
 
 
 def test_settings_from_env():
-  s = distributed.settings_from_env(
+  s = job_env.settings_from_env(
     {"TMLX_COORDINATOR_ADDRESS": "localhost:5000", "TMLX_NUM_PROCESSES": "4", "TMLX_PROCESS_ID": "3"}
   )
   assert (s.num_processes, s.process_id, s.init_timeout_s, s.loopback_host) == (4, 3, 300, "127.0.0.1")
-  s = distributed.settings_from_env(
+  s = job_env.settings_from_env(
     {
       "TMLX_COORDINATOR_ADDRESS": "10.0.0.1:5000",
       "TMLX_NUM_PROCESSES": "2",
@@ -199,7 +200,7 @@ def test_a_hung_peer_fails_the_job_within_the_heartbeat_timeout(tmp_path):
 
 def test_the_watchdog_ends_a_process_that_makes_no_progress():
   """A process alive but stuck (heartbeats go on) ends by itself after train.step_timeout_s."""
-  code = "import time; from tmlx.train import Watchdog; w = Watchdog(1.0); w.beat(7); time.sleep(60)"
+  code = "import time; from tmlx.faults import Watchdog; w = Watchdog(1.0); w.beat(7); time.sleep(60)"
   t0 = time.monotonic()
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1, proc.stderr[-3000:]

@@ -173,7 +173,7 @@ def test_a_run_on_gcs_is_killed_resumed_past_a_damaged_step_and_evaluated(gcs, t
     sys.executable,
     "-m",
     "tmlx.main",
-    f"--config={ROOT / 'experiments' / 'tiny.py'}:tiny",
+    f"--config={ROOT / 'experiments' / 'sample_cpu.py'}:tiny",
     f"--workdir={workdir}",
     f"--config.train.num_steps={N}",
     "--config.checkpoint.every=2",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from experiments import tml_interaction_small
+from experiments import interaction_276b
 from tests.helpers import ROOT
 from tmlx import plan as plan_lib
 
@@ -15,7 +15,7 @@ POD_DEVICES = 256  # the preset's pod: data=1 x fsdp=-1 x expert=16 x tensor=4 â
 
 @pytest.fixture(scope="module")
 def pod_plan() -> plan_lib.PodPlan:
-  return plan_lib.plan(tml_interaction_small.get_config(), POD_DEVICES)
+  return plan_lib.plan(interaction_276b.get_config(), POD_DEVICES)
 
 
 def test_default_pod_mesh_fits_h100_and_v5p_with_headroom(pod_plan):
@@ -44,7 +44,7 @@ def test_the_moe_stack_is_split_nearly_all_ways(pod_plan):
 
 def test_cli_prints_the_table():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  cmd = [sys.executable, "-m", "tmlx.plan", "--config=experiments/tml_interaction_small.py", f"--devices={POD_DEVICES}"]
+  cmd = [sys.executable, "-m", "tmlx.plan", "--config=experiments/interaction_276b.py", f"--devices={POD_DEVICES}"]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   assert "mesh data=1 x fsdp=4 x expert=16 x tensor=4 (256 devices)" in out.stdout
@@ -54,7 +54,7 @@ def test_cli_prints_the_table():
 
 
 def test_cli_names_a_mesh_that_does_not_divide_the_devices():
-  cmd = [sys.executable, "-m", "tmlx.plan", "--config=experiments/tml_interaction_small.py", "--devices=100"]
+  cmd = [sys.executable, "-m", "tmlx.plan", "--config=experiments/interaction_276b.py", "--devices=100"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert "100 devices cannot fill axis 'fsdp'" in out.stderr

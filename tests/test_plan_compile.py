@@ -35,7 +35,7 @@ def _plan(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def test_the_276b_step_compiles_for_its_target_and_fits_with_headroom(tmp_path, topology):
   out = tmp_path / "figures.json"
   proc = _plan(
-    "--config=experiments/tml_interaction_small.py",
+    "--config=experiments/interaction_276b.py",
     f"--config.model.num_layers={LAYERS}",
     "--compile",
     f"--topology={topology}",
@@ -48,7 +48,7 @@ def test_the_276b_step_compiles_for_its_target_and_fits_with_headroom(tmp_path, 
   assert 0 < figures["peak_bytes"] <= 0.8 * figures["hbm_bytes"], figures
   assert figures["alias_bytes"] > 0.9 * figures["output_bytes"], "the train state is donated: outputs reuse it"
 
-  golden = GOLDEN / f"tml_interaction_small.{LAYERS}layers.{topology}.json"
+  golden = GOLDEN / f"interaction_276b.{LAYERS}layers.{topology}.json"
   current = json.dumps({k: figures[k] for k in GOLDEN_KEYS}, indent=1) + "\n"
   if UPDATE:
     GOLDEN.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def test_a_step_without_headroom_fails_in_one_line_and_the_executable_is_saved(t
   # The tiny variant on a 2x2x2 v5p slice compiles in seconds; no step fits in 1e-9 of a chip.
   exe = tmp_path / "step.pkl"
   proc = _plan(
-    "--config=experiments/tml_interaction_small.py:tiny",
+    "--config=experiments/interaction_276b.py:tiny",
     "--compile",
     "--topology=v5p-16",
     "--max_hbm_fraction=1e-9",
@@ -92,7 +92,7 @@ def test_a_step_without_headroom_fails_in_one_line_and_the_executable_is_saved(t
 
 
 def test_the_plan_for_a_topology_applies_its_mesh_rule():
-  proc = _plan("--config=experiments/tml_interaction_small.py", "--topology=h200x256", timeout=300)
+  proc = _plan("--config=experiments/interaction_276b.py", "--topology=h200x256", timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.startswith("mesh data=1 x fsdp=32 x expert=8 x tensor=1 (256 devices)"), proc.stdout[:300]
 
@@ -106,6 +106,6 @@ def test_the_plan_for_a_topology_applies_its_mesh_rule():
   ],
 )
 def test_bad_plan_flags_are_refused_in_one_line(args, message):
-  proc = _plan("--config=experiments/tml_interaction_small.py", *args, timeout=120)
+  proc = _plan("--config=experiments/interaction_276b.py", *args, timeout=120)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-1000:]

@@ -9,7 +9,7 @@ from experiments import base
 from tests.helpers import tiny_config
 from tmlx import sharding
 from tmlx.nn.model import ModelConfig
-from tmlx.train import new_model
+from tmlx.state import new_model
 
 
 def test_mesh_fills_minus_one_axis():

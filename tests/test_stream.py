@@ -14,8 +14,8 @@ from data_pipelines.contract import Kind
 from tests.helpers import ROOT, run_main, synthetic_batch, tiny_config
 from tmlx.eval import losses as tmlx_eval
 from tmlx.nn.model import ModelConfig
-from tmlx.stream import InputBlock, LanguageModelWorker, ScriptedWorker, Session, SessionFull
-from tmlx.train import new_model
+from tmlx.state import new_model
+from tmlx.stream import InputBlock, LanguageModelWorker, ScriptedWorker, Session, SessionFull, StreamConfig
 
 
 def _setup(**stream):
@@ -46,7 +46,7 @@ def test_teacher_forced_session_matches_one_full_forward_pass(window):
   ref_logits = np.stack([model.text_logits(hidden[p]) for p in range(n - 1) if kind[p + 1] == Kind.TEXT_OUT])
   ref_cond = np.stack([model.flow_head.cond(hidden[p]) for p in range(n - 1) if kind[p + 1] == Kind.AUDIO_OUT])
 
-  session = Session(model, c)
+  session = Session(model, StreamConfig.from_config(c))
   assert session.cache_slots == (32 if window else 288) and n > 3 * 32  # the ring wraps 3 times
   starts = [i for i in range(n) if kind[i] == Kind.MT] + [n]
   logits, cond = [], []
@@ -77,12 +77,12 @@ def test_a_session_attends_as_its_model_was_trained_to():
   with pytest.raises(
     ValueError, match=r"config\.stream\.window=32, but the model was trained with model\.attention_window=16"
   ):
-    Session(model, c)
+    Session(model, StreamConfig.from_config(c))
 
 
 def test_live_steps_keep_fixed_shapes_and_stop_at_the_cache_limit():
   c, model = _setup(max_positions=128, temperature=0.8, top_p=0.9)
-  session = Session(model, c, seed=1)
+  session = Session(model, StreamConfig.from_config(c), seed=1)
   rng = np.random.default_rng(0)
   frame = rng.integers(0, 255, (c.data.frame_height, c.data.frame_width, 3), dtype=np.uint8)
   sizes = []
@@ -112,7 +112,7 @@ def test_a_background_result_arrives_in_the_micro_turn_the_worker_delivers_it():
   micro-turn's input."""
   c, model = _setup()
   worker = ScriptedWorker({"weather Paris": "sunny, 21 C"}, delay=2)
-  session = Session(model, c, worker=worker)
+  session = Session(model, StreamConfig.from_config(c), worker=worker)
   tok, eot = session.tokenizer, session.tokenizer.special("<eot>")
   call = [tok.special("<bg_call>"), *tok.encode("weather Paris"), tok.special("</bg_call>")]
   k = c.data.k_max  # the span is longer than K_max: it continues in the next micro-turn
@@ -131,7 +131,8 @@ def test_a_background_result_arrives_in_the_micro_turn_the_worker_delivers_it():
 def test_language_model_worker_answers_in_a_thread():
   c = importlib.import_module("experiments.background_lm").get_config("tiny")
   c.stream.max_positions = 256
-  worker = LanguageModelWorker(new_model(ModelConfig.from_config(c.model), 0), c, max_micro_turns=2)
+  model = new_model(ModelConfig.from_config(c.model), 0)
+  worker = LanguageModelWorker(model, StreamConfig.from_config(c), max_micro_turns=2)
   worker.submit("2+2?", "user: hello")
   worker.close()
   (answer,) = worker.poll()
@@ -143,7 +144,7 @@ def tiny_checkpoint(tmp_path_factory):
   """A tiny model trained for 2 steps on the sample corpus, through tmlx.main."""
   workdir = tmp_path_factory.mktemp("stream_ckpt")
   flags = ("--config.logging.tensorboard=false", "--config.eval.every=2")
-  proc = run_main("experiments/tiny.py:tiny", workdir, *flags, timeout=300)
+  proc = run_main("experiments/sample_cpu.py:tiny", workdir, *flags, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (workdir / "main.log").write_text(proc.stderr)
   return workdir

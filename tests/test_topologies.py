@@ -12,12 +12,12 @@ from tmlx import sharding, targets
 
 # (preset, topology): the mesh-rules row for the topology's accelerator applies, as on the pod.
 TPU_TARGETS = [
-  ("tml_interaction_small", "v5p-512"),
-  ("tml_interaction_small", "2xv5p-512"),  # two slices over DCN: data parallel across them
+  ("interaction_276b", "v5p-512"),
+  ("interaction_276b", "2xv5p-512"),  # two slices over DCN: data parallel across them
 ]
 # The tpu_v5p row is for slices of 256 chips (one model replica per slice); a larger single slice
 # is refused in one line (test_a_mesh_rule_for_other_slices_is_refused_in_one_line).
-GPU_TARGETS = [("tml_interaction_small", "h100x256"), ("tml_interaction_small", "h200x256")]
+GPU_TARGETS = [("interaction_276b", "h100x256"), ("interaction_276b", "h200x256")]
 
 
 def _mesh(preset: str, topology: str):
@@ -36,7 +36,7 @@ def _mesh(preset: str, topology: str):
 def test_the_preset_mesh_builds_on_v5p_512_without_its_mesh_rule():
   # The preset's own mesh (data 1, fsdp -1, expert 16, tensor 4) on a 4x8x8 slice: expert=16
   # matches no physical axis, so it is split over two.
-  config = importlib.import_module("experiments.tml_interaction_small").get_config()
+  config = importlib.import_module("experiments.interaction_276b").get_config()
   mesh = sharding.make_mesh(config.mesh, targets.target("v5p-512").devices())
   assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "expert": 16, "tensor": 4}
 
@@ -74,7 +74,7 @@ def test_preset_meshes_build_on_their_gpu_clusters(preset, topology):
 
 def test_a_mesh_rule_for_other_slices_is_refused_in_one_line():
   with pytest.raises(sharding.ShardingError, match=r"multiply to 2, but the devices span 1 TPU slices"):
-    _mesh("tml_interaction_small", "v5p-1024")
+    _mesh("interaction_276b", "v5p-1024")
 
 
 def test_unknown_topologies_are_refused_in_one_line():

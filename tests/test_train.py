@@ -14,8 +14,9 @@ import pytest
 from data_pipelines.contract import Kind
 from tests.helpers import run_main, synthetic_batch
 from tests.test_config import PRESETS
-from tmlx import sharding, train
+from tmlx import faults, sharding, train
 from tmlx.checkpoint import Checkpointer
+from tmlx.state import state_spec
 
 
 def _metrics(workdir) -> list[dict]:
@@ -63,7 +64,7 @@ def test_every_preset_tiny_variant_trains_two_steps(preset, tmp_path):
 
 
 def test_tiny_learns_and_resumes(tmp_path, caplog):
-  config = importlib.import_module("experiments.tiny").get_config("tiny")
+  config = importlib.import_module("experiments.sample_cpu").get_config("tiny")
   config.data.source = "synthetic"  # a signal 30 steps can learn
   config.train.num_steps = 30
   config.checkpoint.every = 15
@@ -89,12 +90,12 @@ def test_tiny_learns_and_resumes(tmp_path, caplog):
 
 
 def test_main_entry_point_trains_and_resumes(tmp_path):
-  """`python -m tmlx.main` with the tiny preset's :tiny variant, then a rerun that resumes."""
-  first = run_main("experiments/tiny.py:tiny", tmp_path)
+  """`python -m tmlx.main` with the sample_cpu preset's :tiny variant, then a rerun that resumes."""
+  first = run_main("experiments/sample_cpu.py:tiny", tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "mesh {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}" in first.stderr
   assert "initialized from scratch" in first.stderr
-  second = run_main("experiments/tiny.py:tiny", tmp_path, "--config.train.num_steps=3")
+  second = run_main("experiments/sample_cpu.py:tiny", tmp_path, "--config.train.num_steps=3")
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from checkpoint step 2" in second.stderr
   assert "step 3/3" in second.stderr
@@ -110,7 +111,7 @@ def test_all_to_all_transport_trains_like_local(tmp_path):
   for transport in ("local", "all_to_all"):
     workdir = tmp_path / transport
     proc = run_main(
-      "experiments/tiny.py:tiny",
+      "experiments/sample_cpu.py:tiny",
       workdir,
       f"--config.model.moe.transport={transport}",
       "--config.model.compute_dtype=float32",
@@ -132,7 +133,7 @@ def test_non_finite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path, ca
   """A NaN injected into the loss of step 3 (`train.inject_nan_at_steps`) leaves params, optimizer
   and router state bitwise unchanged, and the loop logs and counts it; a corrupt flow target does
   the same; past `max_consecutive_bad_steps` the run saves and stops."""
-  config = importlib.import_module("experiments.tiny").get_config("tiny")
+  config = importlib.import_module("experiments.sample_cpu").get_config("tiny")
   config.data.source = "synthetic"
   config.model.moe.bias_update_rate = 0.01
   config.train.num_steps = 4
@@ -152,7 +153,7 @@ def test_non_finite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path, ca
   assert not np.isfinite(rows[3]["loss"]) and np.isfinite(rows[4]["loss"])
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_table(config.mesh.rules)
-  spec = train.state_spec(config, mesh, rules)
+  spec = state_spec(config, mesh, rules)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings)
   ckpt = Checkpointer(str(tmp_path / "drill" / "checkpoints"), keep=10, async_save=False)
   saved = {step: jax.device_get(ckpt.restore(step, target)) for step in (2, 3, 4)}
@@ -186,7 +187,7 @@ def test_non_finite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path, ca
   config.train.num_steps = 20
   config.train.max_consecutive_bad_steps = 2
   config.checkpoint.every = 0
-  with pytest.raises(train.BadStepsError, match="max_consecutive_bad_steps=2"):
+  with pytest.raises(faults.BadStepsError, match="max_consecutive_bad_steps=2"):
     train.run(config, str(tmp_path))
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert saved and 3 <= saved[-1] <= 6

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import statistics
 import time
 from typing import Literal
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from data_pipelines.contract import NUM_DMEL_BINS, NUM_MELS, PATCH_SIZE
+from tmlx.losses import target_slots
 from tmlx.nn.flow_head import TIME_FEATURES
 from tmlx.nn.model import DTYPES, ModelConfig
 from tmlx.nn.moe import capacity
@@ -72,14 +72,6 @@ class FlopBreakdown:
 
   def as_dict(self) -> dict[str, float]:
     return dataclasses.asdict(self)
-
-
-def target_slots(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(text, audio) target slots per row; the same bounds as `tmlx.train.loss_config`."""
-  s, c = config.data.seq_len, config.loss
-  text = max(1, math.ceil(s * c.max_text_target_fraction))
-  audio = max(1, math.ceil(s * c.max_audio_target_fraction))
-  return text, audio
 
 
 def flop_breakdown(config: ml_collections.ConfigDict, count: Count = "model") -> FlopBreakdown:

@@ -33,7 +33,9 @@ import sys
 import time
 from collections.abc import Iterator
 
-from tmlx import paths
+from absl import flags
+
+from tmlx import cli, paths
 
 # Every second of a segment is in one of these (the trainer switches between them):
 BUCKETS = (
@@ -374,23 +376,46 @@ def report(summary: Summary, where: str = "") -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-  import argparse
-
-  parser = argparse.ArgumentParser(prog="python -m tmlx.goodput", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="the run's workdir (its goodput/ folder is read)")
-  parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-  args = parser.parse_args(argv)
-  records = read_records(paths.join(args.workdir, "goodput"))
+def summarize_workdir(workdir: str) -> Summary:
+  """The summary of every segment recorded in `workdir` (its goodput/ folder); SystemExit naming
+  the workdir when it holds none."""
+  records = read_records(paths.join(workdir, "goodput"))
   if not records:
-    raise SystemExit(f"{args.workdir}: no goodput records (goodput/*.json); is it a training workdir?")
-  summary = summarize(records)
-  if args.json:
+    raise SystemExit(f"{workdir}: no goodput records (goodput/*.json); is it a training workdir?")
+  return summarize(records)
+
+
+# The command line (module docstring); its flags are defined when it runs, not at import.
+
+PROG = "python -m tmlx.goodput"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    "workdir", None, "The run's workdir (its goodput/ folder is read).", required=True, flag_values=fv
+  )
+  flags.DEFINE_bool("json", False, "Print the summary as JSON.", flag_values=fv)
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+  """Prints the summary of the workdir the parsed command line names (`summarize_workdir`)."""
+  if args:
+    cli.fail(PROG, f"takes no positional arguments; got {args}")
+  with cli.one_line_exits(PROG):
+    summary = summarize_workdir(fv.workdir)
+  if fv.json:
     json.dump(dataclasses.asdict(summary), sys.stdout, indent=1)
     print()
   else:
-    print(report(summary, args.workdir))
+    print(report(summary, fv.workdir))
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs `python -m tmlx.goodput ARGS` in this process on `argv` (ARGS; default sys.argv[1:]);
+  returns the exit status."""
+  return cli.call(PROG, define_flags, run, argv)
 
 
 if __name__ == "__main__":
-  main()
+  cli.app_main(PROG, define_flags, run)

@@ -10,9 +10,10 @@ import ml_collections
 from flax import nnx
 
 from experiments import base
-from tmlx import sharding, train
+from tmlx import sharding
 from tmlx.checkpoint import Checkpointer, open_existing
 from tmlx.nn.model import InteractionModel
+from tmlx.state import state_spec
 
 
 def load_config(path: str, *, step: int | None = None) -> ml_collections.ConfigDict:
@@ -57,7 +58,7 @@ def load_model(
         config.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
         config.mesh.dcn.update(data=1, fsdp=1, expert=1, tensor=1)
     m = sharding.make_mesh(config.mesh, devices)
-    spec = train.state_spec(config, m, sharding.rules_table(config.mesh.rules))
+    spec = state_spec(config, m, sharding.rules_table(config.mesh.rules))
     parts = ("params", "model_state")  # no optimizer state
     abstract = {
       part: jax.tree.map(

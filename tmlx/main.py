@@ -1,4 +1,4 @@
-"""Entry point: `python -m tmlx.main --config=experiments/tiny.py --workdir=/tmp/run`.
+"""Entry point: `python -m tmlx.main --config=experiments/sample_cpu.py --workdir=/tmp/run`.
 
 Overrides go through the locked config: `--config.data.seq_len=512`; a misspelled key fails.
 This is the only module of tmlx that reads flags.
@@ -17,11 +17,14 @@ from ml_collections import config_flags
 from tmlx import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Experiment file, e.g. experiments/tiny.py (or experiments/tiny.py:tiny).", lock_config=True
+  "config",
+  None,
+  "Experiment file, e.g. experiments/sample_cpu.py (or experiments/sample_cpu.py:tiny).",
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.")
 # A multi-process job on a machine no detector knows, or an override of the detected one
-# (tmlx.distributed): all three of the first flags, or none.
+# (tmlx.runtime.cluster): all three of the first flags, or none.
 _COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1.")
@@ -52,7 +55,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = cli.load_config(_CONFIG)
   # Before JAX creates a backend: the experiment's row for this accelerator (mesh, XLA flags).
-  from tmlx import accelerators
+  from tmlx.runtime import accelerators
 
   accelerators.apply(config)
   if accelerators.detect() == "cpu" and not os.environ.get("JAX_PLATFORMS"):
@@ -62,16 +65,16 @@ def main(argv):
 
     jax.config.update("jax_platforms", "cpu")
   # Also before: fake CPU devices for single-machine runs.
-  # In a multi-process job this is the device count of each process (see tmlx.distributed).
+  # In a multi-process job this is the device count of each process (see tmlx.runtime.cluster).
   if config.runtime.cpu_devices > 0:
     import jax
 
     jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
 
   # Also before any JAX computation: join a multi-process job if the flags or the environment describe one.
-  from tmlx import distributed
+  from tmlx.runtime import cluster, distributed
 
-  overrides = distributed.Overrides(
+  overrides = cluster.Overrides(
     coordinator_address=_COORDINATOR_ADDRESS.value,
     num_processes=_NUM_PROCESSES.value,
     process_id=_PROCESS_ID.value,
@@ -80,7 +83,7 @@ def main(argv):
   try:
     with recorder.span("distributed_init"):
       distributed.initialize_from_env(overrides=overrides)
-  except distributed.DistributedEnvError as e:
+  except cluster.DistributedEnvError as e:
     logging.error("%s", e)
     sys.exit(f"invalid multi-process setup: {e}")
 

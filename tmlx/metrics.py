@@ -10,12 +10,14 @@ import json
 import math
 import os
 import time
+import zlib
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
-from tmlx import paths
+from tmlx import flops, paths
 
 FLUSH_S = 30.0  # object storage: the longest a logged row waits in memory (checkpoints flush sooner)
 
@@ -146,3 +148,67 @@ def _fmt(seconds: float) -> str:
     return "?"
   m, s = divmod(int(seconds), 60)
   return f"{m}m{s:02d}s"
+
+
+def row_digests(batch: dict) -> str:
+  """'row:crc32 ...' of the global batch rows held by this process's devices (all fields, in
+  name order), so that the rows of different runs can be compared from their logs."""
+  crcs: dict[int, int] = {}
+  for name in sorted(batch):
+    seen = set()
+    for shard in batch[name].addressable_shards:
+      first = shard.index[0].indices(batch[name].shape[0])[0]
+      if first in seen:
+        continue  # the same rows on another device (replicated over a non-batch axis)
+      seen.add(first)
+      data = np.asarray(shard.data)
+      for i in range(data.shape[0]):
+        crcs[first + i] = zlib.crc32(np.ascontiguousarray(data[i]).tobytes(), crcs.get(first + i, 0))
+  return " ".join(f"{r}:{crcs[r]:08x}" for r in sorted(crcs))
+
+
+def host_metrics(raw: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Device metrics → scalars (per-layer arrays become one scalar per layer) and arrays."""
+  scalars: dict[str, float] = {}
+  arrays: dict[str, np.ndarray] = {}
+  for key, value in raw.items():
+    value = np.asarray(value)
+    if value.ndim == 0:
+      scalars[key] = float(value)
+    elif value.ndim == 1:
+      scalars.update({f"{key}/layer_{i}": float(v) for i, v in enumerate(value)})
+    else:  # expert load [L, E]: keep it whole, and its max and min relative to the mean
+      arrays[key] = value
+      relative = value * value.shape[-1]
+      for i in range(value.shape[0]):
+        scalars[f"moe/max_load/layer_{i}"] = float(relative[i].max())
+        scalars[f"moe/min_load/layer_{i}"] = float(relative[i].min())
+      scalars["moe_max_load"] = float(relative.max())
+  return scalars, arrays
+
+
+def throughput(positions_per_s: float, flops_per_pos: float, peak: float | None) -> dict[str, float]:
+  devices = jax.device_count()
+  out = {"model_tflops_per_device": flops_per_pos * positions_per_s / devices / 1e12}
+  if peak is not None:
+    out["mfu"] = flops.mfu(flops_per_pos, positions_per_s, devices, peak)
+  return out
+
+
+def warn_about(step: int, m: dict[str, float], config: ml_collections.ConfigDict) -> None:
+  """Warnings for logged metrics that mean training sees less than the data holds."""
+  drop_warn = config.model.moe.drop_warn_fraction
+  if m["moe_dropped_fraction"] > drop_warn:
+    logging.warning(
+      "step %d: MoE dropped %.1f%% of routed assignments (above config.model.moe.drop_warn_fraction=%g)",
+      step,
+      100 * m["moe_dropped_fraction"],
+      drop_warn,
+    )
+  if m["text_targets_overflow"] or m["audio_targets_overflow"]:
+    logging.warning(
+      "step %d: %d text / %d audio targets beyond config.loss.max_*_target_fraction were not trained on",
+      step,
+      m["text_targets_overflow"],
+      m["audio_targets_overflow"],
+    )

@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 
+from tmlx import fields
 
-def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """`config.optimizer` (experiments/base.py says what each field does)."""
+
+  learning_rate: float
+  warmup_steps: int
+  final_lr_fraction: float
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  clip_norm: float
+  grad_accum_steps: int
+
+  def __post_init__(self):
+    fields.positive(self, "learning_rate", "grad_accum_steps")
+    fields.in_range(self, "final_lr_fraction", 0.0, 1.0)
+    fields.in_range(self, "b1", 0.0, 1.0, high_open=True)
+    fields.in_range(self, "b2", 0.0, 1.0, high_open=True)
+    for name in ("warmup_steps", "eps", "weight_decay"):
+      fields.in_range(self, name, 0)
+
+  @classmethod
+  def from_config(cls, optimizer) -> OptimizerConfig:
+    return fields.build(cls, optimizer)
+
+
+def learning_rate_schedule(opt_config: OptimizerConfig, num_steps: int) -> optax.Schedule:
   """Linear warmup to the peak, then cosine decay to `final_lr_fraction` of it at `num_steps`.
 
   Update i (0-based) of the warmup uses peak·(i+1)/(warmup+1): no update is wasted at rate 0.
@@ -45,7 +76,7 @@ def clip_by_global_norm(grads, norm: jax.Array, max_norm: float):
   return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
 
 
-def make_optimizer(opt_config, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(opt_config: OptimizerConfig, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW on the schedule. Global-norm clipping (opt_config.clip_norm) happens in the train step,
   before this transformation, with `clip_by_global_norm`."""
   schedule = learning_rate_schedule(opt_config, num_steps)

@@ -1,6 +1,6 @@
 """Pod plan: per-device memory of a config on the chips it is meant for, without the chips.
 
-`python -m tmlx.plan --config=experiments/tml_interaction_small.py --devices=256` counts what
+`python -m tmlx.plan --config=experiments/interaction_276b.py --devices=256` counts what
 lives on a device between steps: parameters, optimizer state and the step counter. The mesh is an
 AbstractMesh (axis names and sizes only) and the train state comes from `jax.eval_shape`, so this
 runs on a laptop for any pod size. Gradients, activations and XLA temporaries come on top.
@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec
 
 from tmlx import config as config_lib
 from tmlx import flops, sharding, targets, train
+from tmlx.state import StateSpec, state_spec
 
 # Chip memory in decimal GB as vendors quote it (an H100 has 80 GB, a TPU v5p chip 95 GB).
 # Decimal is the smaller reading of "GB", so fractions against it err on the safe side.
@@ -103,8 +104,8 @@ def _bytes(shape_dtype) -> int:
   return math.prod(shape_dtype.shape) * shape_dtype.dtype.itemsize
 
 
-def _state_spec(config: ml_collections.ConfigDict, mesh) -> train.StateSpec:
-  return train.state_spec(config, mesh, sharding.rules_table(config.mesh.rules))
+def _state_spec(config: ml_collections.ConfigDict, mesh) -> StateSpec:
+  return state_spec(config, mesh, sharding.rules_table(config.mesh.rules))
 
 
 def variable_layouts(config: ml_collections.ConfigDict, mesh) -> dict[str, dict[str, VariableLayout]]:
@@ -341,7 +342,7 @@ def _first_line(e: BaseException) -> str:
 def for_target(config: ml_collections.ConfigDict, target: targets.Target, environ: dict) -> str | None:
   """Applies the preset's mesh-rules row for `target` to `config` and its XLA flags to `environ`
   (LIBTPU_INIT_ARGS or XLA_FLAGS, read when the target's compiler starts); returns the row."""
-  from tmlx import accelerators
+  from tmlx.runtime import accelerators
 
   return accelerators.apply(config, accelerator=target.accelerator, environ=environ)
 
@@ -380,7 +381,7 @@ def _cli() -> None:
   from ml_collections import config_flags
 
   config = config_flags.DEFINE_config_file(
-    "config", None, "Experiment file, e.g. experiments/tml_interaction_small.py.", lock_config=True
+    "config", None, "Experiment file, e.g. experiments/interaction_276b.py.", lock_config=True
   )
   devices = flags.DEFINE_integer("devices", 256, "Devices in the pod; fills the mesh axis that is -1.")
   topology = flags.DEFINE_string(

@@ -2,7 +2,7 @@
 descriptions and GPU clusters from the CUDA plugin's, so that `tmlx.plan --compile` and the tests
 build meshes and compile the real train step for a pod on a CPU machine.
 
-A target names the accelerator string `tmlx.accelerators.detect()` would report on that hardware,
+A target names the accelerator string `tmlx.runtime.accelerators.detect()` would report on that hardware,
 so the preset's `config.mesh_rules` row for it (mesh, DCN, XLA flags, remat) applies as it would on
 the pod. HBM figures are the vendors' (decimal GB, the smaller reading; `tmlx.plan.GB`).
 
@@ -23,7 +23,7 @@ GB = 1e9
 class Target:
   name: str  # what --topology takes, e.g. 'v5p-512' or 'h200x256'
   platform: str  # 'tpu' or 'cuda'
-  accelerator: str  # as tmlx.accelerators.detect() reports it there, e.g. 'tpu v5p-512'
+  accelerator: str  # as tmlx.runtime.accelerators.detect() reports it there, e.g. 'tpu v5p-512'
   chip: str  # e.g. 'TPU v5p' or 'NVIDIA H200'
   hbm_bytes: float  # per chip
   topology: str  # libtpu's slice name ('v5p:4x8x8') or the CUDA plugin's 'slices x hosts x gpus'

@@ -1,7 +1,9 @@
-"""Training: TrainState, the jitted train step, and the `run(config, workdir)` driver.
+"""Training: the jitted train step and the `run(config, workdir)` driver.
 
-`run` goes through the stages in the order they happen: mesh, data, abstract state, shardings,
-restore or init, compile, loop. Periodic work (metrics, checkpoints) goes through `every`.
+`train_step` is a pure function of the state, the global batch and a static StepConfig. `run`
+goes through the stages in the order they happen: mesh, abstract state and shardings, restore or
+init (`tmlx.state.restore_or_init`), data, compile, loop. Periodic work (metrics, evaluation,
+checkpoints) goes through `every`; what the loop does about faults is in `tmlx.faults`.
 """
 
 from __future__ import annotations
@@ -10,43 +12,30 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import signal
-import threading
 import time
-import zlib
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipelines
 from tmlx import checkpoint as checkpoint_lib
-from tmlx import compile_cache, flops, goodput, paths, profiling, sharding
+from tmlx import compile_cache, faults, flops, goodput, paths, profiling, sharding
 from tmlx import config as config_lib
+from tmlx import metrics as metrics_lib
 from tmlx.checkpoint import Checkpointer
-from tmlx.losses import LossConfig, loss_sums, target_counts
+from tmlx.losses import LossConfig, loss_config, loss_sums, target_counts
 from tmlx.metrics import MetricWriter, Progress
-from tmlx.nn.model import InteractionModel, ModelConfig, count_parameters
+from tmlx.nn.model import ModelConfig, count_parameters
 from tmlx.nn.moe import balance_bias_update
-from tmlx.optim import clip_by_global_norm, make_optimizer
-from tmlx.workdir_lock import WorkdirLock, WorkdirLockedError, WorkdirLockLostError
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar: optimizer steps taken
-  params: dict  # pure dict of parameter arrays (nnx.to_pure_dict layout)
-  model_state: dict  # non-gradient model variables (MoE balancing biases), same layout
-  opt_state: Any
+from tmlx.optim import clip_by_global_norm
+from tmlx.state import StateSpec, TrainState, restore_or_init, state_spec
+from tmlx.workdir_lock import WorkdirLock, lock_for_job
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,27 +53,6 @@ class StepConfig:
   mesh: Any
   rules: Any
   nan_steps: tuple[int, ...] = ()  # fault drill: steps (1-based, as logged) whose loss is NaN
-
-
-def new_model(cfg: ModelConfig, seed: int) -> InteractionModel:
-  """A freshly initialized model (lazily sharded: shardings come from the logical names)."""
-  with nnx.use_eager_sharding(False):
-    return InteractionModel(cfg, rngs=nnx.Rngs(seed))
-
-
-def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
-  c, s = config.loss, config.data.seq_len
-  return LossConfig(
-    text_weight=c.text_weight,
-    flow_weight=c.flow_weight,
-    silent_eot_weight=c.silent_eot_weight,
-    max_text_targets=max(1, int(np.ceil(s * c.max_text_target_fraction))),
-    max_audio_targets=max(1, int(np.ceil(s * c.max_audio_target_fraction))),
-    load_balance_weight=config.model.moe.load_balance_weight,
-    z_loss_weight=config.model.moe.z_loss_weight,
-    eot_id=data_pipelines.ByteTokenizer().special("<eot>"),
-    burn_in=c.burn_in_micro_turns,
-  )
 
 
 def _micro_batches(batch: dict, n: int) -> dict:
@@ -183,50 +151,6 @@ def train_step(state: TrainState, batch: dict, sc: StepConfig) -> tuple[TrainSta
     return new_state, metrics
 
 
-@dataclasses.dataclass(frozen=True)
-class StateSpec:
-  """How to build the train state: abstractly, sharded, and for real."""
-
-  graphdef: Any
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-  abstract: TrainState  # ShapeDtypeStructs
-  shardings: TrainState  # NamedShardings
-  init: Any  # () -> TrainState; run it under jax.jit(out_shardings=shardings)
-
-
-def state_spec(config: ml_collections.ConfigDict, mesh, rules) -> StateSpec:
-  """Abstract state via eval_shape, its shardings from the logical names, and the init function."""
-  model_cfg = ModelConfig.from_config(config.model)
-  tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
-  graphdef, abstract_params, abstract_rest = nnx.split(
-    nnx.eval_shape(lambda: new_model(model_cfg, config.seed)), nnx.Param, ...
-  )
-  param_sh = sharding.state_shardings(abstract_params, mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def init() -> TrainState:
-    _, params, rest = nnx.split(new_model(model_cfg, config.seed), nnx.Param, ...)
-    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest, opt_state=tx.init(params))
-
-  abstract = jax.eval_shape(init)
-  shardings = TrainState(
-    step=replicated,
-    params=param_sh,
-    model_state=sharding.state_shardings(abstract_rest, mesh, rules),
-    opt_state=optax.tree_map_params(
-      tx,
-      lambda _, s: s,
-      abstract.opt_state,
-      param_sh,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, NamedSharding),
-    ),
-  )
-  return StateSpec(graphdef=graphdef, tx=tx, schedule=schedule, abstract=abstract, shardings=shardings, init=init)
-
-
 def step_config(config: ml_collections.ConfigDict, spec: StateSpec, mesh, rules) -> StepConfig:
   return StepConfig(
     graphdef=spec.graphdef,
@@ -293,7 +217,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, recorder: goodput.Recor
   one, the run keeps its own from this call on and writes it when it returns."""
   config_lib.validate(config, jax.device_count())
   paths.makedirs(workdir)
-  lock = _lock_workdir(workdir)
+  lock = lock_for_job(workdir)
   recorder = goodput.Recorder() if recorder is None else recorder
   restore_cache_setting = None
   try:
@@ -316,24 +240,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, recorder: goodput.Recor
     recorder.finish()  # ended; tmlx.main's exit hook rewrites it on a local workdir, shutdown counted
 
 
-def _lock_workdir(workdir: str) -> WorkdirLock | None:
-  """Process 0 takes the lock on behalf of the job; every process raises if it could not."""
-  lock, refused = None, ""
-  if jax.process_index() == 0:
-    try:
-      lock = WorkdirLock(workdir)
-    except WorkdirLockedError as e:
-      refused = str(e)
-    except Exception as e:  # storage refused or unreachable: every process must hear of it
-      refused = f"{workdir}: cannot take the workdir lock: {type(e).__name__}: {e}"
-  if jax.process_count() > 1:
-    if multihost_utils.process_allgather(np.int32(bool(refused))).max() and not refused:
-      refused = f"{workdir}: process 0 found this workdir in use by another training job (its log names the job)"
-  if refused:
-    raise WorkdirLockedError(refused)
-  return lock
-
-
 def _run(
   config: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock | None, recorder: goodput.Recorder
 ) -> dict[str, float]:
@@ -350,7 +256,7 @@ def _run(
   logging.info("model: %.3fM parameters, %.3fM active per token", total / 1e6, active / 1e6)
   logging.info("parameter shardings:\n%s", sharding.describe(spec.shardings.params, spec.abstract.params))
 
-  # Restore (latest checkpoint in the workdir) or initialize from scratch, sharded.
+  # Restore or initialize, sharded (the order of precedence is written above tmlx.state.restore_or_init).
   ckpt = Checkpointer(
     paths.join(workdir, "checkpoints"),
     keep=config.checkpoint.keep,
@@ -367,18 +273,14 @@ def _run(
       ", ".join(aside),
     )
   data_spec = data_pipelines.data_spec_hash(config)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.abstract, spec.shardings)
   recorder.enter("restore")
   try:
-    restored = ckpt.restore_latest(target, config=resolved)
-    state = None if restored is not None else _initial_state(config, spec, target)
+    state, latest = restore_or_init(config, spec, ckpt)
   except BaseException:
     ckpt.close()
     raise
   recorder.enter("startup")
-  if restored is not None:
-    state, latest = restored
-    logging.info("resumed from checkpoint step %d in %s", latest, ckpt.directory)
+  if latest is not None:
     saved_spec = ckpt.restore_meta(latest).get("data", {}).get("spec_hash")
     if saved_spec != data_spec:
       logging.warning(
@@ -472,12 +374,12 @@ def _run(
   # Loop. On any exit, in-flight checkpoint writes finish before the process goes.
   writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard, start_step=start)
   progress = Progress(start, num_steps)
-  data_stats = DataStats(config.data.max_skip_ratio)
-  bad_steps = BadSteps(config.train.max_consecutive_bad_steps, on_bad=recorder.bad_step)
+  data_stats = faults.DataStats(config.data.max_skip_ratio)
+  bad_steps = faults.BadSteps(config.train.max_consecutive_bad_steps, on_bad=recorder.bad_step)
   last_metrics: dict[str, float] = {}
   t_log, step_log = time.perf_counter(), start
-  preemption = Preemption()
-  watchdog = Watchdog(config.train.step_timeout_s)
+  preemption = faults.Preemption()
+  watchdog = faults.Watchdog(config.train.step_timeout_s)
   profiler = profiling.Profiler(config.profile, workdir, jax.process_index())
   recorder.steps_begin()
   try:
@@ -490,7 +392,7 @@ def _run(
       data_stats.add(stats)
       # A background save that failed, or a lock another job took over, stops every process now
       # (not at the next save), in the same all-gather as the preemption flag.
-      trouble = _trouble(lock, ckpt)
+      trouble = faults.trouble(lock, ckpt)
       preempted, troubled = preemption.agreed(trouble is not None)
       if troubled:
         raise trouble or checkpoint_lib.CheckpointError("another process of this job stopped here: see its log")
@@ -510,12 +412,12 @@ def _run(
         data_pipelines.check_batch(local, row, config.model.vocab_size, where=f"data batch of step {step}")
       batch = _global_batch(local, batch_sh)
       if config.logging.row_digests:
-        logging.info("row digests of step %d: %s", step, _row_digests(batch))
+        logging.info("row digests of step %d: %s", step, metrics_lib.row_digests(batch))
       state, metrics = compiled(state, batch)
       # The previous step's flag: reading it does not wait for the step just dispatched.
       try:
         bad_steps.observe()
-      except BadStepsError:
+      except faults.BadStepsError:
         save(step, state)
         raise
       bad_steps.pending = (step, metrics["bad_step"])
@@ -523,11 +425,11 @@ def _run(
       # One metrics row per logged step; a step with a duplex evaluation is always logged, its
       # figures in the same row as the losses.
       if evaluate or every(step, config.logging.every, last=num_steps):
-        m, arrays = _host_metrics(jax.device_get(metrics))
+        m, arrays = metrics_lib.host_metrics(jax.device_get(metrics))
         now = time.perf_counter()
         m["step_time_s"] = (now - t_log) / (step - step_log)
         m["tokens_per_s"] = m["tokens"] / m["step_time_s"]
-        m.update(_throughput(m["positions"] / m["step_time_s"], flops_per_pos, peak))
+        m.update(metrics_lib.throughput(m["positions"] / m["step_time_s"], flops_per_pos, peak))
         m.update(data_stats.metrics())
         m["bad_steps"] = float(bad_steps.total)
         progress.log(step, m)
@@ -536,7 +438,7 @@ def _run(
             m.update(_duplex_eval(probe, step, state, report=config.eval.report and step == num_steps))
         t_log, step_log = time.perf_counter(), step  # the evaluation's time is not a training step's
         writer.write(step, m, arrays)
-        _warn_about(step, m, config)
+        metrics_lib.warn_about(step, m, config)
         last_metrics = m
       recorder.step_done(step)
       if every(step, config.checkpoint.every, last=num_steps if config.checkpoint.every > 0 else None):
@@ -555,17 +457,6 @@ def _run(
         preemption.close()  # only now: a SIGTERM while the last save finishes does not cut it short
         watchdog.close()
   return last_metrics
-
-
-def _trouble(lock: WorkdirLock | None, ckpt: Checkpointer) -> Exception | None:
-  """This process's reason to stop now: its lock was taken over, or a background save failed."""
-  try:
-    if lock is not None:
-      lock.check()
-    ckpt.check()
-  except (WorkdirLockLostError, checkpoint_lib.CheckpointSaveError) as e:
-    return e
-  return None
 
 
 def _duplex_eval(probe, step: int, state: TrainState, *, report: bool) -> dict[str, float]:
@@ -599,271 +490,3 @@ def _duplex_eval(probe, step: int, state: TrainState, *, report: bool) -> dict[s
     if report:
       logging.info("duplex report at step %d (held-out conversations):\n%s", step, duplex.report(result))
   return scalars
-
-
-def _row_digests(batch: dict) -> str:
-  """'row:crc32 ...' of the global batch rows held by this process's devices (all fields, in
-  name order), so that the rows of different runs can be compared from their logs."""
-  crcs: dict[int, int] = {}
-  for name in sorted(batch):
-    seen = set()
-    for shard in batch[name].addressable_shards:
-      first = shard.index[0].indices(batch[name].shape[0])[0]
-      if first in seen:
-        continue  # the same rows on another device (replicated over a non-batch axis)
-      seen.add(first)
-      data = np.asarray(shard.data)
-      for i in range(data.shape[0]):
-        crcs[first + i] = zlib.crc32(np.ascontiguousarray(data[i]).tobytes(), crcs.get(first + i, 0))
-  return " ".join(f"{r}:{crcs[r]:08x}" for r in sorted(crcs))
-
-
-def _initial_state(config: ml_collections.ConfigDict, spec: StateSpec, target: TrainState) -> TrainState:
-  """The state of a run whose workdir has no checkpoint: `init.resume_from` (the full state of
-  another run), else `init.params_from` (its parameters, with a fresh optimizer), else scratch."""
-  init = config.init
-  if init.resume_from:
-    other = checkpoint_lib.open_existing(init.resume_from, "config.init.resume_from:")
-    restored = other.restore_latest(target, quarantine=False, config=config.to_dict())
-    other.close()
-    logging.info("resumed from checkpoint step %d of %s (config.init.resume_from)", restored[1], other.directory)
-    return restored[0]
-  state = jax.jit(spec.init, out_shardings=spec.shardings)()
-  if not init.params_from:
-    logging.info("initialized from scratch")
-    return state
-  other = checkpoint_lib.open_existing(init.params_from, "config.init.params_from:")
-  step = other.latest_step()
-  reinit = tuple(r.strip() for r in init.reinit.split(",") if r.strip())
-  loaded, fresh, unused = other.restore_params(step, target.params, reinit)
-  other.close()
-
-  def place(path, leaf, sharding_):
-    got = loaded.get(checkpoint_lib.leaf_name(("params",) + tuple(path)))
-    if got is None:
-      return leaf
-    if got.shape == leaf.shape:
-      return got
-    axis = checkpoint_lib.grown_axis(got.shape, leaf.shape)  # more experts: saved first, new as initialized
-    grow = jax.jit(lambda new, old: jax.lax.dynamic_update_slice_in_dim(new, old, 0, axis), out_shardings=sharding_)
-    return grow(leaf, got)
-
-  params = jax.tree.map_with_path(place, state.params, spec.shardings.params)
-  logging.info(
-    "parameters from checkpoint step %d of %s (config.init.params_from), fresh optimizer: %d restored; "
-    "initialized fresh: %s; in the checkpoint but not in this model: %s",
-    step,
-    other.directory,
-    len(loaded),
-    fresh or "none",
-    unused or "none",
-  )
-  return dataclasses.replace(state, params=params)
-
-
-class Preemption:
-  """SIGTERM as a preemption notice, acted on at a step boundary that every process agrees on.
-
-  Every process installs a SIGTERM handler that only sets a flag. `agreed()`, called by every
-  process once per step at the same point, is True from the first step boundary at which any
-  process has the flag: with several processes the flags are all-gathered (one small host
-  collective per step, next to the data statistics' own, so it adds no wait for the device), so a
-  notice that reaches one process stops all of them after the same step.
-
-  JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`) is not used: its
-  manager keeps one "current step" per process, and Orbax's CheckpointManager calls it too, from
-  its finalize thread with the step it just saved. Such a stale call can make the agreed step one
-  that every process has already passed, and the notice is then never acted on (reproduced with
-  jax 0.10.2). `tmlx.distributed.initialize` turns that service off; until `run` installs this
-  handler, SIGTERM ends a process as usual.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._notice)
-
-  def _notice(self, signum, frame) -> None:
-    if not self.requested:
-      logging.warning("SIGTERM received: stopping at the next step boundary with a checkpoint")
-    self.requested = True
-
-  def agreed(self, trouble: bool = False) -> tuple[bool, bool]:
-    """(whether any process has the notice, whether any process reports `trouble`)."""
-    if jax.process_count() == 1:
-      return self.requested, trouble
-    flags = multihost_utils.process_allgather(np.array([self.requested, trouble], np.int32)).reshape(-1, 2)
-    return bool(flags[:, 0].max()), bool(flags[:, 1].max())
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-
-class Watchdog:
-  """Ends the process when `beat` is not called for `timeout_s` seconds.
-
-  JAX's heartbeats catch a peer that died or stopped; a peer that is alive but never reaches the
-  next collective (a wedged data loader, a deadlock) leaves the others blocked in it for ever.
-  The loop beats once per step: if no beat comes in time, this logs the step it waited for and
-  every thread's stack, and exits the process with status 1 (os._exit: the main thread may be
-  blocked inside XLA); the other processes then fail through the heartbeat check.
-  """
-
-  def __init__(self, timeout_s: float):
-    self.timeout_s = timeout_s
-    self._step = None
-    self._last = time.monotonic()
-    self._done = threading.Event()
-    if timeout_s > 0:
-      threading.Thread(target=self._watch, name="tmlx-watchdog", daemon=True).start()
-
-  def beat(self, step: int) -> None:
-    self._step, self._last = step, time.monotonic()
-
-  def close(self) -> None:
-    self._done.set()
-
-  def _watch(self) -> None:
-    while not self._done.wait(min(5.0, self.timeout_s / 4)):
-      idle = time.monotonic() - self._last
-      if idle > self.timeout_s:
-        import faulthandler
-        import sys
-
-        logging.error(
-          "no progress for %.0f s while on step %s (config.train.step_timeout_s=%g): a peer process may be "
-          "hung, or this one is; the stacks of every thread follow. Exiting.",
-          idle,
-          self._step,
-          self.timeout_s,
-        )
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        sys.stderr.flush()
-        os._exit(1)
-
-
-class BadStepsError(RuntimeError):
-  """More consecutive non-finite steps than `train.max_consecutive_bad_steps`."""
-
-
-class BadSteps:
-  """Counts steps whose update was skipped for a non-finite loss or gradient (`bad_step` flag),
-  and raises BadStepsError after more than `limit` in a row."""
-
-  def __init__(self, limit: int, on_bad=None):
-    self.limit = limit
-    self.on_bad = on_bad  # called with the number of each bad step (the goodput clock)
-    self.total = 0
-    self.consecutive = 0
-    self.pending: tuple[int, jax.Array] | None = None  # (step, its device flag), not read yet
-
-  def observe(self) -> None:
-    if self.pending is None:
-      return
-    step, flag = self.pending
-    self.pending = None
-    if float(flag) == 0.0:
-      self.consecutive = 0
-      return
-    self.total += 1
-    self.consecutive += 1
-    if self.on_bad is not None:
-      self.on_bad(step)
-    logging.warning(
-      "step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
-      step,
-      self.consecutive,
-      self.total,
-    )
-    if self.consecutive > self.limit:
-      raise BadStepsError(
-        f"{self.consecutive} consecutive steps up to step {step} had a non-finite loss or gradient "
-        f"(more than config.train.max_consecutive_bad_steps={self.limit}); the last good state is saved. "
-        "Check the data and the learning rate, or lower it and resume."
-      )
-
-
-class DataStats:
-  """Running counts of the windows packed and the bad episodes skipped per reason, over all
-  processes; raises once the skipped fraction of draws passes `data.max_skip_ratio`."""
-
-  MIN_DRAWS = 100
-
-  def __init__(self, max_skip_ratio: float):
-    self.max_skip_ratio = max_skip_ratio
-    self.totals: dict[str, int] = {}
-
-  def add(self, local: dict) -> None:
-    keys = sorted(local)
-    counts = np.array([int(local[k]) for k in keys], np.int64)
-    if jax.process_count() > 1:
-      counts = multihost_utils.process_allgather(counts).sum(axis=0)
-    for k, v in zip(keys, counts):
-      self.totals[k] = self.totals.get(k, 0) + int(v)
-    skipped = self.skipped()
-    draws = skipped + self.totals.get("windows", 0)
-    if skipped and draws >= self.MIN_DRAWS and skipped / draws > self.max_skip_ratio:
-      reasons = ", ".join(f"{k.removeprefix('skipped_')}: {v}" for k, v in self.totals.items() if k != "windows" and v)
-      raise RuntimeError(
-        f"data: {skipped} of {draws} episode draws were bad and skipped ({skipped / draws:.1%}), more than "
-        f"config.data.max_skip_ratio={self.max_skip_ratio}; by reason: {reasons}. Rerun with "
-        "--config.data.on_error=raise to see the first error in full."
-      )
-
-  def skipped(self) -> int:
-    return sum(v for k, v in self.totals.items() if k != "windows")
-
-  def metrics(self) -> dict[str, float]:
-    out = {f"data/{k}": float(v) for k, v in self.totals.items() if k == "windows" or v}
-    out["data/skipped"] = float(self.skipped())
-    return out
-
-
-def _host_metrics(raw: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-  """Device metrics → scalars (per-layer arrays become one scalar per layer) and arrays."""
-  scalars: dict[str, float] = {}
-  arrays: dict[str, np.ndarray] = {}
-  for key, value in raw.items():
-    value = np.asarray(value)
-    if value.ndim == 0:
-      scalars[key] = float(value)
-    elif value.ndim == 1:
-      scalars.update({f"{key}/layer_{i}": float(v) for i, v in enumerate(value)})
-    else:  # expert load [L, E]: keep it whole, and its max and min relative to the mean
-      arrays[key] = value
-      relative = value * value.shape[-1]
-      for i in range(value.shape[0]):
-        scalars[f"moe/max_load/layer_{i}"] = float(relative[i].max())
-        scalars[f"moe/min_load/layer_{i}"] = float(relative[i].min())
-      scalars["moe_max_load"] = float(relative.max())
-  return scalars, arrays
-
-
-def _throughput(positions_per_s: float, flops_per_pos: float, peak: float | None) -> dict[str, float]:
-  devices = jax.device_count()
-  out = {"model_tflops_per_device": flops_per_pos * positions_per_s / devices / 1e12}
-  if peak is not None:
-    out["mfu"] = flops.mfu(flops_per_pos, positions_per_s, devices, peak)
-  return out
-
-
-def _warn_about(step: int, m: dict[str, float], config: ml_collections.ConfigDict) -> None:
-  """Warnings for logged metrics that mean training sees less than the data holds."""
-  drop_warn = config.model.moe.drop_warn_fraction
-  if m["moe_dropped_fraction"] > drop_warn:
-    logging.warning(
-      "step %d: MoE dropped %.1f%% of routed assignments (above config.model.moe.drop_warn_fraction=%g)",
-      step,
-      100 * m["moe_dropped_fraction"],
-      drop_warn,
-    )
-  if m["text_targets_overflow"] or m["audio_targets_overflow"]:
-    logging.warning(
-      "step %d: %d text / %d audio targets beyond config.loss.max_*_target_fraction were not trained on",
-      step,
-      m["text_targets_overflow"],
-      m["audio_targets_overflow"],
-    )

@@ -27,8 +27,11 @@ import threading
 import time
 import uuid
 
+import jax
+import numpy as np
 import tensorstore as ts
 from absl import logging
+from jax.experimental import multihost_utils
 
 LOCK_KEY = "LOCK"
 HEARTBEAT_S = 15.0
@@ -232,3 +235,21 @@ class WorkdirLock:
           self._store.write(LOCK_KEY, None, if_equal=self._generation).result()
         except Exception as e:
           logging.warning("%s: could not remove the lock (%s); the next run takes it over as stale", self.where, e)
+
+
+def lock_for_job(workdir: str) -> WorkdirLock | None:
+  """Process 0 takes the lock on behalf of the job; every process raises if it could not."""
+  lock, refused = None, ""
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir)
+    except WorkdirLockedError as e:
+      refused = str(e)
+    except Exception as e:  # storage refused or unreachable: every process must hear of it
+      refused = f"{workdir}: cannot take the workdir lock: {type(e).__name__}: {e}"
+  if jax.process_count() > 1:
+    if multihost_utils.process_allgather(np.int32(bool(refused))).max() and not refused:
+      refused = f"{workdir}: process 0 found this workdir in use by another training job (its log names the job)"
+  if refused:
+    raise WorkdirLockedError(refused)
+  return lock

@@ -1,27 +1,50 @@
-"""`python -m tmlx.eval duplex ...` or `python -m tmlx.eval losses ...` (also `python -m tmlx.eval --checkpoint
-...`: losses, as before there were subcommands)."""
+"""python -m tmlx.eval losses|duplex [flags]   (--help after a command for its flags)
 
+`python -m tmlx.eval --checkpoint ...`, with flags but no command, is `losses`, as before there
+were commands.
+"""
+
+from __future__ import annotations
+
+import importlib
 import sys
+from collections.abc import Sequence
 
-COMMANDS = ("losses", "duplex")
+from tmlx import cli
+
+PROG = "python -m tmlx.eval"
+COMMANDS = ("losses", "duplex")  # each a module of tmlx.eval with PROG, define_flags and run
+HELP = ("-h", "--help")
 
 
-def main(argv: list[str]) -> int:
+def command(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+  """The command a command line (its arguments after PROG) names and the arguments that are its
+  own; None for a request for help. Ends in one line if it names no command."""
   if argv and argv[0] in COMMANDS:
-    command, argv = argv[0], argv[1:]
-  elif not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-    command = "losses"
-  else:
-    print(f"usage: python -m tmlx.eval {{{','.join(COMMANDS)}}} [flags]   (--help after a command for its flags)")
-    return 0 if argv and argv[0] in ("-h", "--help") else 2
-  if command == "duplex":
-    from tmlx.eval import duplex
+    return argv[0], list(argv[1:])
+  if argv and argv[0] in HELP:
+    return None, []
+  if not argv or argv[0].startswith("-"):
+    return "losses", list(argv)
+  cli.fail(PROG, f"the first argument is the command, one of {', '.join(COMMANDS)}; got {argv[0]!r}")
 
-    return duplex.main(argv)
-  from tmlx.eval import losses
 
-  return losses.main(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs `python -m tmlx.eval ARGS` in this process on `argv` (ARGS; default sys.argv[1:]);
+  returns the exit status."""
+  name, args = command(sys.argv[1:] if argv is None else argv)
+  if name is None:
+    print(__doc__)
+    return 0
+  module = importlib.import_module(f"tmlx.eval.{name}")
+  return cli.call(module.PROG, module.define_flags, module.run, args)
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  name, args = command(sys.argv[1:])
+  if name is None:
+    print(__doc__)
+    sys.exit(0)
+  module = importlib.import_module(f"tmlx.eval.{name}")
+  __doc__ = module.__doc__  # what --help prints
+  cli.app_main(module.PROG, module.define_flags, module.run, [sys.argv[0], *args])

@@ -20,27 +20,30 @@ Ablations (any combination):
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import sys
+from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
+
+from tmlx import cli
 
 ABLATIONS = ("video", "user_audio", "text")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m tmlx.eval losses", description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True, help="a workdir or checkpoint directory")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  p.add_argument("--data", default=None, help="data mixture 'DIR:W,...' (default: the config's data)")
-  p.add_argument("--batches", type=int, default=8, help="global batches to evaluate")
-  p.add_argument("--seed_offset", type=int, default=1000, help="rows of seed config.seed + this")
-  p.add_argument("--zero", default="", help=f"comma-separated inputs to zero: {', '.join(ABLATIONS)}")
-  p.add_argument("--disable_experts", default="", help="comma-separated routed expert ids to route around")
-  p.add_argument("--flow_steps", type=int, default=10, help="Euler steps of the sampled-mel error")
-  p.add_argument("--out", default=None, help="also write the results as JSON here")
-  return p.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What to evaluate (the flags of the command line, module docstring)."""
+
+  checkpoint: str  # a workdir or checkpoint directory
+  step: int | None = None  # checkpoint step (default: the latest)
+  data: str | None = None  # data mixture 'DIR:W,...' (default: the config's data)
+  batches: int = 8  # global batches to evaluate
+  seed_offset: int = 1000  # rows of seed config.seed + this
+  zero: str = ""  # comma-separated inputs to zero (ABLATIONS)
+  disable_experts: str = ""  # comma-separated routed expert ids to route around
+  flow_steps: int = 10  # Euler steps of the sampled-mel error
 
 
 def _ids(text: str, flag: str, choices=None) -> list:
@@ -71,7 +74,8 @@ def ablate(batch: dict, zero: list[str]) -> dict:
   return batch
 
 
-def evaluate(args: argparse.Namespace) -> dict:
+def evaluate(options: Options) -> dict:
+  """The losses and errors of the module docstring; a bad option raises SystemExit naming its flag."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -79,15 +83,14 @@ def evaluate(args: argparse.Namespace) -> dict:
   import data_pipelines
   from tmlx import sharding
   from tmlx.inference import load_model
-  from tmlx.losses import _gather_positions, _shift_left, _take, audio_targets, loss_sums
+  from tmlx.losses import audio_targets, gather_positions, loss_config, loss_sums, shift_left, take_positions
   from tmlx.nn.flow_head import sample as flow_sample
   from tmlx.nn.moe import RouterBias
-  from tmlx.train import loss_config
 
-  zero = _ids(args.zero, "--zero", ABLATIONS)
-  disabled = _ids(args.disable_experts, "--disable_experts")
+  zero = _ids(options.zero, "--zero", ABLATIONS)
+  disabled = _ids(options.disable_experts, "--disable_experts")
   try:
-    model, config, step = load_model(args.checkpoint, step=args.step)
+    model, config, step = load_model(options.checkpoint, step=options.step)
   except FileNotFoundError as e:
     raise SystemExit(f"--checkpoint: {e}") from None
   num_experts = config.model.moe.num_experts
@@ -99,42 +102,39 @@ def evaluate(args: argparse.Namespace) -> dict:
     for _, leaf in nnx.iter_graph(model):
       if isinstance(leaf, RouterBias):
         leaf[...] = leaf[...].at[..., jnp.asarray(disabled)].set(-1e9)
-  if args.data:
+  if options.data:
     config.data.source = "episodes"
-    config.data.mixture = args.data
-  config.seed = config.seed + args.seed_offset
+    config.data.mixture = options.data
+  config.seed = config.seed + options.seed_offset
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_table(config.mesh.rules)
   lc = loss_config(config)
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def run(state, batch, key):
+  def evaluate_batch(state, batch, key):
     with sharding.use_mesh_rules(mesh, rules):
       m = nnx.merge(graphdef, state)
       out = m(batch)
       sums = loss_sums(m, out, batch, key, lc)
       # Sampled mel at the audio targets (gathered first, like the loss) against the targets.
       mask, _ = audio_targets(batch, lc)
-      pos, valid = _gather_positions(mask, lc.max_audio_targets)
-      target = _take(_shift_left(batch["mel"]), pos).reshape(*pos.shape, -1).astype(jnp.float32)
-      sampled = flow_sample(m.flow_head, _take(out.hidden, pos), key, steps=args.flow_steps)
+      pos, valid = gather_positions(mask, lc.max_audio_targets)
+      target = take_positions(shift_left(batch["mel"]), pos).reshape(*pos.shape, -1).astype(jnp.float32)
+      sampled = flow_sample(m.flow_head, take_positions(out.hidden, pos), key, steps=options.flow_steps)
       err = jnp.sum(jnp.mean(jnp.square(sampled - target), axis=-1) * valid)
       return sums, err, jnp.sum(out.moe.dropped), jnp.sum(out.moe.assignments)
 
-  data = iter(
-    data_pipelines.make_dataset(
-      config, start_step=0, num_steps=args.batches, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-  )
+  processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  data = iter(data_pipelines.make_dataset(config, start_step=0, num_steps=options.batches, **processes))
   row = data_pipelines.row_spec(config)
   batch_sh = {k: sharding.batch_sharding(mesh, rules, len(shape) + 1) for k, (shape, _) in row.fields().items()}
   totals = dict(text_sum=0.0, text_weight=0.0, flow_sum=0.0, flow_count=0.0, sample_err=0.0, dropped=0.0, assigned=0.0)
-  for i in range(args.batches):
+  for i in range(options.batches):
     local, _ = next(data)
     local = ablate(local, zero)
     batch = {k: jax.make_array_from_process_local_data(batch_sh[k], v) for k, v in local.items()}
-    sums, err, dropped, assigned = jax.device_get(run(state, batch, jax.random.key(i)))
+    sums, err, dropped, assigned = jax.device_get(evaluate_batch(state, batch, jax.random.key(i)))
     totals["text_sum"] += float(sums.text_sum)
     totals["text_weight"] += float(sums.text_weight)
     totals["flow_sum"] += float(sums.flow_sum)
@@ -145,10 +145,10 @@ def evaluate(args: argparse.Namespace) -> dict:
   ratio = lambda a, b: totals[a] / totals[b] if totals[b] else float("nan")
   return {
     "checkpoint_step": step,
-    "batches": args.batches,
+    "batches": options.batches,
     "zero": zero,
     "disabled_experts": disabled,
-    "flow_steps": args.flow_steps,
+    "flow_steps": options.flow_steps,
     "text_targets": totals["text_weight"],
     "audio_targets": totals["flow_count"],
     "text_loss": ratio("text_sum", "text_weight"),
@@ -158,18 +158,63 @@ def evaluate(args: argparse.Namespace) -> dict:
   }
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  results = evaluate(args)
+def write_results(results: dict, out: str | None = None) -> None:
+  """Prints the results, one per line, and writes them as JSON to `out` if given."""
   for key, value in results.items():
     print(f"{key:22s} {value:.6g}" if isinstance(value, float) else f"{key:22s} {value}")
-  if args.out:
+  if out:
     from tmlx import paths
 
-    with paths.open(args.out, "w") as f:
+    with paths.open(out, "w") as f:
       json.dump(results, f, indent=1)
+
+
+# The command line (module docstring); its flags are defined when it runs, not at import.
+
+PROG = "python -m tmlx.eval losses"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("checkpoint", None, "A workdir or checkpoint directory.", required=True, flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+  flags.DEFINE_string("data", None, "Data mixture 'DIR:W,...' (default: the config's data).", flag_values=fv)
+  flags.DEFINE_integer("batches", 8, "Global batches to evaluate.", flag_values=fv)
+  flags.DEFINE_integer("seed_offset", 1000, "Rows of seed config.seed + this.", flag_values=fv)
+  flags.DEFINE_string("zero", "", f"Comma-separated inputs to zero: {', '.join(ABLATIONS)}.", flag_values=fv)
+  flags.DEFINE_string("disable_experts", "", "Comma-separated routed expert ids to route around.", flag_values=fv)
+  flags.DEFINE_integer("flow_steps", 10, "Euler steps of the sampled-mel error.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Also write the results as JSON here.", flag_values=fv)
+
+
+def _options(fv: flags.FlagValues, args: list[str]) -> Options:
+  if args:
+    cli.fail(PROG, f"takes no positional arguments; got {args}")
+  return Options(**{field.name: fv[field.name].value for field in dataclasses.fields(Options)})
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+  """The Options of a command line (its arguments after `python -m tmlx.eval losses`); a bad one
+  ends the process as the command does."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  return _options(fv, cli.parse(PROG, [PROG, *argv], fv))
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+  """`evaluate`s what the parsed command line asks for and `write_results`; a bad option ends it
+  in one line."""
+  options = _options(fv, args)
+  with cli.one_line_exits(PROG):
+    results = evaluate(options)
+  write_results(results, fv.out)
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs `python -m tmlx.eval losses ARGS` in this process on `argv` (ARGS; default
+  sys.argv[1:]); returns the exit status."""
+  return cli.call(PROG, define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(PROG, define_flags, run)

@@ -1,7 +1,16 @@
 """Grouped-query attention with RoPE and a causal + segment mask (MODEL_SPEC.md §6).
 
-Dimensions: B batch, S query positions, T key positions, D model, N query heads, K kv heads,
-G = N / K query heads per kv head, H head dim.
+Dimensions:
+  B  batch
+  D  model width
+  G  query heads per kv head, N / K
+  H  head dim
+  K  kv heads
+  L  layers
+  N  query heads
+  R  rows of a flattened matmul: several dimensions folded into one; here S·G, a kv head's query rows
+  S  query positions
+  T  key positions (KV-cache slots when decoding)
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Bool, Float, Int, Integer
 
 from tmlx import sharding
 from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, param
@@ -19,13 +29,17 @@ from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, param
 class KVCache:
   """Keys and values of the positions seen so far, preallocated to a fixed length T."""
 
-  k: jax.Array  # [L, B, K, T, H]: every layer's
-  v: jax.Array
+  k: Float[Array, "L B K T H"]  # every layer's
+  v: Float[Array, "L B K T H"]
 
 
-def attention_mask(segment_ids: jax.Array, window: int = 0) -> jax.Array:
-  """[B, S] segment ids → [B, S, T] bool: causal (within `window` positions if > 0), same
-  segment, and not padding."""
+# sin and cos of the rotary angles, each [B, S, H/2] (`rope_angles`).
+Rope = tuple[Float[Array, "B S _"], Float[Array, "B S _"]]
+
+
+def attention_mask(segment_ids: Integer[Array, "B S"], window: int = 0) -> Bool[Array, "B S S"]:
+  """[B, S] segment ids → [B, S, T] bool with T = S: causal (within `window` positions if > 0),
+  same segment, and not padding."""
   s = segment_ids.shape[-1]
   causal = jnp.tril(jnp.ones((s, s), bool))
   if window:
@@ -34,15 +48,17 @@ def attention_mask(segment_ids: jax.Array, window: int = 0) -> jax.Array:
   return causal[None] & same & (segment_ids[:, :, None] > 0)
 
 
-def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_angles(positions: Integer[Array, "B S"], head_dim: int, theta: float) -> Rope:
   """[B, S] positions → (sin, cos), each [B, S, H/2] in fp32."""
   freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   angles = positions.astype(jnp.float32)[..., None] * freq
   return jnp.sin(angles), jnp.cos(angles)
 
 
-def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """Rotates x [B, S, heads, H] by the angles [B, S, H/2] (half-split layout)."""
+def apply_rope(
+  x: Float[Array, "B S _ H"], sin: Float[Array, "B S H//2"], cos: Float[Array, "B S H//2"]
+) -> Float[Array, "B S _ H"]:
+  """Rotates x [B, S, N or K, H] by the angles [B, S, H/2] (half-split layout)."""
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   sin, cos = sin[:, :, None], cos[:, :, None]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -75,7 +91,7 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(head_dim, rngs=rngs, dtypes=dtypes, eps=eps) if qk_norm else None
     self.k_norm = RMSNorm(head_dim, rngs=rngs, dtypes=dtypes, eps=eps) if qk_norm else None
 
-  def _qkv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def _qkv(self, x: jax.Array, rope: Rope) -> tuple[jax.Array, jax.Array, jax.Array]:
     dt = self.dtypes.compute
     x = x.astype(dt)
     q = jnp.einsum("bsd,dnh->bsnh", x, self.wq[...].astype(dt))
@@ -90,7 +106,7 @@ class Attention(nnx.Module):
     """q [B, S, N, H] over keys/values [B, T, K, H] where mask [B, S, T] → [B, S, D].
 
     Laid out for plain batched matmuls: each kv head's G query heads are folded into its query
-    rows ([B, K, S·G, H], S major, so a sharded S stays contiguous), and the softmax is
+    rows R ([B, K, R = S·G, H], S major, so a sharded S stays contiguous), and the softmax is
     normalized after the values are summed (one [.., S, G, H] division instead of one over
     [.., S, G, T]). On XLA:CPU this runs the attention of the duplex recipe 2x faster than
     [B, K, G, S, T] logits with a softmax: the logits' layout there costs a transpose per op.
@@ -101,30 +117,30 @@ class Attention(nnx.Module):
     g = n // kv
     q = q.reshape(b, s, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, h)
     k, v = (jnp.swapaxes(a, 1, 2).astype(dt) for a in (k, v))  # [B, K, T, H]
-    logits = jnp.einsum("bkqh,bkth->bkqt", q, k, preferred_element_type=f32).reshape(b, kv, s, g, t) * h**-0.5
+    logits = jnp.einsum("bkrh,bkth->bkrt", q, k, preferred_element_type=f32).reshape(b, kv, s, g, t) * h**-0.5
     logits = jnp.where(mask[:, None, :, None], logits, jnp.finfo(f32).min)
     top = jax.lax.stop_gradient(logits.max(-1, keepdims=True))  # any shift gives the same softmax
     weights = jnp.exp(logits - top)
-    out = jnp.einsum("bkqt,bkth->bkqh", weights.reshape(b, kv, s * g, t).astype(dt), v, preferred_element_type=f32)
+    out = jnp.einsum("bkrt,bkth->bkrh", weights.reshape(b, kv, s * g, t).astype(dt), v, preferred_element_type=f32)
     out = out.reshape(b, kv, s, g, h) / weights.sum(-1, keepdims=True)
     out = out.astype(dt).transpose(0, 2, 1, 3, 4).reshape(b, s, n, h)
     return jnp.einsum("bsnh,nhd->bsd", out, self.wo[...].astype(dt))
 
-  def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  def __call__(self, x: Float[Array, "B S D"], mask: Bool[Array, "B S T"], rope: Rope) -> Float[Array, "B S D"]:
     q, k, v = self._qkv(x, rope)
     return self._attend(q, k, v, mask)
 
   def extend(
     self,
-    x: jax.Array,
-    rope: tuple[jax.Array, jax.Array],
+    x: Float[Array, "B S D"],
+    rope: Rope,
     cache: KVCache,
-    start: jax.Array,
-    layer: jax.Array,
+    start: Int[Array, ""],
+    layer: Int[Array, ""],
     *,
     block: int = 512,
     window: int = 0,
-  ) -> tuple[jax.Array, KVCache]:
+  ) -> tuple[Float[Array, "B S D"], KVCache]:
     """Attention of S new positions [B, S, D] that follow the `start` positions seen before.
 
     The cache holds every layer's T slots, [L, B, K, T, H] (each kv head's keys contiguous), of
@@ -134,8 +150,9 @@ class Attention(nnx.Module):
 
     - `window` 0: every position attends to all positions up to itself, so the caller keeps
       start + S ≤ T.
-    - `window` W > 0: each attends to the W latest positions, itself included; T ≥ W + S - 1
-      keeps every one of those in the ring while a chunk overwrites the oldest slots.
+    - `window` > 0: each attends to the `window` latest positions, itself included;
+      T ≥ window + S - 1 keeps every one of those in the ring while a chunk overwrites the oldest
+      slots.
 
     Positions of the chunk past the caller's real ones may be padding: they come after every
     real position, so none attends to them, and the next chunk overwrites them. Only written

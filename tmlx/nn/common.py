@@ -1,7 +1,13 @@
 """Small building blocks shared by the tmlx modules.
 
-Dimensions: B batch, S sequence, D model, F hidden.
 Parameters are created in `param_dtype` and cast to the compute `dtype` where they are used.
+
+Dimensions:
+  B  batch
+  D  model width
+  I  input features of a generic layer
+  O  output features of a generic layer
+  S  query positions
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
+from jaxtyping import Array, Float, Integer, Shaped
 
 from tmlx import sharding
 
@@ -22,8 +30,8 @@ Initializer = Callable[..., jax.Array]
 class Dtypes:
   """Parameter and compute dtypes, handed from a parent module to its children."""
 
-  param: jnp.dtype = jnp.float32
-  compute: jnp.dtype = jnp.float32
+  param: DTypeLike = jnp.float32
+  compute: DTypeLike = jnp.float32
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str | None], dtype) -> nnx.Param:
@@ -52,7 +60,8 @@ def zeros_init(key, shape, dtype):
 
 
 class Dense(nnx.Module):
-  """y = x · W (+ b) over the last axis of x, with logical names for W's two dims."""
+  """x · kernel (+ bias) over the last axis of x: [..., I] → [..., O]; `names` are the logical axis
+  names of the kernel [I, O]."""
 
   def __init__(
     self,
@@ -69,38 +78,39 @@ class Dense(nnx.Module):
     self.kernel = param(rngs, init or fan_in_init(), (d_in, d_out), names, dtypes.param)
     self.bias = param(rngs, zeros_init, (d_out,), (names[1],), dtypes.param) if use_bias else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: Float[Array, "... I"]) -> Float[Array, "... O"]:
     dt = self.dtypes.compute
-    y = jnp.einsum("...d,df->...f", x.astype(dt), self.kernel[...].astype(dt))
+    y = jnp.einsum("...i,io->...o", x.astype(dt), self.kernel[...].astype(dt))
     if self.bias is not None:
       y = y + self.bias[...].astype(dt)
     return y
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm over the last axis, computed in fp32, returned in the compute dtype."""
+  """RMSNorm over the last axis [..., I] (D, H or a stem width), computed in fp32, returned in the
+  compute dtype."""
 
   def __init__(self, dim: int, *, rngs: nnx.Rngs, dtypes: Dtypes, eps: float = 1e-6, name: str | None = None):
     self.dtypes = dtypes
     self.eps = eps
     self.scale = param(rngs, lambda k, s, d: jnp.ones(s, d), (dim,), (name,), dtypes.param)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: Float[Array, "*lead I"]) -> Float[Array, "*lead I"]:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtypes.compute)
 
 
-def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """LayerNorm without affine parameters, in fp32."""
+def layer_norm(x: Float[Array, "*lead I"], eps: float = 1e-6) -> Float[Array, "*lead I"]:
+  """LayerNorm over the last axis without affine parameters, in fp32."""
   x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
   return (x32 - mean) * jax.lax.rsqrt(var + eps)
 
 
-def lookup(table: jax.Array, ids: jax.Array, row_axis: str | None) -> jax.Array:
-  """`table[ids]` for an embedding table [N, D] whose D is sharded over fsdp ('embed').
+def lookup(table: Shaped[Array, "_ D"], ids: Integer[Array, "*lead"], row_axis: str | None) -> Shaped[Array, "*lead D"]:
+  """`table[ids]` for an embedding table [rows, D] whose D is sharded over fsdp ('embed').
 
   The table is first gathered whole along D (rows stay split by `row_axis`'s rule). Taken from
   the fsdp-split table directly, the rows would come out split along D, and in the backward pass

@@ -1,33 +1,47 @@
 """InteractionModel: input stems → scanned decoder stack → text and flow heads (MODEL_SPEC.md §2-§6).
 
-Dimensions: B batch, S sequence, D model, V vocab, P patches, F dMel frames per position,
-M mel channels (80), L layers.
+Dimensions:
+  B  batch
+  D  model width
+  H  head dim
+  K  kv heads
+  L  layers
+  M  mel channels (80)
+  P  video patches of a row
+  S  query positions
+  T  key positions (KV-cache slots when decoding)
+  V  vocabulary
+  W  dMel frames per audio position
+  Y  flow-target values per position (W·M for the audio head)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal, get_args
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Bool, Float, Float32, Int, Shaped
 
 from data_pipelines.contract import NUM_KINDS, NUM_MELS, Kind
-from tmlx import sharding
-from tmlx.nn.attention import Attention, KVCache, attention_mask, rope_angles
+from tmlx import fields, sharding
+from tmlx.nn.attention import Attention, KVCache, Rope, attention_mask, rope_angles
 from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, lookup, param, scan_modules, stack_modules
 from tmlx.nn.embed import DmelBagEmbed, HMLPStem, TextEmbed
 from tmlx.nn.flow_head import FlowConfig, FlowHead
 from tmlx.nn.moe import MoE, MoEConfig, MoEStats
 
-REMAT_POLICIES = {
-  "none": None,
-  "full": "full",
-  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+Remat = Literal["none", "full", "dots"]
+REMAT_POLICIES = dict(zip(get_args(Remat), (None, "full", jax.checkpoint_policies.dots_with_no_batch_dims_saveable)))
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+DTYPES = dict(zip(get_args(ComputeDtype), (jnp.float32, jnp.bfloat16, jnp.float16)))
+
+# A packed batch (`data_pipelines.contract`): [B, S] fields, dmel [B, S, W, M], patches
+# [B, P, 40, 40, 3] and patch_rowcol [B, P, 2]; the stems check each field's shape.
+Batch = dict[str, Shaped[Array, "B ..."]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,19 +63,29 @@ class ModelConfig:
   max_grid_rows: int
   max_grid_cols: int
   tie_embeddings: bool
-  param_dtype: str
-  compute_dtype: str
-  remat: str
+  param_dtype: Literal["float32", "bfloat16"]
+  compute_dtype: ComputeDtype
+  remat: Remat
   scan_unroll: int
   moe: MoEConfig
   flow: FlowConfig
 
+  def __post_init__(self):
+    fields.literals(self)
+    fields.positive(self, "vocab_size", "d_model", "num_layers", "scan_unroll", "num_heads", "num_kv_heads", "head_dim")
+    fields.positive(self, "frames_per_position")
+    if self.num_heads % self.num_kv_heads:
+      raise fields.FieldError(
+        f"@num_heads={self.num_heads} is not divisible by @num_kv_heads={self.num_kv_heads}: grouped-query "
+        "attention shares each kv head among a whole number of query heads"
+      )
+    if self.head_dim % 2:
+      raise fields.FieldError(f"@head_dim={self.head_dim}: RoPE needs an even head dimension")
+
   @classmethod
   def from_config(cls, c: Any) -> ModelConfig:
-    fields = {f.name for f in dataclasses.fields(cls)} - {"moe", "flow"}
-    moe = {f.name: c.moe[f.name] for f in dataclasses.fields(MoEConfig)}
-    flow = {f.name: c.flow[f.name] for f in dataclasses.fields(FlowConfig)}
-    return cls(**{k: c[k] for k in fields}, moe=MoEConfig(**moe), flow=FlowConfig(**flow))
+    """From `config.model` (its moe and flow groups too); a bad value raises fields.FieldError."""
+    return fields.build(cls, c)
 
   @property
   def dtypes(self) -> Dtypes:
@@ -69,12 +93,13 @@ class ModelConfig:
 
   @property
   def mel_dim(self) -> int:
+    """Y = W·M values of one AUDIO_OUT position."""
     return self.frames_per_position * NUM_MELS
 
 
 @flax.struct.dataclass
 class ModelOutput:
-  hidden: jax.Array  # [B, S, D] final-normed hidden states
+  hidden: Float[Array, "B S D"]  # final-normed hidden states
   moe: MoEStats  # per-layer statistics, each leaf with a leading L axis
 
 
@@ -97,13 +122,25 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, dtypes=dt, eps=cfg.norm_eps)
     self.moe = MoE(cfg.d_model, cfg.moe, rngs=rngs, dtypes=dt)
 
-  def __call__(self, x, mask, rope, token_mask):
+  def __call__(
+    self, x: Float[Array, "B S D"], mask: Bool[Array, "B S T"], rope: Rope, token_mask: Bool[Array, "B S"]
+  ) -> tuple[Float[Array, "B S D"], MoEStats]:
     x = x + self.attn(self.attn_norm(x), mask, rope)
     y, stats = self.moe(self.mlp_norm(x), token_mask)
     x = sharding.constrain(x + y, ("batch", "act_seq", "act_embed"))
     return x, stats
 
-  def extend(self, x, rope, cache: KVCache, start, layer, *, block: int = 512, window: int = 0):
+  def extend(
+    self,
+    x: Float[Array, "B S D"],
+    rope: Rope,
+    cache: KVCache,
+    start: Int[Array, ""],
+    layer: Int[Array, ""],
+    *,
+    block: int = 512,
+    window: int = 0,
+  ) -> tuple[Float[Array, "B S D"], KVCache]:
     """The block over new positions that follow the cached ones (`Attention.extend`)."""
     a, cache = self.attn.extend(self.attn_norm(x), rope, cache, start, layer, block=block, window=window)
     x = x + a
@@ -127,7 +164,7 @@ class InteractionModel(nnx.Module):
       self.unembed = param(rngs, fan_in_init(), (d, cfg.vocab_size), ("embed", "vocab"), dt.param)
     self.flow_head = FlowHead(d, cfg.mel_dim, cfg.flow, rngs=rngs, dtypes=dt)
 
-  def embed(self, batch: dict[str, jax.Array]) -> jax.Array:
+  def embed(self, batch: Batch) -> Float[Array, "B S D"]:
     """Input embedding of every position: kind + (text | dMel bag | video patch) [B, S, D]."""
     kind = batch["kind"].astype(jnp.int32)
     x = lookup(self.kind_embed[...], kind, None).astype(self.cfg.dtypes.compute)
@@ -140,7 +177,7 @@ class InteractionModel(nnx.Module):
     x = x + jnp.where((kind == Kind.PATCH)[..., None], jnp.take_along_axis(patches, idx, axis=1), 0)
     return sharding.constrain(x, ("batch", "act_seq", "act_embed"))
 
-  def __call__(self, batch: dict[str, jax.Array]) -> ModelOutput:
+  def __call__(self, batch: Batch) -> ModelOutput:
     """With cfg.attention_window > 0 each position attends to at most that many latest ones
     (itself included), as a streaming session with the same `stream.window` does."""
     cfg = self.cfg
@@ -159,14 +196,14 @@ class InteractionModel(nnx.Module):
     return ModelOutput(hidden=self.final_norm(x), moe=stats)
 
   def empty_cache(self, batch: int, length: int) -> KVCache:
-    """A KV cache of `length` positions for every layer: k, v [L, B, K, length, H] (compute dtype)."""
+    """A KV cache of T = `length` positions for every layer: k, v [L, B, K, T, H] (compute dtype)."""
     cfg = self.cfg
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return KVCache(jnp.zeros(shape, cfg.dtypes.compute), jnp.zeros(shape, cfg.dtypes.compute))
 
   def extend(
-    self, chunk: dict[str, jax.Array], cache: KVCache, start: jax.Array, *, block: int = 512, window: int = 0
-  ) -> tuple[jax.Array, KVCache]:
+    self, chunk: Batch, cache: KVCache, start: Int[Array, ""], *, block: int = 512, window: int = 0
+  ) -> tuple[Float[Array, "B S D"], KVCache]:
     """Final hidden states [B, S, D] of S new positions (a packed-batch-like dict of [B, S] fields,
     `positions` included, plus `patches` [B, P, 40, 40, 3] and `patch_rowcol`) that follow the
     `start` positions already in `cache`; returns them with the cache extended. The streaming
@@ -188,7 +225,7 @@ class InteractionModel(nnx.Module):
     (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(cfg.num_layers)))
     return self.final_norm(x), cache
 
-  def text_logits(self, hidden: jax.Array) -> jax.Array:
+  def text_logits(self, hidden: Float[Array, "*lead D"]) -> Float32[Array, "*lead V"]:
     """Final hidden states [..., D] → fp32 logits [..., V]."""
     dt = self.cfg.dtypes.compute
     w = self.text_embed.table[...].T if self.cfg.tie_embeddings else self.unembed[...]

@@ -1,18 +1,29 @@
 """Mixture-of-Experts FFN in stages: router → dispatch plan → transport + experts → combine.
 
-Dimensions: B batch (each row is one routing group), S sequence, D model, F expert hidden,
-E experts, k experts per token, A = k·S routed assignments per row, C capacity per expert and row,
-P expert shards (the mesh's expert axis), G = E / P experts per shard.
+Dimensions:
+  A  routed assignments of a row, J·S (choice j of token s is assignment j·S + s)
+  B  batch; each row is one routing group
+  C  capacity: buffer slots per expert and row
+  D  model width
+  E  experts
+  F  expert hidden width
+  I  input features of a generic layer
+  J  experts chosen per token (top-k)
+  O  output features of a generic layer
+  R  rows of a flattened matmul: several dimensions folded into one; here B·S tokens or an expert's B·C slots
+  S  query positions
+  X  expert shards: the size of the mesh's expert axis
+Inside `jax.shard_map`, lowercase letters are one shard's part: b of B, e = E / X experts.
 
-Assignment a = j·S + t is choice j of token t. Within an expert, earlier assignments win: all first
-choices of a row come before its second choices, then by position. Assignments past an expert's
-capacity are dropped (their output is zero) and counted; padding tokens are never routed.
+Within an expert, earlier assignments win: all first choices of a row come before its second
+choices, then by position. Assignments past an expert's capacity are dropped (their output is
+zero) and counted; padding tokens are never routed.
 
 Transports (MoEConfig.transport) move assignments to their experts and back:
 - 'local': capacity buffers [B, E, C, D], one batched matmul per weight over expert-major rows
-  [E, B·C, D], sharded by GSPMD;
+  [E, R = B·C, D], sharded by GSPMD;
 - 'all_to_all': the same buffers exchanged over the mesh's expert axis with
-  `jax.lax.all_to_all` inside `jax.shard_map`, each shard computing only its own G experts;
+  `jax.lax.all_to_all` inside `jax.shard_map`, each shard computing only its own e experts;
 - 'ragged': assignments sorted by expert and a grouped matmul (`jax.lax.ragged_dot`), for
   GPU/TPU; the expert weights are gathered by GSPMD (no ragged all-to-all yet).
 """
@@ -21,18 +32,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal, get_args
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
+from jaxtyping import Array, Bool, Float, Int
 
-from tmlx import sharding
+from tmlx import fields, sharding
 from tmlx.nn.common import Dtypes, fan_in_init, param
 
-TRANSPORTS = ("local", "all_to_all", "ragged")
-ROUTER_SCORES = ("softmax", "sigmoid")
+Transport = Literal["local", "all_to_all", "ragged"]
+RouterScore = Literal["softmax", "sigmoid"]
+TRANSPORTS = get_args(Transport)
+ROUTER_SCORES = get_args(RouterScore)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +58,17 @@ class MoEConfig:
   d_ff: int
   capacity_factor: float
   renormalize: bool
-  router_score: str = "softmax"  # one of ROUTER_SCORES
-  transport: str = "local"  # one of TRANSPORTS
+  router_score: RouterScore = "softmax"
+  transport: Transport = "local"
+
+  def __post_init__(self):
+    fields.literals(self)
+    fields.positive(self, "d_ff", "num_experts", "num_experts_per_tok")
+    fields.in_range(self, "num_shared_experts", 0)
+    if self.num_experts_per_tok > self.num_experts:
+      raise fields.FieldError(
+        f"@num_experts_per_tok={self.num_experts_per_tok} exceeds @num_experts={self.num_experts}"
+      )
 
 
 class RouterBias(nnx.Variable):
@@ -60,7 +84,7 @@ class MoEStats:
   z_loss: jax.Array  # mean over tokens of logsumexp(router logits)²
   expert_load: jax.Array  # [E] fraction of assignments routed to each expert (before drops)
   dropped: jax.Array  # number of routed assignments dropped for capacity
-  assignments: jax.Array  # number of routed assignments (non-padding tokens · k)
+  assignments: jax.Array  # number of routed assignments (non-padding tokens · J)
   router_entropy: jax.Array  # mean entropy of the normalized router scores
 
 
@@ -77,15 +101,20 @@ def capacity(cfg: MoEConfig, seq_len: int) -> int:
 
 @flax.struct.dataclass
 class Routing:
-  scores: jax.Array  # [B, S, E] fp32 softmax probabilities or sigmoid scores
-  weights: jax.Array  # [B, S, k] combine weights of the chosen experts
-  experts: jax.Array  # [B, S, k] chosen expert ids
+  scores: Float[Array, "B S E"]  # fp32 softmax probabilities or sigmoid scores
+  weights: Float[Array, "B S J"]  # combine weights of the chosen experts
+  experts: Int[Array, "B S J"]  # chosen expert ids
 
 
 def route(
-  logits: jax.Array, k: int, *, score: str = "softmax", renormalize: bool = True, bias: jax.Array | None = None
+  logits: Float[Array, "B S E"],
+  k: int,
+  *,
+  score: str = "softmax",
+  renormalize: bool = True,
+  bias: Float[Array, " E"] | None = None,
 ) -> Routing:
-  """fp32 router logits [B, S, E] → the top-k choice. `bias` [E] shifts the choice, not the weights."""
+  """fp32 router logits [B, S, E] → each token's J = k best experts. `bias` [E] shifts the choice, not the weights."""
   logits = logits.astype(jnp.float32)
   if score == "softmax":
     scores = jax.nn.softmax(logits, axis=-1)
@@ -123,7 +152,9 @@ def router_stats(logits, routing: Routing, mask, kept, num_experts: int) -> MoES
   )
 
 
-def balance_bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+def balance_bias_update(
+  bias: Float[Array, "*lead E"], load: Float[Array, "*lead E"], rate: float
+) -> Float[Array, "*lead E"]:
   """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
 
   bias [..., E], load [..., E] fractions of assignments (summing to 1 over E).
@@ -136,14 +167,14 @@ def balance_bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Ar
 
 @flax.struct.dataclass
 class DispatchPlan:
-  expert: jax.Array  # [B, A] expert of each assignment, E for padding tokens
-  slot: jax.Array  # [B, A] buffer slot e·C + c of each assignment, E·C if dropped or padding
-  token: jax.Array  # [B, E·C] token (position) that fills each slot, S if the slot is empty
-  kept: jax.Array  # [B, A] bool
+  expert: Int[Array, "B A"]  # expert of each assignment, E for padding tokens
+  slot: Int[Array, "B A"]  # buffer slot e·C + c of each assignment, E·C if dropped or padding
+  token: Int[Array, "B _"]  # [B, E·C] token (position) that fills each slot, S if the slot is empty
+  kept: Bool[Array, "B A"]
 
 
-def dispatch_plan(experts: jax.Array, mask: jax.Array, num_experts: int, cap: int) -> DispatchPlan:
-  """Top-k expert ids [B, S, k] and token mask [B, S] → where every assignment goes."""
+def dispatch_plan(experts: Int[Array, "B S J"], mask: Bool[Array, "B S"], num_experts: int, cap: int) -> DispatchPlan:
+  """Top-k expert ids [B, S, J] and token mask [B, S] → where every assignment goes."""
   b, s, k = experts.shape
   eid = jnp.where(mask[:, None, :], experts.transpose(0, 2, 1), num_experts).reshape(b, k * s)
 
@@ -168,31 +199,33 @@ def dispatch_plan(experts: jax.Array, mask: jax.Array, num_experts: int, cap: in
 
 @flax.struct.dataclass
 class ExpertWeights:
-  gate: jax.Array  # [E, D, F]
-  up: jax.Array  # [E, D, F]
-  down: jax.Array  # [E, F, D]
+  gate: Float[Array, "E D F"]
+  up: Float[Array, "E D F"]
+  down: Float[Array, "E F D"]
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+def swiglu(
+  x: Float[Array, "*lead D"], w_gate: Float[Array, "D F"], w_up: Float[Array, "D F"], w_down: Float[Array, "F D"]
+) -> Float[Array, "*lead D"]:
   """Dense SwiGLU FFN: [..., D] → [..., D].
 
-  The rows are flattened to one axis first: XLA:CPU transposes [B, S, ·] activations around the
-  weight-gradient matmuls, which took twice as long as the same FLOPs on [B·S, ·].
+  The rows are flattened to one axis R first: XLA:CPU transposes [B, S, ·] activations around
+  the weight-gradient matmuls, which took twice as long as the same FLOPs on [R = B·S, ·].
   """
   rows = x.reshape(-1, x.shape[-1])
-  h = jax.nn.silu(jnp.einsum("td,df->tf", rows, w_gate)) * jnp.einsum("td,df->tf", rows, w_up)
-  return jnp.einsum("tf,fd->td", h, w_down).reshape(*x.shape[:-1], w_down.shape[-1])
+  h = jax.nn.silu(jnp.einsum("rd,df->rf", rows, w_gate)) * jnp.einsum("rd,df->rf", rows, w_up)
+  return jnp.einsum("rf,fd->rd", h, w_down).reshape(*x.shape[:-1], w_down.shape[-1])
 
 
 def _buffer_ffn(buf: jax.Array, w: ExpertWeights) -> jax.Array:
-  """Every expert's SwiGLU on its rows: [E, T, D] → [E, T, D].
+  """Every expert's SwiGLU on its rows: [E, R, D] → [E, R, D].
 
-  Expert-major with a single row axis T on purpose: with the rows split over two axes (say
+  Expert-major with a single row axis R on purpose: with the rows split over two axes (say
   [B, E, C, D]) XLA:CPU transposes the activations around every weight-gradient matmul, which
-  made the expert FFN twice as slow as the same FLOPs in [E, T, D].
+  made the expert FFN twice as slow as the same FLOPs in [E, R, D].
   """
-  h = jax.nn.silu(jnp.einsum("etd,edf->etf", buf, w.gate)) * jnp.einsum("etd,edf->etf", buf, w.up)
-  return jnp.einsum("etf,efd->etd", h, w.down)
+  h = jax.nn.silu(jnp.einsum("erd,edf->erf", buf, w.gate)) * jnp.einsum("erd,edf->erf", buf, w.up)
+  return jnp.einsum("erf,efd->erd", h, w.down)
 
 
 def _gather_buffers(x: jax.Array, plan: DispatchPlan, num_experts: int) -> jax.Array:
@@ -234,15 +267,15 @@ def _all_to_all(x, plan, w: ExpertWeights) -> jax.Array:
   num_experts, ep = w.gate.shape[0], mesh.shape[ep_axis]
 
   def exchange(buf, gate, up, down):
-    # buf [b, E, C, D] holds this shard's rows for every expert; weights hold G = E / P experts.
+    # buf [b, E, C, D] holds this shard's rows for every expert; weights hold e = E / X experts.
     b, _, c, d = buf.shape
-    g = num_experts // ep
-    x = buf.reshape(b, ep, g, c, d).transpose(2, 1, 0, 3, 4)  # [G, P (destination shard), b, C, D]
-    x = jax.lax.all_to_all(x, ep_axis, 1, 1)  # [G, P (source shard), b, C, D]
-    y = _buffer_ffn(x.reshape(g, ep * b * c, d), ExpertWeights(gate, up, down))
+    e = num_experts // ep
+    x = buf.reshape(b, ep, e, c, d).transpose(2, 1, 0, 3, 4)  # [e, X (destination shard), b, C, D]
+    x = jax.lax.all_to_all(x, ep_axis, 1, 1)  # [e, X (source shard), b, C, D]
+    y = _buffer_ffn(x.reshape(e, ep * b * c, d), ExpertWeights(gate, up, down))
     if mlp_axes:
       y = jax.lax.psum(y, mlp_axes)  # F was split over the tensor axes
-    y = jax.lax.all_to_all(y.reshape(g, ep, b, c, d), ep_axis, 1, 1)  # [G, P (expert shard), b, C, D]
+    y = jax.lax.all_to_all(y.reshape(e, ep, b, c, d), ep_axis, 1, 1)  # [e, X (expert shard), b, C, D]
     return y.transpose(2, 1, 0, 3, 4).reshape(b, num_experts, c, d)
 
   buf = _gather_buffers(x, plan, num_experts)
@@ -279,7 +312,9 @@ def _ragged(x, plan, w: ExpertWeights) -> jax.Array:
 _TRANSPORT_FNS = {"local": _local, "all_to_all": _all_to_all, "ragged": _ragged}
 
 
-def run_experts(transport: str, x: jax.Array, plan: DispatchPlan, w: ExpertWeights) -> jax.Array:
+def run_experts(
+  transport: str, x: Float[Array, "B S D"], plan: DispatchPlan, w: ExpertWeights
+) -> Float[Array, "B A D"]:
   """Tokens x [B, S, D] through their assigned experts → per-assignment outputs [B, A, D]."""
   try:
     fn = _TRANSPORT_FNS[transport]
@@ -288,18 +323,18 @@ def run_experts(transport: str, x: jax.Array, plan: DispatchPlan, w: ExpertWeigh
   return fn(x, plan, w)
 
 
-def combine(per_assignment: jax.Array, weights: jax.Array) -> jax.Array:
-  """Per-assignment outputs [B, A, D] and router weights [B, S, k] → [B, S, D]."""
+def combine(per_assignment: Float[Array, "B A D"], weights: Float[Array, "B S J"]) -> Float[Array, "B S D"]:
+  """Per-assignment outputs [B, A, D] and router weights [B, S, J] → [B, S, D]."""
   b, s, k = weights.shape
   y = per_assignment.reshape(b, k, s, -1)
-  return jnp.einsum("bksd,bks->bsd", y, weights.transpose(0, 2, 1).astype(y.dtype))
+  return jnp.einsum("bjsd,bjs->bsd", y, weights.transpose(0, 2, 1).astype(y.dtype))
 
 
 # --- The layer ----------------------------------------------------------------------------------
 
 
 def _expert_init(fan_in_axis: int):
-  """Per-expert fan-in init for [E, in, out] kernels."""
+  """Per-expert fan-in init for [E, I, O] kernels."""
 
   def init(key, shape, dtype):
     std = shape[fan_in_axis] ** -0.5
@@ -340,7 +375,7 @@ class MoE(nnx.Module):
     dt = self.dtypes.compute
     return swiglu(x, *(p[...].astype(dt) for p in (self.shared_gate, self.shared_up, self.shared_down)))
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, MoEStats]:
+  def __call__(self, x: Float[Array, "B S D"], mask: Bool[Array, "B S"]) -> tuple[Float[Array, "B S D"], MoEStats]:
     cfg, dt = self.cfg, self.dtypes.compute
     x = x.astype(dt)
     logits, routing = self._route(x)
@@ -349,7 +384,7 @@ class MoE(nnx.Module):
     y = combine(run_experts(cfg.transport, x, plan, w), routing.weights)
     return y + self._shared(x), router_stats(logits, routing, mask, plan.kept, cfg.num_experts)
 
-  def decode(self, x: jax.Array) -> jax.Array:
+  def decode(self, x: Float[Array, "B S D"]) -> Float[Array, "B S D"]:
     """[B, S, D] → [B, S, D] for a few tokens at inference: dropless, with no dispatch. Each
     token's chosen experts' weights are gathered (when the tokens pick fewer than E experts in
     all), or else every expert runs on every token and the unchosen ones get weight 0. A token's
@@ -361,8 +396,8 @@ class MoE(nnx.Module):
     b, s, k = routing.experts.shape
     if b * s * k < cfg.num_experts:
       e = routing.experts
-      h = jax.nn.silu(jnp.einsum("bsd,bskdf->bskf", x, gate[e])) * jnp.einsum("bsd,bskdf->bskf", x, up[e])
-      y = jnp.einsum("bskf,bskfd,bsk->bsd", h, down[e], routing.weights.astype(dt))
+      h = jax.nn.silu(jnp.einsum("bsd,bsjdf->bsjf", x, gate[e])) * jnp.einsum("bsd,bsjdf->bsjf", x, up[e])
+      y = jnp.einsum("bsjf,bsjfd,bsj->bsd", h, down[e], routing.weights.astype(dt))
     else:
       h = jax.nn.silu(jnp.einsum("bsd,edf->bsef", x, gate)) * jnp.einsum("bsd,edf->bsef", x, up)
       weights = jnp.sum(jax.nn.one_hot(routing.experts, cfg.num_experts, dtype=dt) * routing.weights[..., None], axis=2)

@@ -1,7 +1,8 @@
 """Streaming inference: a `Session` that listens and speaks every 200 ms (MODEL_SPEC.md §9)."""
 
 from tmlx.stream.background import BackgroundWorker, LanguageModelWorker, ScriptedWorker, ThreadedWorker
-from tmlx.stream.session import FedPositions, InputBlock, Sampling, Session, SessionFull, StepOutput
+from tmlx.stream.config import Sampling, StreamConfig
+from tmlx.stream.session import FedPositions, InputBlock, Session, SessionFull, StepOutput
 
 __all__ = [
   "BackgroundWorker",
@@ -13,5 +14,6 @@ __all__ = [
   "Session",
   "SessionFull",
   "StepOutput",
+  "StreamConfig",
   "ThreadedWorker",
 ]

@@ -16,31 +16,14 @@ and prints the latency percentiles and the real-time factor (compute time / audi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
+from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 
-from tmlx import paths
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m tmlx.stream", description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True, help="a workdir or checkpoint directory")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  p.add_argument("--input", required=True, help="the conversation's audio (WAV/FLAC; channel 0 is the user)")
-  p.add_argument("--video", default=None, help="an MP4 of the user, one frame per micro-turn")
-  p.add_argument("--out", required=True, help="directory for mel.npy, speech.wav, timeline.json/png")
-  p.add_argument("--max_seconds", type=float, default=None, help="stop after this much input")
-  p.add_argument("--temperature", type=float, default=None, help="text sampling temperature (config.stream)")
-  p.add_argument("--top_p", type=float, default=None, help="text nucleus mass (config.stream)")
-  p.add_argument("--audio_temperature", type=float, default=None, help="flow-head noise τ (config.stream)")
-  p.add_argument("--audio_steps", type=int, default=None, help="flow-head Euler steps (config.stream)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--griffin_lim_iters", type=int, default=32)
-  return p.parse_args(argv)
+from tmlx import cli, paths
 
 
 def read_user_audio(path: str) -> np.ndarray:
@@ -108,47 +91,69 @@ def plot_timeline(path: str, heard: np.ndarray, said: np.ndarray, turns: list[di
   plt.close(fig)
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  for flag, path in (("--input", args.input), ("--video", args.video)):  # before loading anything heavy
+STREAM_OVERRIDES = ("temperature", "top_p", "audio_temperature", "audio_steps")  # config.stream fields
+
+
+def stream_recording(
+  checkpoint: str,
+  recording: str,
+  out: str,
+  *,
+  step: int | None = None,
+  video: str | None = None,
+  max_seconds: float | None = None,
+  seed: int = 0,
+  griffin_lim_iters: int = 32,
+  **stream: float | int | None,
+) -> dict:
+  """Runs `recording` (an audio file; channel 0 is the user) and `video` through a session of
+  `checkpoint` as the module docstring says, writes the four files into `out` and prints what was
+  said and the latencies; returns the summary (checkpoint step, micro-turns, latency percentiles,
+  late micro-turns, real-time factor). `stream`: config.stream fields to override
+  (STREAM_OVERRIDES; None keeps the checkpoint's). A missing or unreadable input raises
+  SystemExit naming its flag."""
+  unknown = sorted(set(stream) - set(STREAM_OVERRIDES))
+  if unknown:
+    raise TypeError(f"stream_recording: unknown config.stream overrides {unknown}; expected {STREAM_OVERRIDES}")
+  for flag, path in (("--input", recording), ("--video", video)):  # before loading anything heavy
     if path is not None and not os.path.isfile(path):
       raise SystemExit(f"{flag} {path}: no such file")
-  if paths.exists(args.out) and not paths.is_dir(args.out):
-    raise SystemExit(f"--out {args.out}: exists and is not a directory")
+  if paths.exists(out) and not paths.is_dir(out):
+    raise SystemExit(f"--out {out}: exists and is not a directory")
   import jax
   import soundfile as sf
 
   from data_pipelines.contract import MICRO_TURN_SECONDS as T
   from data_pipelines.contract import SAMPLE_RATE, SAMPLES_PER_MICRO_TURN
   from tmlx.inference import load_model
-  from tmlx.stream.session import Session
+  from tmlx.stream import Session, StreamConfig
 
   try:
-    model, config, step = load_model(args.checkpoint, step=args.step, devices=jax.devices()[:1])
+    model, config, step = load_model(checkpoint, step=step, devices=jax.devices()[:1])
   except FileNotFoundError as e:
     raise SystemExit(f"--checkpoint: {e}") from None
-  paths.makedirs(args.out)
-  for name in ("temperature", "top_p", "audio_temperature", "audio_steps"):
-    if getattr(args, name) is not None:
-      config.stream[name] = getattr(args, name)
-  audio = read_user_audio(args.input)
-  if args.max_seconds is not None:
-    audio = audio[: int(args.max_seconds * SAMPLE_RATE)]
+  paths.makedirs(out)
+  for name, value in stream.items():
+    if value is not None:
+      config.stream[name] = value
+  audio = read_user_audio(recording)
+  if max_seconds is not None:
+    audio = audio[: int(max_seconds * SAMPLE_RATE)]
   turns_total = len(audio) // SAMPLES_PER_MICRO_TURN
   frames = None
-  if args.video:
+  if video:
     from data_pipelines.episode import DataError
     from data_pipelines.video import decode_mp4
 
     try:  # one frame per 200 ms window, at the model's frame size
-      frames, _, _ = decode_mp4(args.video, fps=1 / T, width=config.data.frame_width, height=config.data.frame_height)
+      frames, _, _ = decode_mp4(video, fps=1 / T, width=config.data.frame_width, height=config.data.frame_height)
     except DataError as e:
-      raise SystemExit(f"--video {args.video}: {e}") from None
-  session = Session(model, config, seed=args.seed)
+      raise SystemExit(f"--video {video}: {e}") from None
+  session = Session(model, StreamConfig.from_config(config), seed=seed)
   # Compile outside the timed loop: one micro-turn of silence (with a frame if there is video).
   session.step(np.zeros(SAMPLES_PER_MICRO_TURN, np.float32), frame=None if frames is None else frames[0])
-  session.reset(args.seed)
-  print(f"checkpoint step {step}: {turns_total} micro-turns ({turns_total * T:.1f} s) of {args.input}", flush=True)
+  session.reset(seed)
+  print(f"checkpoint step {step}: {turns_total} micro-turns ({turns_total * T:.1f} s) of {recording}", flush=True)
 
   mels, heard_bins, turns, latencies = [], [], [], []
   ready = 0.0  # simulated clock: when the previous answer was ready (seconds from the start)
@@ -156,33 +161,33 @@ def main(argv=None) -> int:
   for t in range(turns_total):
     piece = audio[t * SAMPLES_PER_MICRO_TURN : (t + 1) * SAMPLES_PER_MICRO_TURN]
     frame = frames[t] if frames is not None and t < len(frames) else None
-    out = session.step(piece, frame=frame)
-    latency = out.latency_s
+    result = session.step(piece, frame=frame)
+    latency = result.latency_s
     busy += latency
     arrival = (t + 1) * T  # the window's audio is complete at its end
     ready = max(arrival, ready) + latency
     late = ready > arrival + T
     latencies.append(latency)
-    mels.append(out.mel)
-    heard_bins.append(out.heard_dmel)
+    mels.append(result.mel)
+    heard_bins.append(result.heard_dmel)
     turns.append(
       {
         "t": t,
         "heard": session.transcript[-1][1],
-        "said": out.text,
-        "bg_calls": out.bg_calls,
+        "said": result.text,
+        "bg_calls": result.bg_calls,
         "latency_ms": round(latency * 1000, 3),
         "answer_ready_s": round(ready, 4),
         "late": bool(late),
       }
     )
   if not turns:
-    raise SystemExit(f"--input {args.input}: shorter than one 200 ms micro-turn")
+    raise SystemExit(f"--input {recording}: shorter than one 200 ms micro-turn")
   mel = np.concatenate(mels)
-  with paths.open(paths.join(args.out, "mel.npy"), "wb") as f:
+  with paths.open(paths.join(out, "mel.npy"), "wb") as f:
     np.save(f, mel)
-  with paths.open(paths.join(args.out, "speech.wav"), "wb") as f:
-    sf.write(f, griffin_lim(mel, args.griffin_lim_iters), SAMPLE_RATE, format="WAV")
+  with paths.open(paths.join(out, "speech.wav"), "wb") as f:
+    sf.write(f, griffin_lim(mel, griffin_lim_iters), SAMPLE_RATE, format="WAV")
   lat = np.array(latencies) * 1000
   summary = {
     "checkpoint_step": step,
@@ -191,9 +196,9 @@ def main(argv=None) -> int:
     "late_micro_turns": sum(turn["late"] for turn in turns),
     "real_time_factor": round(busy / (len(turns) * T), 4),
   }
-  with paths.open(paths.join(args.out, "timeline.json"), "w") as f:
+  with paths.open(paths.join(out, "timeline.json"), "w") as f:
     json.dump({"summary": summary, "micro_turns": turns}, f, indent=1)
-  plot_timeline(paths.join(args.out, "timeline.png"), np.concatenate(heard_bins), mel, turns)
+  plot_timeline(paths.join(out, "timeline.png"), np.concatenate(heard_bins), mel, turns)
   said = " | ".join(f"{turn['t']}: {turn['said']!r}" for turn in turns if turn["said"])
   print(f"said: {said[:2000] or '(nothing)'}")
   lq = summary["latency_ms"]
@@ -202,9 +207,49 @@ def main(argv=None) -> int:
     f"(budget 200 ms); late micro-turns {summary['late_micro_turns']} of {len(turns)}; "
     f"real-time factor {summary['real_time_factor']:.3f}"
   )
-  print(f"wrote {args.out}/mel.npy, speech.wav, timeline.json, timeline.png")
+  print(f"wrote {out}/mel.npy, speech.wav, timeline.json, timeline.png")
+  return summary
+
+
+# The command line (module docstring); its flags are defined when it runs, not at import.
+
+PROG = "python -m tmlx.stream"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("checkpoint", None, "A workdir or checkpoint directory.", required=True, flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+  flags.DEFINE_string(
+    "input", None, "The conversation's audio (WAV/FLAC; channel 0 is the user).", required=True, flag_values=fv
+  )
+  flags.DEFINE_string("video", None, "An MP4 of the user, one frame per micro-turn.", flag_values=fv)
+  flags.DEFINE_string(
+    "out", None, "Directory for mel.npy, speech.wav, timeline.json/png.", required=True, flag_values=fv
+  )
+  flags.DEFINE_float("max_seconds", None, "Stop after this much input.", flag_values=fv)
+  flags.DEFINE_float("temperature", None, "Text sampling temperature (config.stream).", flag_values=fv)
+  flags.DEFINE_float("top_p", None, "Text nucleus mass (config.stream).", flag_values=fv)
+  flags.DEFINE_float("audio_temperature", None, "Flow-head noise τ (config.stream).", flag_values=fv)
+  flags.DEFINE_integer("audio_steps", None, "Flow-head Euler steps (config.stream).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "The session's sampling seed.", flag_values=fv)
+  flags.DEFINE_integer("griffin_lim_iters", 32, "Griffin-Lim iterations of speech.wav.", flag_values=fv)
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+  """`stream_recording` with the parsed command line's flags; a bad input ends it in one line."""
+  if args:
+    cli.fail(PROG, f"takes no positional arguments; got {args}")
+  names = ("step", "video", "max_seconds", "seed", "griffin_lim_iters", *STREAM_OVERRIDES)
+  with cli.one_line_exits(PROG):
+    stream_recording(fv.checkpoint, fv.input, fv.out, **{name: fv[name].value for name in names})
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs `python -m tmlx.stream ARGS` in this process on `argv` (ARGS; default sys.argv[1:]);
+  returns the exit status."""
+  return cli.call(PROG, define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(PROG, define_flags, run)

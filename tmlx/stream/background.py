@@ -13,7 +13,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-import ml_collections
+from tmlx.stream.config import StreamConfig
 
 
 class BackgroundWorker(abc.ABC):
@@ -89,10 +89,10 @@ class LanguageModelWorker(ThreadedWorker):
   trainer): the call and its context go in as typed text, and the model's text out of up to
   `max_micro_turns` text-only micro-turns is the answer."""
 
-  def __init__(self, model, config: ml_collections.ConfigDict, *, max_micro_turns: int = 4, context_chars: int = 400):
+  def __init__(self, model, stream: StreamConfig, *, max_micro_turns: int = 4, context_chars: int = 400):
     from tmlx.stream.session import Session
 
-    self._session = Session(model, config)
+    self._session = Session(model, stream)
     self._lock = threading.Lock()  # one answer at a time: the session holds one KV cache
     self.max_micro_turns = max_micro_turns
     self.context_chars = context_chars

@@ -9,7 +9,7 @@ Per micro-turn, `Session.step`:
   4. runs the 4 AUDIO_OUT steps: the flow head's Euler sampler turns the last hidden state into
      the next 4 x 4 mel frames, which are re-quantized to dMel and fed back as the AUDIO_OUT input.
 
-Steps 2-4 are one program call (`_Programs.turn`; a block longer than
+Steps 2-4 are one program call (`Programs.turn`; a block longer than
 `config.stream.input_chunk` positions first prefills its earlier chunks), so a micro-turn costs
 one dispatch and one host sync. All device work has fixed shapes, so nothing recompiles after
 the first micro-turn:
@@ -34,10 +34,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
-import flax.struct
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -46,13 +43,7 @@ from data_pipelines import dmel as dmel_lib
 from data_pipelines import microturn
 from data_pipelines.contract import (
   AUDIO_POSITIONS_PER_MICRO_TURN,
-  BIN_WIDTH,
   FRAMES_PER_MICRO_TURN,
-  LOG_MEL_MAX,
-  LOG_MEL_MIN,
-  MEL_NORM_OFFSET,
-  MEL_NORM_SCALE,
-  NUM_DMEL_BINS,
   NUM_MELS,
   PATCH_SIZE,
   SAMPLES_PER_MICRO_TURN,
@@ -61,27 +52,13 @@ from data_pipelines.contract import (
 )
 from data_pipelines.tokenizer import Tokenizer, make_tokenizer
 from tmlx.nn.attention import KVCache
-from tmlx.nn.flow_head import sample as flow_sample
 from tmlx.nn.model import InteractionModel
+from tmlx.stream.config import StreamConfig
+from tmlx.stream.programs import Programs
 
 
 class SessionFull(RuntimeError):
   """The next micro-turn would not fit in the preallocated KV cache."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How a session samples: text temperature (0 = greedy) and top-p; the flow head's noise
-  temperature and Euler steps."""
-
-  temperature: float = 0.0
-  top_p: float = 1.0
-  audio_temperature: float = 1.0
-  audio_steps: int = 10
-
-  @classmethod
-  def from_config(cls, stream: ml_collections.ConfigDict) -> Sampling:
-    return cls(stream.temperature, stream.top_p, stream.audio_temperature, stream.audio_steps)
 
 
 @dataclasses.dataclass
@@ -90,7 +67,7 @@ class InputBlock:
 
   kind: np.ndarray  # [n] int8
   tokens: np.ndarray  # [n] int32
-  dmel: np.ndarray  # [n, F, 80] uint8
+  dmel: np.ndarray  # [n, W, M] uint8
   patch_index: np.ndarray  # [n] int32, -1 where not a patch
   patches: np.ndarray  # [P, 40, 40, 3] uint8
   patch_rowcol: np.ndarray  # [P, 2] int16
@@ -111,68 +88,7 @@ class StepOutput:
   latency_s: float  # wall time of the step
   heard_dmel: np.ndarray | None = None  # [16, 80] dMel bins of the step's audio (Session.step)
   text_logits: np.ndarray | None = None  # [k + 1, V] fp32 before each text token (record=True)
-  flow_cond: np.ndarray | None = None  # [4, W] the flow head's Linear(h) before each AUDIO_OUT
-
-
-def quantize(log_mel: jax.Array) -> jax.Array:
-  """`data_pipelines.dmel.quantize` on device: log10 mel → nearest of the 16 dMel bins."""
-  v = jnp.clip(log_mel, LOG_MEL_MIN, LOG_MEL_MAX)
-  return jnp.clip(jnp.round((v - LOG_MEL_MIN) / BIN_WIDTH), 0, NUM_DMEL_BINS - 1).astype(jnp.uint8)
-
-
-def denormalize(x: jax.Array) -> jax.Array:
-  """`data_pipelines.dmel.denormalize` on device: flow-head output in [-1, 1] → log10 mel."""
-  return x * MEL_NORM_SCALE - MEL_NORM_OFFSET
-
-
-def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
-  """A token id from fp32 logits [V]: greedy at temperature 0, else nucleus sampling."""
-  if temperature <= 0:
-    return jnp.argmax(logits).astype(jnp.int32)
-  logits = logits / temperature
-  if top_p < 1:
-    ordered = jnp.sort(logits)[::-1]
-    probs = jax.nn.softmax(ordered)
-    keep = (jnp.cumsum(probs) - probs) < top_p  # the smallest prefix whose mass reaches top_p
-    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf))
-    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-  return jax.random.categorical(key, logits).astype(jnp.int32)
-
-
-def _one_position(kind: int, f: int, position: jax.Array, token=0, bins=None) -> dict[str, jax.Array]:
-  """A chunk of one position (no patch) for `InteractionModel.extend`."""
-  return {
-    "kind": jnp.full((1, 1), kind, jnp.int8),
-    "tokens": jnp.reshape(jnp.asarray(token, jnp.int32), (1, 1)),
-    "dmel": (jnp.zeros((1, 1, f, NUM_MELS), jnp.uint8) if bins is None else bins.reshape(1, 1, f, NUM_MELS)),
-    "patch_index": jnp.full((1, 1), -1, jnp.int32),
-    "patches": jnp.zeros((1, 1, PATCH_SIZE, PATCH_SIZE, 3), jnp.uint8),
-    "patch_rowcol": jnp.zeros((1, 1, 2), jnp.int16),
-    "positions": jnp.reshape(position, (1, 1)),
-  }
-
-
-# The fields of a one-position chunk that `record_inputs` keeps (patches: outputs have none).
-_FED_FIELDS = ("kind", "tokens", "dmel", "patch_index", "positions")
-
-
-def _note(fed: dict[str, jax.Array], i: jax.Array, chunk: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """`fed` with slot i set to the one-position `chunk` ({} when not recording)."""
-  return {k: v.at[i].set(chunk[k][0, 0]) for k, v in fed.items()}
-
-
-@flax.struct.dataclass
-class _Said:
-  """What one `turn` program call produced (device arrays; `record` fills logits and cond,
-  `record_inputs` fills fed)."""
-
-  tokens: jax.Array  # [K + 1] int32 text tokens, <eot> included; the first `count` are real
-  count: jax.Array  # int32
-  mel: jax.Array  # [4, F * 80] fp32 in [-1, 1]; the first `n_audio` rows are real
-  key: jax.Array  # the session's next random key
-  logits: jax.Array | None  # [K + 1, V] fp32 before each text token
-  cond: jax.Array | None  # [4, W] the flow head's Linear(h) before each AUDIO_OUT
-  fed: dict[str, jax.Array]  # _FED_FIELDS [K + 1 + 4, ...] of each output position fed; first count + n_audio real
+  flow_cond: np.ndarray | None = None  # [4, U] the flow head's Linear(h) before each AUDIO_OUT
 
 
 @dataclasses.dataclass
@@ -182,7 +98,7 @@ class FedPositions:
   micro_turn: int
   kind: np.ndarray  # [n] int8
   tokens: np.ndarray  # [n] int32
-  dmel: np.ndarray  # [n, F, 80] uint8
+  dmel: np.ndarray  # [n, W, M] uint8
   positions: np.ndarray  # [n] int32 in the session (the RoPE position)
   patches: np.ndarray  # [p, 40, 40, 3] uint8: the pixels at each PATCH position, in order
   patch_rowcol: np.ndarray  # [p, 2] int16
@@ -203,115 +119,31 @@ def _fed_positions(micro_turn: int, chunks: list[tuple[dict[str, np.ndarray], in
   return FedPositions(micro_turn, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
-class _Programs:
-  """The session's two jitted programs; the cache is donated, so it is updated in place.
-
-  `prefill` appends input positions. `turn` appends the last chunk of an input block, then says
-  this micro-turn's text (a while loop that stops at `<eot>`) and audio (a loop of the 4
-  AUDIO_OUT steps), all in one call: one dispatch and one host sync per micro-turn.
-  """
-
-  def __init__(
-    self, graphdef, sampling: Sampling, f: int, num_tokens: int, eot: int, text_slots: int, block: int, window: int
-  ):
-    def prefill(state, chunk, cache, start):
-      _, cache = nnx.merge(graphdef, state).extend(chunk, cache, start, block=block, window=window)
-      return cache
-
-    def turn(state, chunk, cache, start, last, key, forced_text, k_max, forced_audio, n_audio, record, record_inputs):
-      model = nnx.merge(graphdef, state)
-      h, cache = model.extend(chunk, cache, start, block=block, window=window)
-      h, position = h[0, last], start + last + 1
-      v, w = model.cfg.vocab_size, model.flow_head.cond.kernel.shape[-1]
-      fed = {}
-      if record_inputs:
-        example = _one_position(Kind.PAD, f, position)
-        slots = text_slots + AUDIO_POSITIONS_PER_MICRO_TURN
-        fed = {k: jnp.zeros((slots, *example[k].shape[2:]), example[k].dtype) for k in _FED_FIELDS}
-
-      def say_text(carry):
-        i, _, h, cache, position, key, tokens, logits_seen, fed = carry
-        key, sub = jax.random.split(key)
-        logits = model.text_logits(h)
-        # Only ids the tokenizer has (the model's vocabulary may be padded beyond them).
-        allowed = jnp.where(jnp.arange(v) < num_tokens, logits, -jnp.inf)
-        token = sample_token(allowed, sub, sampling.temperature, sampling.top_p)
-        token = jnp.where(i == k_max, eot, token)  # K_max tokens said: <eot> next
-        token = jnp.where(forced_text[i] >= 0, forced_text[i], token)
-        chunk = _one_position(Kind.TEXT_OUT, f, position, token=token)
-        out, cache = model.extend(chunk, cache, position, block=block, window=window)
-        if record:
-          logits_seen = logits_seen.at[i].set(logits)
-        fed = _note(fed, i, chunk)
-        return i + 1, token == eot, out[0, 0], cache, position + 1, key, tokens.at[i].set(token), logits_seen, fed
-
-      text = (
-        jnp.int32(0),
-        jnp.bool_(False),
-        h,
-        cache,
-        position,
-        key,
-        jnp.zeros(text_slots, jnp.int32),
-        jnp.zeros((text_slots, v) if record else (), jnp.float32),
-        fed,
-      )
-      count, _, h, cache, position, key, tokens, logits_seen, fed = jax.lax.while_loop(
-        lambda c: ~c[1] & (c[0] < text_slots), say_text, text
-      )
-
-      def say_audio(j, carry):
-        h, cache, key, mel, conds, fed = carry
-        key, sub = jax.random.split(key)
-        x = flow_sample(model.flow_head, h, sub, steps=sampling.audio_steps, temperature=sampling.audio_temperature)
-        bins = quantize(denormalize(x)).reshape(f, NUM_MELS)
-        bins = jnp.where(forced_audio[j, 0, 0] < 255, forced_audio[j], bins)  # 255 marks "not forced"
-        if record:
-          conds = conds.at[j].set(model.flow_head.cond(h).astype(jnp.float32))
-        chunk = _one_position(Kind.AUDIO_OUT, f, position + j, bins=bins)
-        out, cache = model.extend(chunk, cache, position + j, block=block, window=window)
-        return out[0, 0], cache, key, mel.at[j].set(x), conds, _note(fed, count + j, chunk)
-
-      audio = (
-        h,
-        cache,
-        key,
-        jnp.zeros((AUDIO_POSITIONS_PER_MICRO_TURN, f * NUM_MELS), jnp.float32),
-        jnp.zeros((AUDIO_POSITIONS_PER_MICRO_TURN, w) if record else (), jnp.float32),
-        fed,
-      )
-      _, cache, key, mel, conds, fed = jax.lax.fori_loop(0, n_audio, say_audio, audio)
-      said = _Said(tokens, count, mel, key, logits_seen if record else None, conds if record else None, fed)
-      return said, cache
-
-    self.prefill = jax.jit(prefill, donate_argnums=(2,))
-    self.turn = jax.jit(turn, donate_argnums=(2,), static_argnames=("record", "record_inputs"))
-
-
 class Session:
   """One conversation with a model, micro-turn by micro-turn (see the module docstring)."""
 
   def __init__(
     self,
     model: InteractionModel,
-    config: ml_collections.ConfigDict,
+    stream: StreamConfig,
     *,
     tokenizer: Tokenizer | None = None,
     worker=None,
-    sampling: Sampling | None = None,
     seed: int = 0,
     record_inputs: bool = False,
   ):
+    if not isinstance(stream, StreamConfig):
+      raise TypeError(f"Session(model, stream): expected a StreamConfig (from_config), got {type(stream).__name__}")
     self.model = model
     self.record_inputs = record_inputs  # keep every position fed, per micro-turn, in `self.fed`
-    self.config = config
-    self.sampling = sampling or Sampling.from_config(config.stream)
-    self.max_positions = int(config.stream.max_positions)
-    self.input_chunk = int(config.stream.input_chunk)
-    self.k_max = int(config.data.k_max)
-    self.k_max_text = int(config.data.text_only_k_max)  # K_max of a micro-turn without audio
-    self.frame_shape = (int(config.data.frame_height), int(config.data.frame_width))
-    self.tokenizer = tokenizer or make_tokenizer(config.data.tokenizer)
+    self.stream = stream
+    self.sampling = stream.sampling
+    self.max_positions = stream.max_positions
+    self.input_chunk = stream.input_chunk
+    self.k_max = stream.k_max
+    self.k_max_text = stream.k_max_text  # K_max of a micro-turn without audio
+    self.frame_shape = stream.frame_shape
+    self.tokenizer = tokenizer or make_tokenizer(stream.tokenizer)
     self.worker = worker
     f = model.cfg.frames_per_position
     if f * AUDIO_POSITIONS_PER_MICRO_TURN != FRAMES_PER_MICRO_TURN:
@@ -322,9 +154,7 @@ class Session:
     self._graphdef = graphdef
     num_tokens = min(model.cfg.vocab_size, int(getattr(self.tokenizer, "vocab_size", model.cfg.vocab_size)))
     self._eot = self.tokenizer.special("<eot>")
-    block, self.window = int(config.stream.attention_block), int(config.stream.window)
-    if block <= 0 or self.window < 0:
-      raise ValueError(f"config.stream.attention_block={block} must be > 0 and config.stream.window={self.window} >= 0")
+    block, self.window = stream.attention_block, stream.window
     trained = model.cfg.attention_window
     if trained and self.window != trained:
       raise ValueError(
@@ -343,7 +173,7 @@ class Session:
     span = (self.window or self.max_positions) + self.input_chunk
     self.cache_slots = -(-span // block) * block
     text_slots = max(self.k_max, self.k_max_text) + 1
-    self._programs = _Programs(graphdef, self.sampling, f, num_tokens, self._eot, text_slots, block, self.window)
+    self._programs = Programs(graphdef, self.sampling, f, num_tokens, self._eot, text_slots, block, self.window)
     self._no_text = np.full(text_slots, -1, np.int32)
     self._no_audio = np.full((AUDIO_POSITIONS_PER_MICRO_TURN, f, NUM_MELS), 255, np.uint8)
     self._no_patch = np.zeros((1, 1, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
@@ -419,7 +249,7 @@ class Session:
     """Hears 200 ms of user audio (3200 samples at 16 kHz), and the frame, typed text and
     background results of this window; returns what the model says next (`forced_text`: say
     these tokens instead, `<eot>` last, e.g. to replay a script; `forced_audio`: feed these dMel
-    bins [4, F, 80] or [16, 80] back as the AUDIO_OUT inputs instead of the sampled speech's)."""
+    bins [4, W, M] or [16, 80] back as the AUDIO_OUT inputs instead of the sampled speech's)."""
     audio = np.asarray(audio)
     if audio.shape != (SAMPLES_PER_MICRO_TURN,):
       raise ValueError(f"audio: expected {SAMPLES_PER_MICRO_TURN} samples (200 ms at 16 kHz), got {audio.shape}")
@@ -445,7 +275,7 @@ class Session:
   ) -> StepOutput:
     """Prefills `block`, then decodes the text and the 4 AUDIO_OUT positions of this micro-turn.
 
-    `forced_text` (the tokens, `<eot>` last) and `forced_audio` (dMel bins [4, F, 80] or [4F, 80])
+    `forced_text` (the tokens, `<eot>` last) and `forced_audio` (dMel bins [4, W, M] or [4·W, M])
     replace sampling by the recorded outputs (teacher forcing)."""
     t0 = time.perf_counter() if started is None else started
     # A block with audio in gets audio out; a text-only block (as in text-only training data) not.

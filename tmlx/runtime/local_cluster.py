@@ -1,18 +1,19 @@
 """N local `python -m tmlx.main` processes forming one multi-process JAX job on loopback.
 
-  python -m tmlx.local_cluster --processes=2 -- --config=experiments/tiny.py:tiny --workdir=/tmp/run
+  python -m tmlx.runtime.local_cluster --processes=2 -- --config=experiments/sample_cpu.py:tiny --workdir=/tmp/run
 
-Each process gets the TMLX_* variables of `tmlx.distributed` (coordinator on a free 127.0.0.1 port),
+Each process gets the TMLX_* variables of `tmlx.runtime.cluster` (coordinator on a free 127.0.0.1 port),
 `--config.runtime.cpu_devices=K` fake CPU devices (default 8 // N) and its own log,
 `<log_dir>/process_<i>.log` (stdout and stderr). When one process fails or the deadline passes, the
 others get `grace_s` to finish, then their process groups are killed: nothing is left running.
 From Python: `run_local(...)` waits for the results; `start_local(...)` returns a running `Cluster`
-(signal one process mid-run with `cluster.signal(i, signal.SIGTERM)`, then `cluster.wait()`).
+(signal one process mid-run with `cluster.signal(i, signal.SIGTERM)`, then `cluster.wait()`);
+`supervise(...)` is what the command line runs; its arguments after `--` go to every process
+unparsed.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import pathlib
@@ -24,12 +25,15 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 
-from tmlx import distributed
+from absl import flags
+
+from tmlx import cli
+from tmlx.runtime import cluster as job_env
 
 DEFAULT_TOTAL_DEVICES = 8
 # Inherited variables that would change the children's devices or job membership (a local cluster
 # started inside a SLURM allocation, a TPU VM or a Kubernetes pod is a job of its own).
-_DROPPED_ENV = ("XLA_FLAGS", *distributed.DETECTED_VARS)
+_DROPPED_ENV = ("XLA_FLAGS", *job_env.DETECTED_VARS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,10 +176,10 @@ def start_local(
   base_env.update(
     {
       "PYTHONUNBUFFERED": "1",
-      distributed.ENV_COORDINATOR: f"127.0.0.1:{free_port()}",
-      distributed.ENV_NUM_PROCESSES: str(num_processes),
-      distributed.ENV_HEARTBEAT_TIMEOUT: str(heartbeat_timeout_s),
-      distributed.ENV_INIT_TIMEOUT: str(max(1, int(min(timeout_s, 300)))),
+      job_env.ENV_COORDINATOR: f"127.0.0.1:{free_port()}",
+      job_env.ENV_NUM_PROCESSES: str(num_processes),
+      job_env.ENV_HEARTBEAT_TIMEOUT: str(heartbeat_timeout_s),
+      job_env.ENV_INIT_TIMEOUT: str(max(1, int(min(timeout_s, 300)))),
     }
   )
   base_env.update(env or {})
@@ -192,7 +196,7 @@ def start_local(
           subprocess.Popen(
             cmd,
             cwd=cwd,
-            env={**base_env, distributed.ENV_PROCESS_ID: str(i)},
+            env={**base_env, job_env.ENV_PROCESS_ID: str(i)},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -212,37 +216,13 @@ def run_local(num_processes: int, main_args: Sequence[str], **options) -> list[R
   return start_local(num_processes, main_args, **options).wait()
 
 
-def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-  own, main_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-  parser = argparse.ArgumentParser(
-    prog="python -m tmlx.local_cluster",
-    description="Runs N local tmlx.main processes as one multi-process job on loopback.",
-    usage="%(prog)s --processes=N [options] -- <tmlx.main arguments>",
-  )
-  parser.add_argument("--processes", type=int, required=True, help="number of processes")
-  parser.add_argument("--devices_per_process", type=int, default=None, help="fake CPU devices each (default 8 // N)")
-  parser.add_argument("--timeout_s", type=float, default=3600, help="deadline for the whole job")
-  parser.add_argument("--grace_s", type=float, default=10, help="time the others get after one fails")
-  parser.add_argument("--heartbeat_timeout_s", type=int, default=10, help="a silent process is dead after this")
-  parser.add_argument("--log_dir", default=None, help="where process_<i>.log go (default: a new temp dir)")
-  args = parser.parse_args(own)
-  if not main_args:
-    parser.error("give the tmlx.main arguments after --, e.g. -- --config=experiments/tiny.py --workdir=DIR")
-  return args, main_args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  args, main_args = _parse(sys.argv[1:] if argv is None else list(argv))
-  cluster = start_local(
-    args.processes,
-    main_args,
-    devices_per_process=args.devices_per_process,
-    timeout_s=args.timeout_s,
-    log_dir=args.log_dir,
-    grace_s=args.grace_s,
-    heartbeat_timeout_s=args.heartbeat_timeout_s,
-  )
-  print(f"started {args.processes} processes; logs in {cluster.log_paths[0].parent}", flush=True)
+def supervise(num_processes: int, main_args: Sequence[str], **options) -> int:
+  """Runs the job to the end as the command line does (`start_local` with the same options),
+  printing where the logs are, how each process ended and the last lines of the first failed
+  one's log; returns 0 if every process succeeded, 1 if one failed, 130 if interrupted (then every
+  process is killed)."""
+  cluster = start_local(num_processes, main_args, **options)
+  print(f"started {num_processes} processes; logs in {cluster.log_paths[0].parent}", flush=True)
   try:
     results = cluster.wait()
   except KeyboardInterrupt:
@@ -259,5 +239,41 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 1 if failed else 0
 
 
+# The command line (module docstring); its flags are defined when it runs, not at import.
+
+PROG = "python -m tmlx.runtime.local_cluster"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("processes", None, "Number of processes.", required=True, lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("devices_per_process", None, "Fake CPU devices each (default 8 // N).", flag_values=fv)
+  flags.DEFINE_float("timeout_s", 3600, "Deadline for the whole job.", flag_values=fv)
+  flags.DEFINE_float("grace_s", 10, "Time the others get after one fails.", flag_values=fv)
+  flags.DEFINE_integer("heartbeat_timeout_s", 10, "A silent process is dead after this.", flag_values=fv)
+  if "log_dir" in fv:  # absl's FLAGS has absl.logging's --log_dir, a directory for log files: it serves
+    flags.declare_key_flag("log_dir", flag_values=fv)
+  else:
+    flags.DEFINE_string("log_dir", None, "Where process_<i>.log go (default: a new temp dir).", flag_values=fv)
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+  """`supervise`s the job the parsed command line asks for: the arguments after `--` (parsed with
+  `passthrough`) are the tmlx.main arguments."""
+  own, main_args = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
+  if own:
+    cli.fail(PROG, f"unexpected arguments before --: {' '.join(own)}; the tmlx.main arguments go after --")
+  if not main_args:
+    cli.fail(PROG, "give the tmlx.main arguments after --, e.g. -- --config=experiments/sample_cpu.py --workdir=DIR")
+  names = ("devices_per_process", "timeout_s", "grace_s", "heartbeat_timeout_s")
+  options = {name: fv[name].value for name in names}
+  return supervise(fv.processes, main_args, log_dir=fv.log_dir or None, **options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs `python -m tmlx.runtime.local_cluster ARGS` in this process on `argv` (ARGS; default
+  sys.argv[1:]); returns the exit status."""
+  return cli.call(PROG, define_flags, run, argv, passthrough=True)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.app_main(PROG, define_flags, run, passthrough=True)

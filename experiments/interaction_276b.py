@@ -1,33 +1,22 @@
-"""The full 276B-parameter, 12B-active interaction model (MODEL_SPEC.md §7).
+"""The full 276B-parameter, 12B-active interaction model (MODEL_SPEC.md §7), size 276b.
 
-Pod run (256 devices):  python -m tmlx.main --config=experiments/tml_interaction_small.py \\
-    --workdir=gs://BUCKET/tml_small
-CPU variant with the same structure (8 fake devices):
-    python -m tmlx.main --config=experiments/tml_interaction_small.py:tiny --workdir=/tmp/tml_tiny
+Pod run (256 devices):  python -m tmlx.main --config=experiments/interaction_276b.py \\
+    --workdir=gs://BUCKET/interaction_276b
+CPU variant with the same structure (size 276b-tiny, 8 fake devices):
+    python -m tmlx.main --config=experiments/interaction_276b.py:tiny --workdir=/tmp/interaction_276b_tiny
 """
 
 from experiments import base
 
 
 def get_config(arg=None):
+  arg = base.parse_arg(arg, __file__, tiny=False, size="")
   c = base.get_config()
+  base.apply_size(c, arg.size or ("276b-tiny" if arg.tiny else "276b"), __file__)
   m = c.model
-  m.vocab_size = 131_072
-  m.d_model = 4096
-  m.num_layers = 56
-  m.num_heads = 32
-  m.num_kv_heads = 8
-  m.head_dim = 128
   m.rope_theta = 1e6
-  m.stem_width = 1024
   m.remat = "full"
-  m.moe.num_experts = 256
-  m.moe.num_experts_per_tok = 6
-  m.moe.num_shared_experts = 2
-  m.moe.d_ff = 1536
   m.moe.capacity_factor = 1.25
-  m.flow.width = 1536
-  m.flow.depth = 8
   c.data.seq_len = 8192
   c.data.global_batch_size = 256
   c.data.max_patches = 2048
@@ -43,7 +32,7 @@ def get_config(arg=None):
   c.mesh.fsdp = -1
   c.mesh.expert = 16
   c.mesh.tensor = 4
-  # Per accelerator (tmlx.accelerators; the chosen row is logged). On TPU, one slice of 256
+  # Per accelerator (tmlx.runtime.accelerators; the chosen row is logged). On TPU, one slice of 256
   # chips holds a model replica's fsdp x expert x tensor; further slices add data parallelism
   # over DCN. On H100/H200 nodes of 8 GPUs (one process per node), experts stay within a node's
   # NVLink and FSDP spans the nodes (one row per GPU: no micro-batching, which would leave fewer
@@ -68,20 +57,7 @@ def get_config(arg=None):
     xla_flags="--xla_gpu_enable_latency_hiding_scheduler=true",
     remat="full",
   )
-  if arg == "tiny":
-    # Same structure (GQA 4:1, top-6 of many experts, 2 shared, untied vocab), CPU-sized.
-    m.vocab_size = 320
-    m.d_model = 128
-    m.num_layers = 2
-    m.num_heads = 8
-    m.num_kv_heads = 2
-    m.head_dim = 16
-    m.stem_width = 32
-    m.remat = "full"
-    m.moe.num_experts = 16
-    m.moe.d_ff = 64
-    m.flow.width = 64
-    m.flow.depth = 2
+  if arg.tiny:
     c.data.seq_len = 256
     c.data.global_batch_size = 8
     c.data.max_patches = 48
@@ -98,8 +74,6 @@ def get_config(arg=None):
     c.runtime.cpu_devices = 8
     # The rows above are for pods; on a small slice or one GPU host the tiny mesh is used as is.
     c.mesh_rules = type(c.mesh_rules)()
-  elif arg:
-    raise ValueError(f"experiments/tml_interaction_small.py: unknown argument {arg!r} (expected 'tiny' or none)")
   # Streaming sessions attend to the whole session, as the model was trained to over one row, for
   # as long as one row (a ring would evict the context start that full attention leans on; train
   # with model.attention_window for sessions of any length).

@@ -2,8 +2,8 @@
 trained on the committed sample corpus (data/sample: conversations, video, text documents), with
 a duplex evaluation (`tmlx.eval.duplex`) on its held-out conversations half-way and at the end.
 
-Run:  python -m tmlx.main --config=experiments/tiny.py --workdir=/tmp/tmlx_tiny
-Smaller, for tests:  --config=experiments/tiny.py:tiny
+Run:  python -m tmlx.main --config=experiments/sample_cpu.py --workdir=/tmp/tmlx_sample
+Smaller, for tests:  --config=experiments/sample_cpu.py:tiny  (size tiny-2l, `base.cpu_test_run`)
 """
 
 from experiments import base
@@ -12,7 +12,9 @@ SAMPLE_MIXTURE = "data/sample/conversations:0.6,data/sample/video:0.25,data/samp
 
 
 def get_config(arg=None):
+  arg = base.parse_arg(arg, __file__, tiny=False, size="")
   c = base.get_config()
+  base.apply_size(c, arg.size or ("tiny-2l" if arg.tiny else "tiny"), __file__)
   # 4 layers unrolled: about 10% faster per step on CPU, same compile time at this depth.
   c.model.scan_unroll = 4
   c.data.source = "episodes"
@@ -32,4 +34,6 @@ def get_config(arg=None):
   c.eval.every = 150
   c.eval.data = "data/sample/heldout/conversations,data/sample/heldout/video"
   c.eval.conversations = 5
-  return base.tiny_variant(c, arg, "experiments/tiny.py")
+  if arg.tiny:
+    base.cpu_test_run(c)
+  return c

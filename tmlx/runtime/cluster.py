@@ -1,5 +1,5 @@
-"""Multi-process start-up: find this process's place in the job from the environment and call
-`jax.distributed.initialize` before JAX creates a backend.
+"""Where this process sits in a multi-process job, found from tmlx.main's flags or the environment
+(no JAX here: `tmlx.runtime.distributed` initializes JAX's runtime with what this finds).
 
 The same `python -m tmlx.main` runs on every process. tmlx.main's flags --coordinator_address,
 --num_processes, --process_id (all three, or none) override every environment, and --local_device_ids
@@ -30,7 +30,7 @@ TMLX_COORDINATOR_PORT only its port; TMLX_INIT_TIMEOUT_S (default 300) and TMLX_
 (default 30) set the timeouts. Every detector is a pure function of an environment mapping.
 
 Fake CPU devices: `config.runtime.cpu_devices` is the number of devices of *each* process; a launcher
-of N local processes for an 8-device mesh passes `--config.runtime.cpu_devices=8/N` (tmlx.local_cluster
+of N local processes for an 8-device mesh passes `--config.runtime.cpu_devices=8/N` (tmlx.runtime.local_cluster
 does). On CPU the cross-process collectives are gloo over TCP. With a loopback coordinator (a job on
 one machine) the coordinator and gloo listen on loopback only.
 """
@@ -41,11 +41,10 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 
-from absl import logging
-
-from tmlx.hostlist import expand_counts, expand_hostlist
+import hostlist
 
 ENV_COORDINATOR = "TMLX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "TMLX_NUM_PROCESSES"
@@ -82,7 +81,7 @@ TPU_MARKERS = (
   "MEGASCALE_SLICE_ID",
 )
 K8S_VARS = ("JOB_COMPLETION_INDEX", "JOBSET_NAME", "REPLICATED_JOB_NAME", "JOB_INDEX")
-# Everything the detectors read that decides job membership (tmlx.local_cluster drops these from the
+# Everything the detectors read that decides job membership (tmlx.runtime.local_cluster drops these from the
 # environment its children inherit). CUDA_VISIBLE_DEVICES is device visibility, not membership: kept.
 DETECTED_VARS = (
   *EXPLICIT_VARS,
@@ -102,6 +101,26 @@ SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 12000
 # jax 0.10's Cloud TPU detection uses 8482 (8476 is libtpu's mesh controller), and its Kubernetes one 55527.
 TPU_PORT = 8482
 K8S_PORT = 55527
+
+
+def expand_hostlist(expr: str) -> list[str]:
+  """The host names of a SLURM host list ("node[001-003,007]" → node001 node002 node003 node007,
+  zero padding kept; several bracket groups expand as a product). ValueError if malformed."""
+  try:
+    hosts = hostlist.expand_hostlist(expr)
+  except hostlist.BadHostlist as e:
+    raise ValueError(f"malformed hostlist {expr!r}: {e}") from None
+  if not hosts or re.search(r"(^|,)\s*(,|$)", expr):  # the library skips empty names
+    raise ValueError(f"malformed hostlist {expr!r}: empty host name")
+  return hosts
+
+
+def expand_counts(expr: str) -> list[int]:
+  """Per-node task counts of SLURM's compressed form: "4(x2),2" → [4, 4, 2]. ValueError if malformed."""
+  try:
+    return hostlist.parse_slurm_tasks_per_node(expr)
+  except hostlist.BadHostlist as e:
+    raise ValueError(f"bad task counts {expr!r} (expected N or N(xR), comma separated): {e}") from None
 
 
 class DistributedEnvError(ValueError):
@@ -466,102 +485,4 @@ def resolve(env: Mapping[str, str] | None = None, overrides: Overrides | None = 
         "--local_device_ids given, but neither flags nor environment describe a multi-process job"
       )
     settings = dataclasses.replace(settings, local_device_ids=device_ids, source=f"{settings.source} + flags")
-  return settings
-
-
-def initialize(settings: Settings) -> None:
-  """`jax.distributed.initialize` with `settings`; call before any JAX computation."""
-  import jax
-
-  # gloo is jax 0.10's default for CPU collectives; without a cross-process implementation
-  # (the option set to None) every multi-process CPU collective would fail.
-  if jax.config.jax_cpu_collectives_implementation is None:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  # Preemption (SIGTERM) is tmlx.train.Preemption's: JAX's preemption service would take SIGTERM
-  # over at initialize, and its sync point can miss a notice (see that class).
-  jax.config.update("jax_enable_preemption_service", False)
-  if settings.auto:
-    _initialize_auto(jax, settings)
-    return
-  loopback = settings.loopback_host
-  jax.distributed.initialize(
-    coordinator_address=settings.coordinator_address,
-    num_processes=settings.num_processes,
-    process_id=settings.process_id,
-    local_device_ids=settings.local_device_ids,
-    cluster_detection_method="deactivate",  # the settings are complete: no cluster auto-detection
-    initialization_timeout=settings.init_timeout_s,
-    heartbeat_timeout_seconds=settings.heartbeat_timeout_s,
-    # A job on one machine listens on loopback only (JAX's default binds every interface).
-    coordinator_bind_address=settings.coordinator_address if loopback else None,
-  )
-  if loopback and jax.config.jax_cpu_collectives_implementation == "gloo":
-    _bind_gloo_to(loopback)
-  devices = "all visible"
-  if settings.local_device_ids is not None:
-    physical = ", ".join(physical_devices(settings.local_device_ids, os.environ))
-    devices = f"{list(settings.local_device_ids)} of the visible ones (physical {physical})"
-  logging.info(
-    "distributed: process %d of %d, coordinator %s (%s), local devices %s",
-    settings.process_id,
-    settings.num_processes,
-    settings.coordinator_address,
-    settings.source,
-    devices,
-  )
-
-
-def _initialize_auto(jax, settings: Settings) -> None:
-  """Lets JAX's own cluster detection fill in what `settings` leaves None (TPU metadata, multislice)."""
-  try:
-    jax.distributed.initialize(
-      coordinator_address=settings.coordinator_address,
-      local_device_ids=settings.local_device_ids,
-      initialization_timeout=settings.init_timeout_s,
-      heartbeat_timeout_seconds=settings.heartbeat_timeout_s,
-    )
-  except ValueError as e:  # JAX found no cluster: it has no coordinator, count or id
-    raise DistributedEnvError(
-      f"{settings.source}: JAX's cluster detection failed ({e}); set {', '.join(EXPLICIT_VARS)}"
-    ) from e
-  try:  # what JAX detected; only its private state records it without starting a backend
-    from jax._src.distributed import global_state
-
-    joined = (global_state.process_id, global_state.num_processes, global_state.coordinator_address)
-  except (ImportError, AttributeError):
-    joined = ("?", "?", "?")
-  logging.info("distributed: process %s of %s, coordinator %s (%s)", *joined, settings.source)
-
-
-def _bind_gloo_to(host: str) -> None:
-  """Makes the CPU backend's gloo collectives listen on `host`.
-
-  By default gloo listens on the address the machine's hostname resolves to, which need not be
-  loopback. JAX exposes no option for this, so the CPU backend factory is replaced (private API of
-  the pinned jax; if it changed, gloo keeps its default address and a warning says so).
-  """
-  try:
-    from jax._src import distributed as jax_distributed
-    from jax._src import xla_bridge
-    from jax._src.lib import _jax
-
-    def make_cpu_client():
-      client = jax_distributed.global_state.client
-      return xla_bridge.make_cpu_client(collectives=_jax.make_gloo_tcp_collectives(client, hostname=host))
-
-    xla_bridge.register_backend_factory("cpu", make_cpu_client, priority=0, fail_quietly=False)
-  except (ImportError, AttributeError, TypeError, RuntimeError) as e:
-    logging.warning("distributed: could not bind gloo collectives to %s (%s); using gloo's default address", host, e)
-
-
-def initialize_from_env(env: Mapping[str, str] | None = None, overrides: Overrides | None = None) -> Settings | None:
-  """Initializes JAX's distributed runtime if the flags or the environment describe a multi-process job.
-
-  Returns the settings used, or None for a single process (nothing done). Raises
-  DistributedEnvError, naming the variable or flag, for an incomplete or invalid description.
-  """
-  settings = resolve(env, overrides)
-  if settings is None:
-    return None
-  initialize(settings)
   return settings

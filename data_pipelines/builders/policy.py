@@ -1,0 +1,63 @@
+"""What a build does with a bad input (`--on_error`: skip and count it by reason, or raise) and with
+the warnings of the episodes it keeps, applied to each input in turn (`collect`)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+
+from data_pipelines.episode import DataError, Episode
+
+log = logging.getLogger(__name__)
+
+ON_ERROR = ("skip", "raise")
+WARNINGS = ("clipped", "resampled_below_8khz", "truncated_kept")  # kinds of warnings a written episode may carry
+
+Warn = Callable[[str, str], None]  # warn(kind, message): notes a warning about the episode being built
+
+
+class Policy:
+  """Applies --on_error to DataErrors and counts skips by reason, and warnings of kept episodes by kind."""
+
+  def __init__(self, on_error: str, warnings: collections.Counter | None = None):
+    if on_error not in ON_ERROR:
+      raise ValueError(f"on_error is {on_error!r}; want one of {ON_ERROR}")
+    self.on_error = on_error
+    self.skips: collections.Counter = collections.Counter()
+    self.warnings = collections.Counter() if warnings is None else warnings
+
+  def __call__(self, error: DataError) -> None:
+    if self.on_error == "raise":
+      raise error
+    log.warning("skipped (%s) %s", error.reason, error)
+    self.skips[error.reason] += 1
+
+  def kept(self, notes: list[tuple[str, str]]) -> None:
+    """Logs the warnings of an episode that was kept and counts each kind once."""
+    for kind, message in notes:
+      if kind not in WARNINGS:
+        raise ValueError(f"warning kind {kind!r} is not one of {WARNINGS}")
+      log.warning("warning (%s) %s", kind, message)
+    for kind in dict.fromkeys(kind for kind, _ in notes):
+      self.warnings[kind] += 1
+
+
+def collect(items, make, policy: Policy) -> list[Episode]:
+  """Runs `make(warn, *args)` (which validates) on each (id, where, *args) item, de-duplicating ids.
+
+  Errors go to `policy`, and so do the warnings of each episode kept.
+  """
+  episodes, seen = [], set()
+  for ep_id, where, *args in items:
+    notes: list[tuple[str, str]] = []
+    try:
+      if ep_id in seen:
+        raise DataError("duplicate", where, f"episode id {ep_id!r} (the file stem) is already taken by another input")
+      ep = make(lambda kind, message, notes=notes: notes.append((kind, message)), *args)
+      seen.add(ep_id)
+      episodes.append(ep)
+      policy.kept(notes)
+    except DataError as e:
+      policy(e)
+  return episodes
