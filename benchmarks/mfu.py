@@ -350,9 +350,9 @@ def _override(config: ml_collections.ConfigDict, **overrides) -> ml_collections.
 def diagnose_candidates(config: ml_collections.ConfigDict, moe: Candidate, dense: Candidate) -> list[Candidate]:
   """The dense reference as tmlx writes its matmuls; tmlx steps with a part cut to its minimum;
   the optimizer updates alone; the MoE layer alone against the dense FFN."""
-  from tmlx.optim import OptimizerConfig, make_optimizer
+  from tmlx.optim import make_optimizer
 
-  tmlx_tx, _ = make_optimizer(OptimizerConfig.from_config(config.optimizer), config.train.num_steps)  # as state_spec
+  tmlx_tx, _ = make_optimizer(config.optimizer, config.train.num_steps)  # as tmlx.state.state_spec
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the steps donate their own state
   no_heads = _override(config, loss__max_text_target_fraction=0.0, loss__max_audio_target_fraction=0.0)
   one_patch = _override(config, data__max_patches=1, data__frame_height=40, data__frame_width=40)

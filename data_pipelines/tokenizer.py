@@ -279,7 +279,7 @@ def train(
 PROG = "python -m data_pipelines.tokenizer"
 
 
-def _define_flags(fv) -> None:
+def define_flags(fv) -> None:
   from absl import flags
 
   flags.DEFINE_multi_string(
@@ -300,7 +300,7 @@ def _define_flags(fv) -> None:
   flags.DEFINE_integer("num_threads", 1, "Trainer threads; the model depends on this number.", flag_values=fv)
 
 
-def _run(fv, args: list[str]) -> int:
+def run(fv, args: list[str]) -> int:
   """`train`: trains the model the parsed command line asks for (`train`) and says how to use it."""
   from tmlx import cli
 
@@ -319,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
   sys.argv[1:]); returns the exit status."""
   from tmlx import cli
 
-  return cli.call(PROG, _define_flags, _run, argv)
+  return cli.call(PROG, define_flags, run, argv)
 
 
 if __name__ == "__main__":
   from tmlx import cli
 
-  cli.app_main(PROG, _define_flags, _run)
+  cli.app_main(PROG, define_flags, run)

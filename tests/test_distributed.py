@@ -4,7 +4,7 @@
 import pytest
 
 from tests.helpers import run_main
-from tmlx.runtime import cluster as distributed
+from tmlx.runtime import cluster as job_env
 from tmlx.runtime.cluster import DistributedEnvError, Overrides, expand_counts, expand_hostlist, settings_from_env
 
 
@@ -69,7 +69,7 @@ def test_task_counts():
 
 def test_slurm_one_process_per_node():
   s = settings_from_env(_slurm_per_node())
-  port = distributed.slurm_port(4242)
+  port = job_env.slurm_port(4242)
   assert port == 20000 + 4242 % 12000
   assert (s.coordinator_address, s.num_processes, s.process_id) == (f"gpu07:{port}", 2, 1)
   assert (s.local_device_ids, s.source, s.auto) == (None, "slurm", False)
@@ -89,9 +89,9 @@ def test_slurm_one_process_per_node():
 def test_slurm_one_process_per_gpu(visible, ids, physical):
   env = _slurm(CUDA_VISIBLE_DEVICES=visible)
   s = settings_from_env(env)
-  assert (s.coordinator_address, s.num_processes, s.process_id) == (f"gpu07:{distributed.slurm_port(4242)}", 8, 6)
+  assert (s.coordinator_address, s.num_processes, s.process_id) == (f"gpu07:{job_env.slurm_port(4242)}", 8, 6)
   assert s.local_device_ids == ids
-  assert distributed.physical_devices(s.local_device_ids, env) == physical
+  assert job_env.physical_devices(s.local_device_ids, env) == physical
 
 
 def test_slurm_layout_variants():
@@ -268,15 +268,13 @@ def test_explicit_beats_every_cluster_source():
   with pytest.raises(DistributedEnvError, match="TMLX_NUM_PROCESSES, TMLX_PROCESS_ID missing"):
     settings_from_env({"TMLX_COORDINATOR_ADDRESS": "head:7000"})
   assert settings_from_env({}) is None
-  assert set(distributed.EXPLICIT_VARS) <= set(distributed.DETECTED_VARS)
-  assert {"SLURM_PROCID", "TPU_WORKER_HOSTNAMES", "JOB_COMPLETION_INDEX", "JOBSET_NAME"} <= set(
-    distributed.DETECTED_VARS
-  )
+  assert set(job_env.EXPLICIT_VARS) <= set(job_env.DETECTED_VARS)
+  assert {"SLURM_PROCID", "TPU_WORKER_HOSTNAMES", "JOB_COMPLETION_INDEX", "JOBSET_NAME"} <= set(job_env.DETECTED_VARS)
 
 
 def test_flags_override_the_environment():
   flags = Overrides(coordinator_address="h:1", num_processes=4, process_id=3, local_device_ids=["0", "1"])
-  s = distributed.resolve(_slurm(**EXPLICIT), flags)
+  s = job_env.resolve(_slurm(**EXPLICIT), flags)
   assert (s.source, s.coordinator_address, s.num_processes, s.process_id, s.local_device_ids) == (
     "flags",
     "h:1",
@@ -284,9 +282,9 @@ def test_flags_override_the_environment():
     3,
     (0, 1),
   )
-  s = distributed.resolve(_slurm(), Overrides(local_device_ids=["5"]))
+  s = job_env.resolve(_slurm(), Overrides(local_device_ids=["5"]))
   assert (s.source, s.process_id, s.local_device_ids) == ("slurm + flags", 6, (5,))
-  assert distributed.resolve({}, Overrides()) is None
+  assert job_env.resolve({}, Overrides()) is None
 
 
 @pytest.mark.parametrize(
@@ -304,7 +302,7 @@ def test_flags_override_the_environment():
 )
 def test_flag_errors_name_the_flag(flags, names):
   with pytest.raises(DistributedEnvError) as e:
-    distributed.resolve({}, flags)
+    job_env.resolve({}, flags)
   for name in names:
     assert name in str(e.value)
 
@@ -314,3 +312,20 @@ def test_main_rejects_half_given_flags(tmp_path):
   assert proc.returncode != 0
   assert "--num_processes given but --coordinator_address, --process_id missing" in proc.stderr, proc.stderr[-2000:]
   assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+  "expr, hosts",
+  [
+    ("a,a", ["a", "a"]),
+    ("n[1-2],n1", ["n1", "n2", "n1"]),
+    (" node1, node2", ["node1", "node2"]),
+    ("n[ 1-2]", ["n1", "n2"]),
+  ],
+)
+def test_hostlist_keeps_repeats_and_ignores_whitespace(expr, hosts):
+  assert expand_hostlist(expr) == hosts
+
+
+def test_task_counts_ignore_whitespace():
+  assert expand_counts(" 4(x2), 2") == [4, 4, 2]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT
-from tmlx.runtime import cluster as distributed
+from tmlx.runtime import cluster as job_env
 
 LAUNCH = ROOT / "launch"
 
@@ -50,8 +50,8 @@ def test_gke_jobset_pods_find_their_place():
       else:
         path = var["valueFrom"]["fieldRef"]["fieldPath"]
         env[var["name"]] = annotations[path.split("['")[1].rstrip("']")]
-    settings = distributed.settings_from_env(env)
-    assert settings.coordinator_address == f"{jobset}-{rjob['name']}-0-0.{jobset}:{distributed.K8S_PORT}"
+    settings = job_env.settings_from_env(env)
+    assert settings.coordinator_address == f"{jobset}-{rjob['name']}-0-0.{jobset}:{job_env.K8S_PORT}"
     assert settings.num_processes == 4
     ids.append(settings.process_id)
   assert ids == [0, 1, 2, 3]

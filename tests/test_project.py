@@ -105,10 +105,15 @@ def test_accelerator_detection_runs_before_jax_is_imported():
   import subprocess
   import sys
 
+  # The pod preset's rows are checked and one is applied, as tmlx.main does before JAX starts.
+  apply = (
+    "from experiments import interaction_276b as p; from tmlx.runtime import accelerators as a; "
+    "print(a.apply(p.get_config(), accelerator='tpu v5p-512', environ={}))"
+  )
   loaded = "sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax'})"
-  code = f"import sys, tmlx.runtime.accelerators; print({loaded})"
+  code = f"import sys; {apply}; print({loaded})"
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
-  assert out.stdout.strip() == "[]", out.stdout
+  assert out.stdout.split() == ["tpu_v5p", "[]"], out.stdout
 
 
 def test_the_package_exports_what_a_researcher_needs():

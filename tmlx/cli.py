@@ -14,7 +14,8 @@ A bad command line (an unknown or malformed flag, a missing required one, a wron
 argument) ends in one line on stderr, `PROG: error: ...`, with exit status 2, and so does a bad
 input that the work finds (a path that is missing, a value out of range) when `run` does it inside
 `one_line_exits`. A command whose arguments after `--` belong to another program (a launcher) is run
-with `passthrough`. `tmlx.main`, whose `--config` is an ml_collections config flag, parses with
+with `passthrough`. The commands whose `--config` is an experiment file (`tmlx.main`, `tmlx.plan`,
+`data_pipelines.inspect`) define ml_collections' config flag on absl's FLAGS instead, and parse with
 `parse_flags` and `load_config`.
 """
 

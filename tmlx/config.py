@@ -5,7 +5,7 @@
 dataclass from its group (ModelConfig, OptimizerConfig, StreamConfig: their modes are Literal
 types and their ranges are checked in their `__post_init__`, `tmlx.fields`), re-raising an error
 with the field's path, and checks what spans groups (data against the model, the mesh) and the
-groups that have no dataclass (data, train, checkpoint, logging, eval, profile, runtime) here.
+groups that have no dataclass (data, loss, train, checkpoint, logging, eval, profile, runtime) here.
 """
 
 from __future__ import annotations
@@ -98,10 +98,17 @@ def _field(config, name: str):
   return node
 
 
-def _in_range(config, name: str, low: float, high: float, *, high_open: bool = False) -> None:
-  node = _field(config, name)
-  if not (low <= node < high if high_open else low <= node <= high):
-    raise ConfigError(f"config.{name}={node}: must be in [{low}, {high}{')' if high_open else ']'}")
+def _in_range(config, name: str, low: float, high: float = math.inf, *, high_open: bool = False) -> None:
+  _group_check(fields.in_range, config, name, low, high, high_open=high_open)
+
+
+def _group_check(check, config, name: str, *args, **kwargs) -> None:
+  """`check` (a tmlx.fields check) of dotted field `name`, its error naming config.<name>."""
+  group, _, leaf = name.rpartition(".")
+  try:
+    check(_field(config, group), leaf, *args, **kwargs)
+  except fields.FieldError as e:
+    raise ConfigError(str(e.at(f"config.{group}."))) from None
 
 
 def _check_datasets(value: str, field: str) -> None:
@@ -119,9 +126,7 @@ def _check_datasets(value: str, field: str) -> None:
 
 def _positive(config, *names: str) -> None:
   for name in names:
-    node = _field(config, name)
-    if node <= 0:
-      raise ConfigError(f"config.{name}={node}: must be > 0")
+    _group_check(fields.positive, config, name)
 
 
 def _build(cls, config, group: str):

@@ -1,7 +1,7 @@
-"""Metric writers: JSONL and TensorBoard events in the workdir (a local directory or an object-store
-URL, `tmlx.paths`), plus a progress line.
-
-Only process 0 writes; on other processes every method is a no-op.
+"""Training metrics on the host: the writers (JSONL and TensorBoard events in the workdir, a local
+directory or an object-store URL, `tmlx.paths`) and the progress line, of which only process 0
+writes (on other processes every method is a no-op); and what the loop derives from a step's
+device metrics (`host_metrics`, `throughput`, `warn_about`, `row_digests`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The optimizer from `config.optimizer`: AdamW, warmup + cosine decay, global-norm clipping."""
+"""The optimizer from `config.optimizer`: AdamW, warmup + cosine decay, global-norm clipping.
+
+The functions read their settings by attribute, from an OptimizerConfig or `config.optimizer`."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from tmlx import fields
@@ -38,7 +41,7 @@ class OptimizerConfig:
     return fields.build(cls, optimizer)
 
 
-def learning_rate_schedule(opt_config: OptimizerConfig, num_steps: int) -> optax.Schedule:
+def learning_rate_schedule(opt_config: OptimizerConfig | ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
   """Linear warmup to the peak, then cosine decay to `final_lr_fraction` of it at `num_steps`.
 
   Update i (0-based) of the warmup uses peak·(i+1)/(warmup+1): no update is wasted at rate 0.
@@ -76,7 +79,9 @@ def clip_by_global_norm(grads, norm: jax.Array, max_norm: float):
   return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
 
 
-def make_optimizer(opt_config: OptimizerConfig, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  opt_config: OptimizerConfig | ml_collections.ConfigDict, num_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW on the schedule. Global-norm clipping (opt_config.clip_norm) happens in the train step,
   before this transformation, with `clip_by_global_norm`."""
   schedule = learning_rate_schedule(opt_config, num_steps)

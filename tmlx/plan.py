@@ -29,7 +29,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 from tmlx import config as config_lib
-from tmlx import flops, sharding, targets, train
+from tmlx import flops, sharding, targets
 from tmlx.state import StateSpec, state_spec
 
 # Chip memory in decimal GB as vendors quote it (an H100 has 80 GB, a TPU v5p chip 95 GB).
@@ -288,6 +288,8 @@ def compile_step(
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_table(config.mesh.rules)
   spec = _state_spec(config, mesh)
+  from tmlx import train  # only to compile: the table needs no trainer
+
   step_fn, _, abstract_batch = train.jit_train_step(config, spec, mesh, rules)
   t0 = time.perf_counter()
   with _CapturedStderr() as log:

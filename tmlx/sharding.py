@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+from tmlx.modes import MESH_AXES
 
 Rules = Mapping[str, tuple[str, ...]]
 

@@ -1,8 +1,8 @@
 """The train state: its structure (TrainState), how to build it abstractly, sharded and for real
 (StateSpec), and where a run's first state comes from (`restore_or_init`).
 
-Serving, planning and evaluation import this module, not the trainer: building a model from a
-config needs neither the training loop nor the data pipeline.
+Serving and evaluation import this module, not the trainer: building a model from a config needs
+neither the training loop nor the data pipeline.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tmlx import checkpoint as checkpoint_lib
 from tmlx import sharding
 from tmlx.checkpoint import Checkpointer
 from tmlx.nn.model import InteractionModel, ModelConfig
-from tmlx.optim import OptimizerConfig, make_optimizer
+from tmlx.optim import make_optimizer
 
 
 @flax.struct.dataclass
@@ -59,7 +59,9 @@ class StateSpec:
 def state_spec(config: ml_collections.ConfigDict, mesh, rules) -> StateSpec:
   """Abstract state via eval_shape, its shardings from the logical names, and the init function."""
   model_cfg = ModelConfig.from_config(config.model)
-  tx, schedule = make_optimizer(OptimizerConfig.from_config(config.optimizer), config.train.num_steps)
+  # config.optimizer as it is: `tmlx.config.validate` checks it (OptimizerConfig), and fault drills
+  # build a state with settings that validation would refuse (a NaN learning rate).
+  tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
   graphdef, abstract_params, abstract_rest = nnx.split(
     nnx.eval_shape(lambda: new_model(model_cfg, config.seed)), nnx.Param, ...
   )

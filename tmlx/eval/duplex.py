@@ -61,10 +61,11 @@ Writes into --out: `<episode id>.json` (turns, words, events, metrics) and `<epi
 and model turns, background calls and results, voiced windows on one time axis) per conversation, and
 `summary.json`. Prints the summary.
 
-The parts, each importable from here too: `tmlx.eval.conversations` (the held-out conversations),
+The parts: `tmlx.eval.conversations` (the held-out conversations),
 `tmlx.eval.speakers` (agents, the recorded worker, the simulated-real-time run), `tmlx.eval.scoring`
 (the scores above), `tmlx.eval.evaluation` (`evaluate`, `evaluate_checkpoint`, `TrainingProbe`) and
-`tmlx.eval.report` (the outputs and logs); this module holds the command line.
+`tmlx.eval.report` (the outputs and logs); this module holds the command line and re-exports what
+callers use (`__all__`).
 """
 
 from __future__ import annotations
@@ -74,95 +75,25 @@ from collections.abc import Sequence
 from absl import flags
 
 from tmlx import cli
-from tmlx.eval.conversations import Conversation, Heard, Transcript, load_conversations, normalize_word, window_of
-from tmlx.eval.evaluation import STREAM_OVERRIDES, Result, TrainingProbe, evaluate, evaluate_checkpoint
-from tmlx.eval.report import SUMMARY_ORDER, format_summary, plot_conversation, report, write_outputs
-from tmlx.eval.scoring import (
-  BACKCHANNELS,
-  FRAME_S,
-  GRACE_S,
-  IPU_GAP_S,
-  UTTERANCE_GAP_S,
-  VOICED_FRAMES,
-  VOICED_LEVEL,
-  VOICED_RUN,
-  WORD_S,
-  Ipu,
-  UserTurn,
-  Utterance,
-  Word,
-  score,
-  stream_words,
-  summarize,
-  user_ipus,
-  user_turns,
-  utterances,
-  voiced_frames,
-  voiced_onsets,
-  voiced_windows,
-)
-from tmlx.eval.speakers import (
-  CALL_MATCH_S,
-  Agent,
-  RecordedWorker,
-  ReplayAgent,
-  Said,
-  SessionAgent,
-  SilentAgent,
-  make_session,
-  run_live,
-  teacher_forced_mel,
-)
+from tmlx.eval.conversations import load_conversations
+from tmlx.eval.evaluation import STREAM_OVERRIDES, TrainingProbe, evaluate, evaluate_checkpoint
+from tmlx.eval.report import format_summary, report, write_outputs
+from tmlx.eval.scoring import user_turns
+from tmlx.eval.speakers import ReplayAgent, Said, SilentAgent
+from tmlx.stream.config import define_sampling_flags
 
+# What callers reach through this module (the rest has its home in the modules its docstring names).
 __all__ = [
-  "BACKCHANNELS",
-  "CALL_MATCH_S",
-  "FRAME_S",
-  "GRACE_S",
-  "IPU_GAP_S",
-  "SUMMARY_ORDER",
-  "UTTERANCE_GAP_S",
-  "VOICED_FRAMES",
-  "VOICED_LEVEL",
-  "VOICED_RUN",
-  "WORD_S",
-  "Agent",
-  "Conversation",
-  "Heard",
-  "Ipu",
-  "RecordedWorker",
   "ReplayAgent",
-  "Result",
   "Said",
-  "SessionAgent",
   "SilentAgent",
   "TrainingProbe",
-  "Transcript",
-  "UserTurn",
-  "Utterance",
-  "Word",
   "evaluate",
   "evaluate_checkpoint",
-  "format_summary",
   "load_conversations",
   "main",
-  "make_session",
-  "normalize_word",
-  "plot_conversation",
   "report",
-  "run_live",
-  "score",
-  "stream_words",
-  "summarize",
-  "teacher_forced_mel",
-  "user_ipus",
   "user_turns",
-  "utterances",
-  "voiced_frames",
-  "voiced_onsets",
-  "voiced_windows",
-  "window_of",
-  "write_outputs",
 ]
 
 # The command line (module docstring); its flags are defined when it runs, not at import.
@@ -177,10 +108,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("conversations", None, "Evaluate only the first N conversations.", flag_values=fv)
   flags.DEFINE_string("out", None, "Directory for per-conversation JSON/PNG and summary.json.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "The session's sampling seed.", flag_values=fv)
-  flags.DEFINE_float("temperature", None, "Text sampling temperature (config.stream).", flag_values=fv)
-  flags.DEFINE_float("top_p", None, "Text nucleus mass (config.stream).", flag_values=fv)
-  flags.DEFINE_float("audio_temperature", None, "Flow-head noise τ (config.stream).", flag_values=fv)
-  flags.DEFINE_integer("audio_steps", None, "Flow-head Euler steps (config.stream).", flag_values=fv)
+  define_sampling_flags(fv)
   flags.DEFINE_integer("window", None, "Attention window of the session (config.stream).", flag_values=fv)
 
 

@@ -16,6 +16,7 @@ from tmlx import paths
 from tmlx.eval.conversations import Conversation, Transcript, load_conversations
 from tmlx.eval.scoring import score, stream_words, summarize, voiced_windows
 from tmlx.eval.speakers import Agent, SessionAgent, make_session, run_live, teacher_forced_mel
+from tmlx.stream.config import SAMPLING_FIELDS, override
 
 
 @dataclasses.dataclass
@@ -107,7 +108,7 @@ class TrainingProbe:
     return evaluate(SessionAgent(self.session), self.conversations, session=self.session)
 
 
-STREAM_OVERRIDES = ("temperature", "top_p", "audio_temperature", "audio_steps", "window")  # config.stream fields
+STREAM_OVERRIDES = (*SAMPLING_FIELDS, "window")  # the config.stream fields an evaluation may override
 
 
 def evaluate_checkpoint(
@@ -124,9 +125,6 @@ def evaluate_checkpoint(
   the checkpoint step and the seconds the evaluation took. `stream`: config.stream fields to
   override (STREAM_OVERRIDES; None keeps the checkpoint's). A missing checkpoint or dataset raises
   SystemExit naming its flag."""
-  unknown = sorted(set(stream) - set(STREAM_OVERRIDES))
-  if unknown:
-    raise TypeError(f"evaluate_checkpoint: unknown config.stream overrides {unknown}; expected {STREAM_OVERRIDES}")
   for d in data:
     if not paths.is_file(paths.join(d, "manifest.json")):
       raise SystemExit(f"--data {d}: no episode dataset here (no manifest.json); build one with data_pipelines.build")
@@ -138,9 +136,7 @@ def evaluate_checkpoint(
     model, config, step = load_model(checkpoint, step=step, devices=jax.devices()[:1])
   except FileNotFoundError as e:
     raise SystemExit(f"--checkpoint: {e}") from None
-  for name, value in stream.items():
-    if value is not None:
-      config.stream[name] = value
+  override(config, stream, STREAM_OVERRIDES, "evaluate_checkpoint")
   held_out, left_out = load_conversations(data, config, limit=conversations)
   if not held_out:
     raise SystemExit(f"--data {','.join(data)}: no conversation with audio ({left_out})")

@@ -55,7 +55,10 @@ class DmelBagEmbed(nnx.Module):
   def __call__(self, dmel: Integer[Array, "B S W M=80"]) -> Float[Array, "B S D"]:
     dt = self.dtypes.compute
     onehot = jax.nn.one_hot(dmel, NUM_DMEL_BINS, dtype=dt)  # [B, S, W, M, Q]
-    return self.norm(jnp.einsum("bswmq,wmqd->bsd", onehot, self.table[...].astype(dt)))
+    # [B, S, W, M, Q] · [W, M, Q, D] → [B, S, D], contracted in the order W, M, Q. (An einsum
+    # contracts its letters in alphabetical order, which in these letters would be M, Q, W.)
+    table = self.table[...].astype(dt)
+    return self.norm(jax.lax.dot_general(onehot, table, (((2, 3, 4), (0, 1, 2)), ((), ()))))
 
 
 class HMLPStem(nnx.Module):

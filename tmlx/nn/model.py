@@ -28,13 +28,13 @@ from jaxtyping import Array, Bool, Float, Float32, Int, Shaped
 
 from data_pipelines.contract import NUM_KINDS, NUM_MELS, Kind
 from tmlx import fields, sharding
+from tmlx.modes import Remat
 from tmlx.nn.attention import Attention, KVCache, Rope, attention_mask, rope_angles
 from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, lookup, param, scan_modules, stack_modules
 from tmlx.nn.embed import DmelBagEmbed, HMLPStem, TextEmbed
 from tmlx.nn.flow_head import FlowConfig, FlowHead
 from tmlx.nn.moe import MoE, MoEConfig, MoEStats
 
-Remat = Literal["none", "full", "dots"]
 REMAT_POLICIES = dict(zip(get_args(Remat), (None, "full", jax.checkpoint_policies.dots_with_no_batch_dims_saveable)))
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
 DTYPES = dict(zip(get_args(ComputeDtype), (jnp.float32, jnp.bfloat16, jnp.float16)))

@@ -19,10 +19,12 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, MutableMapping
+from typing import get_args
 
 from absl import logging
 
 from tmlx.errors import ConfigError
+from tmlx.modes import MESH_AXES, Remat
 
 ENV_ACCELERATOR = "TMLX_ACCELERATOR"
 ROW_FIELDS = ("match", "mesh", "dcn", "xla_flags", "remat", "grad_accum_steps")
@@ -105,9 +107,6 @@ def apply(config, accelerator: str | None = None, environ: MutableMapping[str, s
 
 def check_rules(rules: Mapping) -> None:
   """Raises ConfigError naming the first malformed field of `config.mesh_rules`."""
-  from tmlx.nn.model import REMAT_POLICIES
-  from tmlx.sharding import MESH_AXES
-
   for name, row in rules.items():
     where = f"config.mesh_rules.{name}"
     if not hasattr(row, "items"):
@@ -124,8 +123,8 @@ def check_rules(rules: Mapping) -> None:
         if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
           raise ConfigError(f"{where}.{group}.{axis}={size!r}: expected an integer ≥ 1 or -1 (fill)")
     remat = row.get("remat") or ""
-    if remat and remat not in REMAT_POLICIES:
-      raise ConfigError(f"{where}.remat={remat!r}: expected one of {tuple(REMAT_POLICIES)} (or '' to keep)")
+    if remat and remat not in get_args(Remat):
+      raise ConfigError(f"{where}.remat={remat!r}: expected one of {get_args(Remat)} (or '' to keep)")
     accum = row.get("grad_accum_steps", 0)
     if not isinstance(accum, int) or isinstance(accum, bool) or accum < 0:
       raise ConfigError(f"{where}.grad_accum_steps={accum!r}: expected an integer ≥ 1 (or 0 to keep)")

@@ -104,13 +104,15 @@ K8S_PORT = 55527
 
 
 def expand_hostlist(expr: str) -> list[str]:
-  """The host names of a SLURM host list ("node[001-003,007]" → node001 node002 node003 node007,
-  zero padding kept; several bracket groups expand as a product). ValueError if malformed."""
+  """The host names of a SLURM host list, in order, repeats kept ("node[001-003,007]" → node001
+  node002 node003 node007: zero padding kept; several bracket groups expand as a product).
+  Whitespace is ignored. ValueError if malformed."""
+  compact = re.sub(r"\s+", "", expr)
   try:
-    hosts = hostlist.expand_hostlist(expr)
+    hosts = hostlist.expand_hostlist(compact, allow_duplicates=True)
   except hostlist.BadHostlist as e:
     raise ValueError(f"malformed hostlist {expr!r}: {e}") from None
-  if not hosts or re.search(r"(^|,)\s*(,|$)", expr):  # the library skips empty names
+  if not hosts or re.search(r"(^|,)(,|$)", compact):  # the library skips empty names
     raise ValueError(f"malformed hostlist {expr!r}: empty host name")
   return hosts
 
@@ -118,7 +120,7 @@ def expand_hostlist(expr: str) -> list[str]:
 def expand_counts(expr: str) -> list[int]:
   """Per-node task counts of SLURM's compressed form: "4(x2),2" → [4, 4, 2]. ValueError if malformed."""
   try:
-    return hostlist.parse_slurm_tasks_per_node(expr)
+    return hostlist.parse_slurm_tasks_per_node(re.sub(r"\s+", "", expr))
   except hostlist.BadHostlist as e:
     raise ValueError(f"bad task counts {expr!r} (expected N or N(xR), comma separated): {e}") from None
 

@@ -1,19 +1,28 @@
-"""Streaming inference: a `Session` that listens and speaks every 200 ms (MODEL_SPEC.md §9)."""
+"""Streaming inference: a `Session` that listens and speaks every 200 ms (MODEL_SPEC.md §9).
 
-from tmlx.stream.background import BackgroundWorker, LanguageModelWorker, ScriptedWorker, ThreadedWorker
-from tmlx.stream.config import Sampling, StreamConfig
-from tmlx.stream.session import FedPositions, InputBlock, Session, SessionFull, StepOutput
+Names load on first use: `tmlx.stream.config` (StreamConfig, Sampling), which config validation
+reads, needs none of the session's programs.
+"""
 
-__all__ = [
-  "BackgroundWorker",
-  "FedPositions",
-  "InputBlock",
-  "LanguageModelWorker",
-  "Sampling",
-  "ScriptedWorker",
-  "Session",
-  "SessionFull",
-  "StepOutput",
-  "StreamConfig",
-  "ThreadedWorker",
-]
+import importlib
+
+_EXPORTS = {
+  "BackgroundWorker": "tmlx.stream.background",
+  "FedPositions": "tmlx.stream.session",
+  "InputBlock": "tmlx.stream.session",
+  "LanguageModelWorker": "tmlx.stream.background",
+  "Sampling": "tmlx.stream.config",
+  "ScriptedWorker": "tmlx.stream.background",
+  "Session": "tmlx.stream.session",
+  "SessionFull": "tmlx.stream.session",
+  "StepOutput": "tmlx.stream.session",
+  "StreamConfig": "tmlx.stream.config",
+  "ThreadedWorker": "tmlx.stream.background",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'tmlx.stream' has no attribute {name!r}")

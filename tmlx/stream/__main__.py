@@ -24,6 +24,7 @@ import numpy as np
 from absl import flags
 
 from tmlx import cli, paths
+from tmlx.stream.config import SAMPLING_FIELDS, define_sampling_flags, override
 
 
 def read_user_audio(path: str) -> np.ndarray:
@@ -91,9 +92,6 @@ def plot_timeline(path: str, heard: np.ndarray, said: np.ndarray, turns: list[di
   plt.close(fig)
 
 
-STREAM_OVERRIDES = ("temperature", "top_p", "audio_temperature", "audio_steps")  # config.stream fields
-
-
 def stream_recording(
   checkpoint: str,
   recording: str,
@@ -110,11 +108,8 @@ def stream_recording(
   `checkpoint` as the module docstring says, writes the four files into `out` and prints what was
   said and the latencies; returns the summary (checkpoint step, micro-turns, latency percentiles,
   late micro-turns, real-time factor). `stream`: config.stream fields to override
-  (STREAM_OVERRIDES; None keeps the checkpoint's). A missing or unreadable input raises
+  (tmlx.stream.config.SAMPLING_FIELDS; None keeps the checkpoint's). A missing or unreadable input raises
   SystemExit naming its flag."""
-  unknown = sorted(set(stream) - set(STREAM_OVERRIDES))
-  if unknown:
-    raise TypeError(f"stream_recording: unknown config.stream overrides {unknown}; expected {STREAM_OVERRIDES}")
   for flag, path in (("--input", recording), ("--video", video)):  # before loading anything heavy
     if path is not None and not os.path.isfile(path):
       raise SystemExit(f"{flag} {path}: no such file")
@@ -133,9 +128,7 @@ def stream_recording(
   except FileNotFoundError as e:
     raise SystemExit(f"--checkpoint: {e}") from None
   paths.makedirs(out)
-  for name, value in stream.items():
-    if value is not None:
-      config.stream[name] = value
+  override(config, stream, SAMPLING_FIELDS, "stream_recording")
   audio = read_user_audio(recording)
   if max_seconds is not None:
     audio = audio[: int(max_seconds * SAMPLE_RATE)]
@@ -227,10 +220,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     "out", None, "Directory for mel.npy, speech.wav, timeline.json/png.", required=True, flag_values=fv
   )
   flags.DEFINE_float("max_seconds", None, "Stop after this much input.", flag_values=fv)
-  flags.DEFINE_float("temperature", None, "Text sampling temperature (config.stream).", flag_values=fv)
-  flags.DEFINE_float("top_p", None, "Text nucleus mass (config.stream).", flag_values=fv)
-  flags.DEFINE_float("audio_temperature", None, "Flow-head noise τ (config.stream).", flag_values=fv)
-  flags.DEFINE_integer("audio_steps", None, "Flow-head Euler steps (config.stream).", flag_values=fv)
+  define_sampling_flags(fv)
   flags.DEFINE_integer("seed", 0, "The session's sampling seed.", flag_values=fv)
   flags.DEFINE_integer("griffin_lim_iters", 32, "Griffin-Lim iterations of speech.wav.", flag_values=fv)
 
@@ -239,7 +229,7 @@ def run(fv: flags.FlagValues, args: list[str]) -> int:
   """`stream_recording` with the parsed command line's flags; a bad input ends it in one line."""
   if args:
     cli.fail(PROG, f"takes no positional arguments; got {args}")
-  names = ("step", "video", "max_seconds", "seed", "griffin_lim_iters", *STREAM_OVERRIDES)
+  names = ("step", "video", "max_seconds", "seed", "griffin_lim_iters", *SAMPLING_FIELDS)
   with cli.one_line_exits(PROG):
     stream_recording(fv.checkpoint, fv.input, fv.out, **{name: fv[name].value for name in names})
   return 0

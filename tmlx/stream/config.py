@@ -5,8 +5,12 @@ size the model was trained with (`config.data`), and how to sample."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import ml_collections
+from absl import flags
+
+from tmlx import fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +30,8 @@ class Sampling:
 
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
-  """A session's settings; the fields are those of `config.stream` and `config.data` that name them."""
+  """A session's settings; the fields are those of `config.stream` and `config.data` that name them
+  (`from_config`), checked when built."""
 
   window: int  # config.stream.window: a ring of this many positions; 0: the whole session
   max_positions: int  # config.stream.max_positions: the most a window-0 session holds
@@ -39,25 +44,45 @@ class StreamConfig:
   sampling: Sampling = Sampling()
 
   def __post_init__(self):
-    if self.attention_block <= 0 or self.window < 0:
-      raise ValueError(
-        f"config.stream.attention_block={self.attention_block} must be > 0 and config.stream.window={self.window} >= 0"
-      )
-    for name in ("max_positions", "input_chunk"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"config.stream.{name}={getattr(self, name)}: must be > 0")
+    fields.positive(self, "attention_block", "max_positions", "input_chunk")
+    fields.in_range(self, "window", 0)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> StreamConfig:
     s, d = config.stream, config.data
-    return cls(
-      window=int(s.window),
-      max_positions=int(s.max_positions),
-      input_chunk=int(s.input_chunk),
-      attention_block=int(s.attention_block),
-      k_max=int(d.k_max),
-      k_max_text=int(d.text_only_k_max),
-      frame_shape=(int(d.frame_height), int(d.frame_width)),
-      tokenizer=d.tokenizer,
-      sampling=Sampling.from_config(s),
-    )
+    try:
+      return cls(
+        window=int(s.window),
+        max_positions=int(s.max_positions),
+        input_chunk=int(s.input_chunk),
+        attention_block=int(s.attention_block),
+        k_max=int(d.k_max),
+        k_max_text=int(d.text_only_k_max),
+        frame_shape=(int(d.frame_height), int(d.frame_width)),
+        tokenizer=d.tokenizer,
+        sampling=Sampling.from_config(s),
+      )
+    except fields.FieldError as e:
+      raise e.at("config.stream.") from None
+
+
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(Sampling))  # config.stream fields of Sampling
+
+
+def override(config: ml_collections.ConfigDict, overrides: Mapping, allowed: Sequence[str], where: str) -> None:
+  """Sets `config.stream.<name>` to each value of `overrides` that is not None (None keeps the
+  config's); TypeError naming `where` for a name not in `allowed`."""
+  unknown = sorted(set(overrides) - set(allowed))
+  if unknown:
+    raise TypeError(f"{where}: unknown config.stream overrides {unknown}; expected {tuple(allowed)}")
+  for name, value in overrides.items():
+    if value is not None:
+      config.stream[name] = value
+
+
+def define_sampling_flags(fv: flags.FlagValues) -> None:
+  """The flags of the commands that run sessions, one per SAMPLING_FIELDS (unset: the config's)."""
+  flags.DEFINE_float("temperature", None, "Text sampling temperature (config.stream).", flag_values=fv)
+  flags.DEFINE_float("top_p", None, "Text nucleus mass (config.stream).", flag_values=fv)
+  flags.DEFINE_float("audio_temperature", None, "Flow-head noise τ (config.stream).", flag_values=fv)
+  flags.DEFINE_integer("audio_steps", None, "Flow-head Euler steps (config.stream).", flag_values=fv)

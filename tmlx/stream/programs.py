@@ -49,7 +49,7 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: f
   return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-def one_position(kind: int, f: int, position: jax.Array, token=0, bins=None) -> dict[str, jax.Array]:
+def _one_position(kind: int, f: int, position: jax.Array, token=0, bins=None) -> dict[str, jax.Array]:
   """A chunk of one position (no patch) for `InteractionModel.extend`."""
   return {
     "kind": jnp.full((1, 1), kind, jnp.int8),
@@ -66,13 +66,13 @@ def one_position(kind: int, f: int, position: jax.Array, token=0, bins=None) -> 
 FED_FIELDS = ("kind", "tokens", "dmel", "patch_index", "positions")
 
 
-def note(fed: dict[str, jax.Array], i: jax.Array, chunk: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def _note(fed: dict[str, jax.Array], i: jax.Array, chunk: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """`fed` with slot i set to the one-position `chunk` ({} when not recording)."""
   return {k: v.at[i].set(chunk[k][0, 0]) for k, v in fed.items()}
 
 
 @flax.struct.dataclass
-class Said:
+class _Said:
   """What one `turn` program call produced (device arrays; `record` fills logits and cond,
   `record_inputs` fills fed)."""
 
@@ -107,7 +107,7 @@ class Programs:
       v, w = model.cfg.vocab_size, model.flow_head.cond.kernel.shape[-1]
       fed = {}
       if record_inputs:
-        example = one_position(Kind.PAD, f, position)
+        example = _one_position(Kind.PAD, f, position)
         slots = text_slots + AUDIO_POSITIONS_PER_MICRO_TURN
         fed = {k: jnp.zeros((slots, *example[k].shape[2:]), example[k].dtype) for k in FED_FIELDS}
 
@@ -120,11 +120,11 @@ class Programs:
         token = sample_token(allowed, sub, sampling.temperature, sampling.top_p)
         token = jnp.where(i == k_max, eot, token)  # K_max tokens said: <eot> next
         token = jnp.where(forced_text[i] >= 0, forced_text[i], token)
-        chunk = one_position(Kind.TEXT_OUT, f, position, token=token)
+        chunk = _one_position(Kind.TEXT_OUT, f, position, token=token)
         out, cache = model.extend(chunk, cache, position, block=block, window=window)
         if record:
           logits_seen = logits_seen.at[i].set(logits)
-        fed = note(fed, i, chunk)
+        fed = _note(fed, i, chunk)
         return i + 1, token == eot, out[0, 0], cache, position + 1, key, tokens.at[i].set(token), logits_seen, fed
 
       text = (
@@ -150,9 +150,9 @@ class Programs:
         bins = jnp.where(forced_audio[j, 0, 0] < 255, forced_audio[j], bins)  # 255 marks "not forced"
         if record:
           conds = conds.at[j].set(model.flow_head.cond(h).astype(jnp.float32))
-        chunk = one_position(Kind.AUDIO_OUT, f, position + j, bins=bins)
+        chunk = _one_position(Kind.AUDIO_OUT, f, position + j, bins=bins)
         out, cache = model.extend(chunk, cache, position + j, block=block, window=window)
-        return out[0, 0], cache, key, mel.at[j].set(x), conds, note(fed, count + j, chunk)
+        return out[0, 0], cache, key, mel.at[j].set(x), conds, _note(fed, count + j, chunk)
 
       audio = (
         h,
@@ -163,7 +163,7 @@ class Programs:
         fed,
       )
       _, cache, key, mel, conds, fed = jax.lax.fori_loop(0, n_audio, say_audio, audio)
-      said = Said(tokens, count, mel, key, logits_seen if record else None, conds if record else None, fed)
+      said = _Said(tokens, count, mel, key, logits_seen if record else None, conds if record else None, fed)
       return said, cache
 
     self.prefill = jax.jit(prefill, donate_argnums=(2,))
