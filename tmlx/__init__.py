@@ -9,22 +9,18 @@ cheap and start-up code can import `tmlx.runtime` before JAX):
   InteractionModel, ModelConfig   the model (tmlx.nn)
 """
 
-import importlib
+from tmlx import lazy
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-  "Checkpointer": "tmlx.checkpoint",
-  "InteractionModel": "tmlx.nn.model",
-  "ModelConfig": "tmlx.nn.model",
-  "Session": "tmlx.stream.session",
-  "load_model": "tmlx.inference",
-  "run": "tmlx.train",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-  raise AttributeError(f"module 'tmlx' has no attribute {name!r}")
+__getattr__, __all__ = lazy.exports(
+  __name__,
+  {
+    "Checkpointer": "tmlx.checkpoint",
+    "InteractionModel": "tmlx.nn.model",
+    "ModelConfig": "tmlx.nn.model",
+    "Session": "tmlx.stream.session",
+    "load_model": "tmlx.inference",
+    "run": "tmlx.train",
+  },
+)

@@ -4,25 +4,21 @@ Names load on first use: `tmlx.stream.config` (StreamConfig, Sampling), which co
 reads, needs none of the session's programs.
 """
 
-import importlib
+from tmlx import lazy
 
-_EXPORTS = {
-  "BackgroundWorker": "tmlx.stream.background",
-  "FedPositions": "tmlx.stream.session",
-  "InputBlock": "tmlx.stream.session",
-  "LanguageModelWorker": "tmlx.stream.background",
-  "Sampling": "tmlx.stream.config",
-  "ScriptedWorker": "tmlx.stream.background",
-  "Session": "tmlx.stream.session",
-  "SessionFull": "tmlx.stream.session",
-  "StepOutput": "tmlx.stream.session",
-  "StreamConfig": "tmlx.stream.config",
-  "ThreadedWorker": "tmlx.stream.background",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-  raise AttributeError(f"module 'tmlx.stream' has no attribute {name!r}")
+__getattr__, __all__ = lazy.exports(
+  __name__,
+  {
+    "BackgroundWorker": "tmlx.stream.background",
+    "FedPositions": "tmlx.stream.session",
+    "InputBlock": "tmlx.stream.session",
+    "LanguageModelWorker": "tmlx.stream.background",
+    "Sampling": "tmlx.stream.config",
+    "ScriptedWorker": "tmlx.stream.background",
+    "Session": "tmlx.stream.session",
+    "SessionFull": "tmlx.stream.session",
+    "StepOutput": "tmlx.stream.session",
+    "StreamConfig": "tmlx.stream.config",
+    "ThreadedWorker": "tmlx.stream.background",
+  },
+)
