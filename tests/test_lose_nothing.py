@@ -209,6 +209,13 @@ def test_config_and_path_mistakes_fail_in_one_line_and_create_nothing(tmp_path):
   proc = run_main(TINY, tmp_path / "w", "--config.optimizer.learning_rat=1", timeout=120)
   assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert _last_line(proc.stderr).startswith("invalid flags: 'learning_rat' Did you mean")
+  proc = run_main("experiments/sample_cpu.py:sise=x", tmp_path / "w", timeout=120)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert _last_line(proc.stderr) == (
+    "invalid flags: experiments/sample_cpu.py: unknown argument key 'sise' in 'sise=x' (known: size, tiny)"
+  )
+  proc = run_main(TINY, tmp_path / "w", "--nosuchflag", timeout=120)
+  assert proc.returncode != 0 and _last_line(proc.stderr) == "invalid flags: Unknown command line flag 'nosuchflag'"
   (tmp_path / "file").write_text("")
   proc = run_main(TINY, tmp_path / "file", timeout=120)
   assert proc.returncode != 0 and _last_line(proc.stderr).endswith("file: exists and is not a directory")

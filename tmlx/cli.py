@@ -42,9 +42,17 @@ def one_line(e: BaseException) -> str:
 
 def parse_flags(argv):
   """absl's flag parsing (pass as `app.run(main, flags_parser=parse_flags)`), with a bad config
-  override (an unknown field, a value of the wrong type) reported in one line."""
+  override (an unknown field, a value of the wrong type) or an experiment file that refused its
+  argument (`--config=FILE:ARG`) reported in one line: the innermost error, not the traceback
+  text that config_flags wraps around it."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    inner = e
+    while inner.__cause__ is not None or inner.__context__ is not None:
+      inner = inner.__cause__ or inner.__context__
+    named = "" if isinstance(inner, (flags.Error, ValueError, KeyError)) else f"{type(inner).__name__}: "
+    sys.exit(f"invalid flags: {named}{one_line(inner)}")
   except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     sys.exit(f"invalid flags: {one_line(e)}")
 
