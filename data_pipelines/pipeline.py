@@ -19,6 +19,7 @@ import numpy as np
 
 from data_pipelines.align import AlignSpec
 from data_pipelines.contract import RowSpec
+from data_pipelines.data_config import SOURCES
 from data_pipelines.episode import MANIFEST
 from data_pipelines.episode_source import EpisodeSource, EpisodeSourceSpec, empty_stats, parse_mixture
 from data_pipelines.synthetic import SyntheticSource, SyntheticSpec
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
   import grain
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SOURCES = ("synthetic", "episodes")
-ON_ERROR = ("raise", "skip")
 
 
 def resolve_dirs(spec: str) -> list:

@@ -148,3 +148,65 @@ def test_size_table_rows_set_every_size_field():
   assert mod.get_config("tiny,size=276b-tiny") == mod.get_config("tiny")
   assert mod.get_config("size=276b") == mod.get_config()
   assert mod.get_config("size=tiny").model.d_model == 128
+
+
+def test_every_group_dataclass_has_exactly_the_fields_of_its_group():
+  """A field added to base.py without its dataclass (or the other way round) would go unchecked."""
+  import dataclasses
+
+  from tmlx.config import GROUPS
+
+  schema = base.get_config()
+
+  def names(cls, group, prefix):
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    assert set(hints) == set(group.keys()), f"{cls.__name__} and config.{prefix} differ"
+    for f in dataclasses.fields(cls):
+      if hasattr(group[f.name], "keys"):
+        names(typing.get_type_hints(cls)[f.name], group[f.name], f"{prefix}.{f.name}")
+
+  import typing
+
+  others = {"seed", "stream", "mesh", "mesh_rules"}  # StreamConfig, tmlx.sharding, accelerators
+  assert set(schema.keys()) == set(GROUPS) | others
+  for name, cls in GROUPS.items():
+    names(cls, schema[name], name)
+
+
+@pytest.mark.parametrize(
+  ("field", "value", "message"),
+  [
+    (
+      "data.synthetic.max_window",
+      2,
+      "config.data.synthetic.max_window=2: must be >= config.data.synthetic.min_window=4",
+    ),  # noqa: E501
+    ("data.num_workers", -1, "config.data.num_workers=-1: must be in [0, inf]"),
+    ("loss.max_text_target_fraction", 1.5, "config.loss.max_text_target_fraction=1.5: must be in [0.0, 1.0]"),
+    (
+      "init.reinit",
+      "text_head",
+      "config.init.reinit='text_head': names parameters to initialize fresh, which needs config.init.params_from",
+    ),
+    ("train.step_timeout_s", -1, "config.train.step_timeout_s=-1: must be in [0, inf]"),
+  ],
+)
+def test_group_dataclasses_name_the_bad_field_with_its_path(field, value, message):
+  config = base.get_config()
+  group, leaf = field.rsplit(".", 1)
+  node = config
+  for part in group.split("."):
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ConfigError) as e:
+    validate(config)
+  assert str(e.value) == message
+
+
+def test_an_at_sign_in_a_value_is_shown_as_it_is():
+  config = base.get_config()
+  config.data.source = "episodes"
+  config.data.mixture = "gs://b/x@2:heavy"
+  with pytest.raises(ConfigError) as e:
+    validate(config)
+  assert str(e.value) == "config.data.mixture='gs://b/x@2:heavy': weight 'heavy' of 'gs://b/x@2' is not a number"

@@ -1,11 +1,10 @@
 """Config validation: every error names the field and says what is wrong and what to do.
 
 `validate(config, num_devices)` checks a ConfigDict against the schema of `experiments/base.py`
-(unknown or missing keys, wrong types, non-finite floats), builds each subsystem's config
-dataclass from its group (ModelConfig, OptimizerConfig, StreamConfig: their modes are Literal
-types and their ranges are checked in their `__post_init__`, `tmlx.fields`), re-raising an error
-with the field's path, and checks what spans groups (data against the model, the mesh) and the
-groups that have no dataclass (data, loss, train, checkpoint, logging, eval, profile, runtime) here.
+(unknown or missing keys, wrong types, non-finite floats), then builds each group's dataclass
+(GROUPS: their modes are Literal types and their ranges are checked in their `__post_init__`,
+`tmlx.fields`), re-raising an error with the field's path, and last checks what spans groups:
+the data against the model, the batch against gradient accumulation, and the mesh.
 """
 
 from __future__ import annotations
@@ -16,25 +15,39 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from data_pipelines import pipeline
-from data_pipelines.contract import (
-  AUDIO_POSITIONS_PER_MICRO_TURN,
-  FRAMES_PER_MICRO_TURN,
-  PATCH_SIZE,
-  min_positions_per_micro_turn,
-)
+from data_pipelines.contract import AUDIO_POSITIONS_PER_MICRO_TURN, FRAMES_PER_MICRO_TURN
+from data_pipelines.data_config import DataConfig
 from experiments import base
-from tmlx import fields, profiling, sharding
+from tmlx import fields, sharding
+from tmlx.checkpoint.manager import CheckpointConfig
 from tmlx.errors import ConfigError
+from tmlx.eval.evaluation import EvalConfig
+from tmlx.faults import TrainConfig
+from tmlx.losses import LossSettings
+from tmlx.metrics import LoggingConfig
 from tmlx.nn.model import ModelConfig
 from tmlx.optim import OptimizerConfig
+from tmlx.profiling import ProfileConfig
 from tmlx.runtime import accelerators
+from tmlx.runtime.config import RuntimeConfig
+from tmlx.state import InitConfig
 from tmlx.stream.config import StreamConfig
 
-# The modes of the groups without a dataclass; the dataclasses' modes are their Literal fields.
-CHOICES = {
-  "data.source": pipeline.SOURCES,
-  "data.on_error": pipeline.ON_ERROR,
+# The dataclass of each group of the config, built (and so checked) in this order. `stream` has
+# its own (StreamConfig, which reads some data fields too), `mesh` is checked by tmlx.sharding and
+# `mesh_rules` by tmlx.runtime.accelerators.
+GROUPS = {
+  "model": ModelConfig,
+  "optimizer": OptimizerConfig,
+  "data": DataConfig,
+  "train": TrainConfig,
+  "logging": LoggingConfig,
+  "checkpoint": CheckpointConfig,
+  "runtime": RuntimeConfig,
+  "loss": LossSettings,
+  "eval": EvalConfig,
+  "init": InitConfig,
+  "profile": ProfileConfig,
 }
 
 
@@ -63,8 +76,6 @@ def _check_schema(config, schema, prefix: str) -> None:
       continue
     if not _same_type(value, ref):
       raise ConfigError(f"config.{name}={value!r}: wrong type {type(value).__name__}, expected {type(ref).__name__}")
-    if name in CHOICES and value not in CHOICES[name]:
-      raise ConfigError(f"config.{name}={value!r}: expected one of {CHOICES[name]}")
 
 
 def _same_type(value, ref) -> bool:
@@ -90,45 +101,6 @@ def _finite_floats(config, schema, prefix: str = "") -> None:
       raise ConfigError(f"config.{prefix}{key}={config[key]}: must be a finite number")
 
 
-def _field(config, name: str):
-  """The value of dotted field `name` ('optimizer.b1')."""
-  node = config
-  for part in name.split("."):
-    node = node[part]
-  return node
-
-
-def _in_range(config, name: str, low: float, high: float = math.inf, *, high_open: bool = False) -> None:
-  _group_check(fields.in_range, config, name, low, high, high_open=high_open)
-
-
-def _group_check(check, config, name: str, *args, **kwargs) -> None:
-  """`check` (a tmlx.fields check) of dotted field `name`, its error naming config.<name>."""
-  group, _, leaf = name.rpartition(".")
-  try:
-    check(_field(config, group), leaf, *args, **kwargs)
-  except fields.FieldError as e:
-    raise ConfigError(str(e.at(f"config.{group}."))) from None
-
-
-def _check_datasets(value: str, field: str) -> None:
-  """DIR:WEIGHT entries of data.mixture / eval.data: each weight a finite number > 0."""
-  from data_pipelines.episode_source import parse_mixture
-
-  try:
-    entries = parse_mixture(value)
-  except ValueError as e:
-    raise ConfigError(f"config.{field}={value!r}: {str(e).removeprefix('config data.mixture').lstrip(': ')}") from None
-  for entry in entries:
-    if not math.isfinite(entry.weight):
-      raise ConfigError(f"config.{field}: weight {entry.weight} of {entry.path!r} must be a finite number > 0")
-
-
-def _positive(config, *names: str) -> None:
-  for name in names:
-    _group_check(fields.positive, config, name)
-
-
 def _build(cls, config, group: str):
   """`cls` from `config.<group>`; a bad field raises ConfigError naming config.<group>.<field>."""
   try:
@@ -142,76 +114,31 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   schema = base.get_config()
   _check_schema(config, schema, "")
   _finite_floats(config, schema)
-  m, d = config.model, config.data
-  _build(ModelConfig, config, "model")
-  _build(OptimizerConfig, config, "optimizer")
+  groups = {name: _build(cls, config, name) for name, cls in GROUPS.items()}
   try:
     StreamConfig.from_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  _positive(
-    config,
-    "data.seq_len",
-    "data.global_batch_size",
-    "data.k_max",
-    "data.text_only_k_max",
-    "train.num_steps",
-    "logging.every",
-    "checkpoint.keep",  # 0 would keep nothing, and the next run would start from scratch
-  )
-  for name in ("checkpoint.every", "checkpoint.keep_every", "runtime.cpu_devices", "train.max_consecutive_bad_steps"):
-    _in_range(config, name, 0, math.inf)
-  for side, px in (("frame_height", d.frame_height), ("frame_width", d.frame_width)):
-    if px < 0 or px % PATCH_SIZE:
-      raise ConfigError(f"config.data.{side}={px}: must be a multiple of the {PATCH_SIZE}-pixel patch")
-  rows, cols = d.frame_height // PATCH_SIZE, d.frame_width // PATCH_SIZE
+  m, d = groups["model"], groups["data"]
+  rows, cols = d.patch_grid
   if rows > m.max_grid_rows or cols > m.max_grid_cols:
     raise ConfigError(
       f"config.data.frame_height/frame_width={d.frame_height}x{d.frame_width} gives a "
       f"{rows}x{cols} patch grid, larger than config.model.max_grid_rows/cols="
       f"{m.max_grid_rows}x{m.max_grid_cols}"
     )
-  if rows * cols > d.max_patches:
-    raise ConfigError(f"config.data.max_patches={d.max_patches} cannot hold one {rows}x{cols}-patch frame")
-  need = min_positions_per_micro_turn(rows * cols)
-  if d.seq_len < need:
+  a, frames = AUDIO_POSITIONS_PER_MICRO_TURN, FRAMES_PER_MICRO_TURN
+  if d.source == "episodes" and m.frames_per_position * a != frames:
     raise ConfigError(
-      f"config.data.seq_len={d.seq_len} is too short for one micro-turn: it needs {need} "
-      f"positions (<mt>, {rows * cols} patches, 4 AUDIO_IN, <eot>, 4 AUDIO_OUT)"
+      f"config.model.frames_per_position={m.frames_per_position}: episode data has {frames} dMel frames per "
+      f"micro-turn in {a} audio positions, so it must be {frames // a}"
     )
-  if d.source == "episodes":
-    if not d.mixture.strip():
-      raise ConfigError("config.data.mixture is empty: data.source='episodes' needs DIR:WEIGHT entries")
-    _check_datasets(d.mixture, "data.mixture")
-    a, frames = AUDIO_POSITIONS_PER_MICRO_TURN, FRAMES_PER_MICRO_TURN
-    if m.frames_per_position * a != frames:
-      raise ConfigError(
-        f"config.model.frames_per_position={m.frames_per_position}: episode data has {frames} dMel frames per "
-        f"micro-turn in {a} audio positions, so it must be {frames // a}"
-      )
-  if config.loss.burn_in_micro_turns < 0:
-    raise ConfigError(f"config.loss.burn_in_micro_turns={config.loss.burn_in_micro_turns}: must be >= 0")
-  if config.eval.every < 0:
-    raise ConfigError(f"config.eval.every={config.eval.every}: must be >= 0 (0: no duplex evaluation)")
-  if config.eval.every > 0:
-    _positive(config, "eval.conversations")
-    if not config.eval.data.strip():
-      raise ConfigError("config.eval.data is empty: config.eval.every > 0 needs held-out episode datasets")
-  if not 0 <= d.max_skip_ratio <= 1:
-    raise ConfigError(f"config.data.max_skip_ratio={d.max_skip_ratio}: must be a fraction in [0, 1]")
-  if d.global_batch_size % config.optimizer.grad_accum_steps:
+  accum = groups["optimizer"].grad_accum_steps
+  if d.global_batch_size % accum:
     raise ConfigError(
       f"config.data.global_batch_size={d.global_batch_size} is not divisible by "
-      f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}"
+      f"config.optimizer.grad_accum_steps={accum}"
     )
-  step_list(config.train.inject_nan_at_steps, "train.inject_nan_at_steps")
-  _in_range(config, "profile.start_step", 0, math.inf)
-  if config.profile.start_step:
-    _positive(config, "profile.num_steps")
-  try:
-    profiling.processes(config.profile.processes)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
   try:
     table = sharding.rules_table(config.mesh.rules)
   except sharding.ShardingError as e:
@@ -229,7 +156,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     )
   ways = sharding.batch_axes_size(sizes, table)
   axes = [f"{a}={sizes[a]}" for a in table.get("batch", ())]
-  micro = d.global_batch_size // config.optimizer.grad_accum_steps
+  micro = d.global_batch_size // accum
   if micro % ways:
     raise ConfigError(
       f"config.data.global_batch_size={d.global_batch_size} (per micro-batch {micro}) is not "
@@ -237,20 +164,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     )
 
 
-def step_list(value: str, field: str) -> tuple[int, ...]:
-  """'3, 5,9' → (3, 5, 9): a comma-separated list of positive step numbers in config.<field>."""
-  try:
-    steps = tuple(int(part) for part in str(value).split(",") if part.strip())
-  except ValueError:
-    steps = (0,)
-  if any(s < 1 for s in steps):
-    raise ConfigError(f"config.{field}={value!r}: expected comma-separated step numbers ≥ 1, e.g. '3,5'")
-  return steps
-
-
 def config_hash(config: ml_collections.ConfigDict) -> str:
   """A short, stable hash of the resolved config."""
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
 
 
-__all__ = ["ConfigError", "config_hash", "step_list", "validate"]
+__all__ = ["GROUPS", "ConfigError", "config_hash", "validate"]

@@ -1,10 +1,12 @@
 """What a training job does about faults: a preemption notice (SIGTERM) acted on at a step that
 every process agrees on, a watchdog for a peer that hangs, a limit on consecutive non-finite
 steps, the bad-episode skip ratio of the data, and the background troubles (a failed save, a lost
-workdir lock) that stop every process at once."""
+workdir lock) that stop every process at once. `TrainConfig` is `config.train`: the run's length
+and these limits."""
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import os
 import signal
@@ -18,8 +20,44 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from tmlx import checkpoint as checkpoint_lib
+from tmlx import fields
 from tmlx.checkpoint import Checkpointer
 from tmlx.workdir_lock import WorkdirLock, WorkdirLockLostError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """`config.train` (experiments/base.py says what each field does)."""
+
+  num_steps: int
+  check_batches: bool
+  max_consecutive_bad_steps: int
+  step_timeout_s: int
+  inject_nan_at_steps: str
+
+  def __post_init__(self):
+    fields.positive(self, "num_steps")
+    fields.in_range(self, "max_consecutive_bad_steps", 0)
+    fields.in_range(self, "step_timeout_s", 0)
+    self.nan_steps  # noqa: B018 (checks the list)
+
+  @property
+  def nan_steps(self) -> tuple[int, ...]:
+    """`inject_nan_at_steps` as step numbers ('3, 5,9' → (3, 5, 9))."""
+    value = self.inject_nan_at_steps
+    try:
+      steps = tuple(int(part) for part in str(value).split(",") if part.strip())
+    except ValueError:
+      steps = (0,)
+    if any(s < 1 for s in steps):
+      raise fields.FieldError(
+        f"@inject_nan_at_steps={fields.shown(value)}: expected comma-separated step numbers ≥ 1, e.g. '3,5'"
+      )
+    return steps
+
+  @classmethod
+  def from_config(cls, train) -> TrainConfig:
+    return fields.build(cls, train)
 
 
 def trouble(lock: WorkdirLock | None, ckpt: Checkpointer) -> Exception | None:

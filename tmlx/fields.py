@@ -4,27 +4,37 @@ which makes a dataclass from a group of an experiment config.
 A bad value raises FieldError. Its message names fields as `@name`: `build` puts the group's
 path before them (`@moe.num_experts`), and `tmlx.config.validate` the config's (`config.model.`),
 so an error says which field of which file to change; raised elsewhere, `str()` shows the bare
-names. Modes are `Literal` types, checked by `literals`. No JAX here: the checks run at start-up.
+names. A value shown in a message goes through `shown`, which doubles any `@` in it (a literal
+`@`). Modes are `Literal` types, checked by `literals`. No JAX here: the checks run at start-up.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Mapping
 
+_MARK = re.compile("@@|@")
+
 
 class FieldError(ValueError):
-  """A bad field value; `template` is the message with `@` where the field's path goes."""
+  """A bad field value; `template` is the message with `@` where the field's path goes (and `@@`
+  for a literal `@`)."""
 
   def __init__(self, template: str):
     self.template = template
-    super().__init__(template.replace("@", ""))
+    super().__init__(_MARK.sub(lambda m: "@" if m[0] == "@@" else "", template))
 
   def at(self, prefix: str) -> FieldError:
     """The same error with `prefix` ('moe.', 'config.model.') before every field name."""
-    return FieldError(self.template.replace("@", "@" + prefix))
+    return FieldError(_MARK.sub(lambda m: m[0] if m[0] == "@@" else "@" + prefix, self.template))
+
+
+def shown(value) -> str:
+  """`repr(value)` for a FieldError template (its `@`s doubled, so they are not field marks)."""
+  return repr(value).replace("@", "@@")
 
 
 def _hints(cls) -> dict:
@@ -40,16 +50,18 @@ def literals(obj) -> None:
   """Every Literal-typed field of dataclass `obj` holds one of its values."""
   for name, hint in _hints(type(obj)).items():
     if typing.get_origin(hint) is typing.Literal and getattr(obj, name) not in typing.get_args(hint):
-      raise FieldError(f"@{name}={getattr(obj, name)!r}: expected one of {typing.get_args(hint)}")
+      raise FieldError(f"@{name}={shown(getattr(obj, name))}: expected one of {typing.get_args(hint)}")
 
 
 def positive(obj, *names: str) -> None:
+  """Each field in `names` is > 0."""
   for name in names:
     if not getattr(obj, name) > 0:
       raise FieldError(f"@{name}={getattr(obj, name)}: must be > 0")
 
 
 def in_range(obj, name: str, low: float, high: float = math.inf, *, high_open: bool = False) -> None:
+  """Field `name` is in [low, high] ([low, high) with `high_open`)."""
   value = getattr(obj, name)
   if not (low <= value < high if high_open else low <= value <= high):
     raise FieldError(f"@{name}={value}: must be in [{low}, {high}{')' if high_open else ']'}")

@@ -20,12 +20,41 @@ import jax.numpy as jnp
 import ml_collections
 
 from data_pipelines.contract import Kind, special_id
+from tmlx import fields
 from tmlx.nn.flow_head import flow_matching_loss
 from tmlx.nn.model import InteractionModel, ModelOutput
 
 
 @dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """`config.loss` (experiments/base.py says what each field does); `loss_config` turns it into
+  the train step's LossConfig."""
+
+  text_weight: float
+  flow_weight: float
+  silent_eot_weight: float
+  burn_in_micro_turns: int
+  max_text_target_fraction: float
+  max_audio_target_fraction: float
+
+  def __post_init__(self):
+    for name in ("text_weight", "flow_weight", "silent_eot_weight"):
+      fields.in_range(self, name, 0)
+    if self.burn_in_micro_turns < 0:
+      raise fields.FieldError(f"@burn_in_micro_turns={self.burn_in_micro_turns}: must be >= 0")
+    for name in ("max_text_target_fraction", "max_audio_target_fraction"):
+      fields.in_range(self, name, 0.0, 1.0)
+
+  @classmethod
+  def from_config(cls, loss: ml_collections.ConfigDict) -> LossSettings:
+    return fields.build(cls, loss)
+
+
+@dataclasses.dataclass(frozen=True)
 class LossConfig:
+  """What the train step's losses need: `config.loss` with the target counts it sets per row, and
+  the router losses' weights of `config.model.moe`."""
+
   text_weight: float
   flow_weight: float
   silent_eot_weight: float
@@ -46,7 +75,7 @@ def target_slots(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
   """The LossConfig of an experiment config (its loss and model.moe fields)."""
-  c = config.loss
+  c = LossSettings.from_config(config.loss)
   max_text, max_audio = target_slots(config)
   return LossConfig(
     text_weight=c.text_weight,

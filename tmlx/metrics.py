@@ -1,11 +1,13 @@
 """Training metrics on the host: the writers (JSONL and TensorBoard events in the workdir, a local
 directory or an object-store URL, `tmlx.paths`) and the progress line, of which only process 0
 writes (on other processes every method is a no-op); and what the loop derives from a step's
-device metrics (`host_metrics`, `throughput`, `warn_about`, `row_digests`).
+device metrics (`host_metrics`, `throughput`, `warn_about`, `row_digests`). `LoggingConfig` is
+`config.logging`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,9 +19,25 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tmlx import flops, paths
+from tmlx import fields, flops, paths
 
 FLUSH_S = 30.0  # object storage: the longest a logged row waits in memory (checkpoints flush sooner)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+  """`config.logging` (experiments/base.py says what each field does)."""
+
+  every: int
+  tensorboard: bool
+  row_digests: bool
+
+  def __post_init__(self):
+    fields.positive(self, "every")
+
+  @classmethod
+  def from_config(cls, logging_group) -> LoggingConfig:
+    return fields.build(cls, logging_group)
 
 
 class MetricWriter:

@@ -12,15 +12,36 @@ too, and outside a trace they cost nothing measurable.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 from absl import logging
 
-from tmlx import paths
+from tmlx import fields, paths
 
 
-def processes(value: str, field: str = "profile.processes") -> tuple[int, ...] | None:
-  """'0,2' → (0, 2); 'all' → None (every process). Raises ValueError naming `field`."""
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+  """`config.profile` (experiments/base.py says what each field does)."""
+
+  start_step: int
+  num_steps: int
+  processes: str
+
+  def __post_init__(self):
+    fields.in_range(self, "start_step", 0)
+    if self.start_step:
+      fields.positive(self, "num_steps")
+    processes(self.processes)
+
+  @classmethod
+  def from_config(cls, profile) -> ProfileConfig:
+    return fields.build(cls, profile)
+
+
+def processes(value: str) -> tuple[int, ...] | None:
+  """`config.profile.processes` as indices: '0,2' → (0, 2), 'all' → None (every process);
+  FieldError otherwise."""
   if value.strip() == "all":
     return None
   try:
@@ -28,14 +49,16 @@ def processes(value: str, field: str = "profile.processes") -> tuple[int, ...] |
   except ValueError:
     out = ()
   if not out or any(p < 0 for p in out):
-    raise ValueError(f"config.{field}={value!r}: expected 'all' or comma-separated process indices ≥ 0, e.g. '0,1'")
+    raise fields.FieldError(
+      f"@processes={fields.shown(value)}: expected 'all' or comma-separated process indices ≥ 0, e.g. '0,1'"
+    )
   return out
 
 
 class Profiler:
   """Call `step(step, state)` at the top of every loop iteration and `close()` after the loop."""
 
-  def __init__(self, cfg, workdir: str, process_index: int):
+  def __init__(self, cfg: ProfileConfig, workdir: str, process_index: int):
     chosen = processes(cfg.processes)
     self.first, self.last = cfg.start_step, cfg.start_step + cfg.num_steps - 1
     self.enabled = cfg.start_step > 0 and (chosen is None or process_index in chosen)

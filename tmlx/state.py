@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tmlx import checkpoint as checkpoint_lib
-from tmlx import sharding
+from tmlx import fields, sharding
 from tmlx.checkpoint import Checkpointer
 from tmlx.nn.model import InteractionModel, ModelConfig
 from tmlx.optim import make_optimizer
@@ -90,6 +90,29 @@ def state_spec(config: ml_collections.ConfigDict, mesh, rules) -> StateSpec:
   return StateSpec(graphdef=graphdef, tx=tx, schedule=schedule, abstract=abstract, shardings=shardings, init=init)
 
 
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """`config.init`: where a run without checkpoints of its own starts (steps 2 and 3 below)."""
+
+  resume_from: str
+  params_from: str
+  reinit: str
+
+  def __post_init__(self):
+    if self.reinit.strip() and not self.params_from:
+      reinit = fields.shown(self.reinit)
+      raise fields.FieldError(f"@reinit={reinit}: names parameters to initialize fresh, which needs @params_from")
+
+  @property
+  def reinit_prefixes(self) -> tuple[str, ...]:
+    """`reinit` as parameter name prefixes ('text_head, text_embed' → two)."""
+    return tuple(r.strip() for r in self.reinit.split(",") if r.strip())
+
+  @classmethod
+  def from_config(cls, init) -> InitConfig:
+    return fields.build(cls, init)
+
+
 # Restore precedence: a run's first state comes from the first of these that applies.
 #   1. The latest checkpoint in `<workdir>/checkpoints` that is complete and whose arrays match
 #      their fingerprints (a rerun or a preemption resume). A step that fails either check is
@@ -107,7 +130,7 @@ def restore_or_init(
   config: ml_collections.ConfigDict, spec: StateSpec, ckpt: Checkpointer
 ) -> tuple[TrainState, int | None]:
   """(first state of the run, the step of `ckpt` it resumed, None when it did not come from 1)."""
-  init, target = config.init, spec.target()
+  init, target = InitConfig.from_config(config.init), spec.target()
   restored = ckpt.restore_latest(target, config=config.to_dict())
   if restored is not None:
     state, step = restored
@@ -128,13 +151,12 @@ def restore_or_init(
     return jax.jit(spec.init, out_shardings=spec.shardings)(), None
 
 
-def _params_from(init: ml_collections.ConfigDict, spec: StateSpec, target: TrainState) -> TrainState:
+def _params_from(init: InitConfig, spec: StateSpec, target: TrainState) -> TrainState:
   """Step 3 of the restore precedence: a fresh state with another run's parameters placed in it."""
   other = checkpoint_lib.open_existing(init.params_from, "config.init.params_from:")
   try:
     step = other.latest_step()
-    reinit = tuple(r.strip() for r in init.reinit.split(",") if r.strip())
-    loaded, fresh, unused = other.restore_params(step, target.params, reinit)
+    loaded, fresh, unused = other.restore_params(step, target.params, init.reinit_prefixes)
   finally:
     other.close()
   state = jax.jit(spec.init, out_shardings=spec.shardings)()

@@ -163,7 +163,7 @@ def step_config(config: ml_collections.ConfigDict, spec: StateSpec, mesh, rules)
     seed=config.seed,
     mesh=mesh,
     rules=rules,
-    nan_steps=config_lib.step_list(config.train.inject_nan_at_steps, "train.inject_nan_at_steps"),
+    nan_steps=faults.TrainConfig.from_config(config.train).nan_steps,
   )
 
 
@@ -380,7 +380,7 @@ def _run(
   t_log, step_log = time.perf_counter(), start
   preemption = faults.Preemption()
   watchdog = faults.Watchdog(config.train.step_timeout_s)
-  profiler = profiling.Profiler(config.profile, workdir, jax.process_index())
+  profiler = profiling.Profiler(profiling.ProfileConfig.from_config(config.profile), workdir, jax.process_index())
   recorder.steps_begin()
   try:
     for step in range(start + 1, num_steps + 1):

@@ -23,6 +23,7 @@ Inspect a checkpoint directory:  python -m tmlx.checkpoint inspect PATH [--step=
 from tmlx.checkpoint.fingerprint import fingerprints, fingerprints_async, leaf_name
 from tmlx.checkpoint.handlers import REPLICA_PARALLEL_MIN_SLICE_BYTES
 from tmlx.checkpoint.manager import (
+  CheckpointConfig,
   Checkpointer,
   CheckpointError,
   CheckpointSaveError,
@@ -39,6 +40,7 @@ from tmlx.checkpoint.report import inspect
 
 __all__ = [
   "REPLICA_PARALLEL_MIN_SLICE_BYTES",
+  "CheckpointConfig",
   "CheckpointError",
   "CheckpointSaveError",
   "Checkpointer",

@@ -4,6 +4,7 @@ reads back configs, metadata and parameters; the errors it raises."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 
@@ -15,7 +16,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 import tmlx
-from tmlx import paths
+from tmlx import fields, paths
 from tmlx.checkpoint import handlers
 from tmlx.checkpoint.fingerprint import fingerprints, fingerprints_async, leaf_name
 
@@ -65,6 +66,25 @@ class NoCheckpointError(FileNotFoundError):
 class IncompatibleCheckpointError(CheckpointError):
   """A readable checkpoint whose arrays do not fit the config's state: the config is wrong (or the
   workdir is another run's), not the checkpoint, so nothing is moved aside."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """`config.checkpoint` (experiments/base.py says what each field does)."""
+
+  every: int
+  keep: int
+  keep_every: int
+  async_save: bool
+
+  def __post_init__(self):
+    fields.positive(self, "keep")  # 0 would keep nothing, and the next run would start from scratch
+    fields.in_range(self, "every", 0)
+    fields.in_range(self, "keep_every", 0)
+
+  @classmethod
+  def from_config(cls, checkpoint) -> CheckpointConfig:
+    return fields.build(cls, checkpoint)
 
 
 class Checkpointer:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_pipelines.contract import MICRO_TURN_SECONDS
-from tmlx import paths
+from tmlx import fields, paths
 from tmlx.eval.conversations import Conversation, Transcript, load_conversations
 from tmlx.eval.scoring import score, stream_words, summarize, voiced_windows
 from tmlx.eval.speakers import Agent, SessionAgent, make_session, run_live, teacher_forced_mel
@@ -66,6 +66,29 @@ def _transcript_json(tr: Transcript) -> dict:
     "results": [[round(t * MICRO_TURN_SECONDS, 3), r] for t, r in tr.results],
     "voiced_windows": [int(t) for t in np.flatnonzero(voiced_windows(tr.mel))],
   }
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """`config.eval`, the duplex evaluation of a training run (experiments/base.py says what each
+  field does)."""
+
+  every: int
+  data: str
+  conversations: int
+  report: bool
+
+  def __post_init__(self):
+    if self.every < 0:
+      raise fields.FieldError(f"@every={self.every}: must be >= 0 (0: no duplex evaluation)")
+    if self.every > 0:
+      fields.positive(self, "conversations")
+      if not self.data.strip():
+        raise fields.FieldError("@data is empty: @every > 0 needs held-out episode datasets")
+
+  @classmethod
+  def from_config(cls, eval_group) -> EvalConfig:
+    return fields.build(cls, eval_group)
 
 
 class TrainingProbe:

@@ -60,11 +60,20 @@ class MoEConfig:
   renormalize: bool
   router_score: RouterScore = "softmax"
   transport: Transport = "local"
+  # Read by the train step, not by the layer: its routing-bias update, the weights of the router
+  # losses, and the dropped fraction it warns at.
+  bias_update_rate: float = 0.0
+  load_balance_weight: float = 0.01
+  z_loss_weight: float = 0.001
+  drop_warn_fraction: float = 0.05
 
   def __post_init__(self):
     fields.literals(self)
     fields.positive(self, "d_ff", "num_experts", "num_experts_per_tok")
     fields.in_range(self, "num_shared_experts", 0)
+    for name in ("bias_update_rate", "load_balance_weight", "z_loss_weight"):
+      fields.in_range(self, name, 0)
+    fields.in_range(self, "drop_warn_fraction", 0.0, 1.0)
     if self.num_experts_per_tok > self.num_experts:
       raise fields.FieldError(
         f"@num_experts_per_tok={self.num_experts_per_tok} exceeds @num_experts={self.num_experts}"

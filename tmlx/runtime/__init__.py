@@ -1,3 +1,4 @@
 """Process start-up, before and while JAX starts: the accelerator and its config row
 (`accelerators`), the job's layout from the environment (`cluster`), JAX's distributed runtime
-(`distributed`), and local multi-process jobs for tests and laptops (`local_cluster`)."""
+(`distributed`), local multi-process jobs for tests and laptops (`local_cluster`), and the
+settings of `config.runtime` (`config`)."""
