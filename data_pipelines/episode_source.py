@@ -50,6 +50,15 @@ class MixtureEntry:
   weight: float
 
 
+def locate(path: str, root: str | os.PathLike | None) -> pathlib.Path:
+  """Local dataset directory `path`: as it is if absolute or present in the working directory,
+  else under `root` (the project root) if there."""
+  p = pathlib.Path(path)
+  if not p.is_absolute() and not p.exists() and root is not None and (pathlib.Path(root) / p).exists():
+    return pathlib.Path(root) / p
+  return p
+
+
 def parse_mixture(spec: str, root: str | os.PathLike | None = None) -> list[MixtureEntry]:
   """Parses config `data.mixture`: "DIR:WEIGHT,DIR:WEIGHT,..." (a bare DIR has weight 1).
 
@@ -72,10 +81,7 @@ def parse_mixture(spec: str, root: str | os.PathLike | None = None) -> list[Mixt
     if paths.is_remote(path):
       entries.append(MixtureEntry(path.rstrip("/"), w))
       continue
-    p = pathlib.Path(path)
-    if not p.is_absolute() and not p.exists() and root is not None and (pathlib.Path(root) / p).exists():
-      p = pathlib.Path(root) / p
-    entries.append(MixtureEntry(str(p), w))
+    entries.append(MixtureEntry(str(locate(path, root)), w))
   if not entries:
     raise ValueError("config data.mixture is empty; give one or more DIR:WEIGHT entries")
   return entries

@@ -21,7 +21,7 @@ from data_pipelines.align import AlignSpec
 from data_pipelines.contract import RowSpec
 from data_pipelines.data_config import SOURCES
 from data_pipelines.episode import MANIFEST
-from data_pipelines.episode_source import EpisodeSource, EpisodeSourceSpec, empty_stats, parse_mixture
+from data_pipelines.episode_source import EpisodeSource, EpisodeSourceSpec, empty_stats, locate, parse_mixture
 from data_pipelines.synthetic import SyntheticSource, SyntheticSpec
 from data_pipelines.tokenizer import make_tokenizer
 from tmlx import paths
@@ -41,10 +41,7 @@ def resolve_dirs(spec: str) -> list:
     if paths.is_remote(part):
       out.append(paths.path(part.rstrip("/")))
     elif part:
-      path = pathlib.Path(part)
-      if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
-        path = PROJECT_ROOT / path
-      out.append(path)
+      out.append(locate(part, PROJECT_ROOT))
   return out
 
 

@@ -29,6 +29,7 @@ import uuid
 
 import jax
 import numpy as np
+import psutil
 import tensorstore as ts
 from absl import logging
 from jax.experimental import multihost_utils
@@ -89,16 +90,6 @@ def kvstore_spec(workdir: str) -> dict | str:
       spec["aws_region"] = region
     return spec
   return workdir.rstrip("/") + "/"
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # it exists, owned by someone else
-    return True
-  return True
 
 
 def _holder(current) -> dict:
@@ -182,7 +173,7 @@ class WorkdirLock:
     if holder.get("host") == self._record["host"] and holder.get("space") == self._record["space"]:
       if pid == os.getpid() and holder.get("token") not in _HELD:  # a restarted container reuses pids
         return f"process {pid} is this process, started again"
-      if not _pid_alive(pid):
+      if not psutil.pid_exists(pid):
         return f"process {pid} no longer exists on this host"
     age = time.time() - beat
     if age > self.stale_s:

@@ -172,12 +172,4 @@ def _named(paths, prints: np.ndarray) -> dict[str, list[int]]:
 def leaf_name(path) -> str:
   """'params/blocks/attn/wq' for a key path, whatever containers (dataclass, dict, tuple) hold it,
   so that a tree read back from the checkpoint's own metadata gets the same names."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
@@ -312,14 +313,7 @@ class Checkpointer:
         sharding = leaf.sharding
       wanted[name] = jax.ShapeDtypeStruct(old_shape, leaf.dtype, sharding=sharding)
     unused = sorted(n.removeprefix("params/") for n in saved if n.startswith("params/") and n not in current)
-    tree: dict = {}
-    for name, sds in wanted.items():
-      node = tree
-      *parents, last = name.split("/")
-      for part in parents:
-        node = node.setdefault(part, {})
-      node[last] = sds
-    restored = self.restore_parts(step, tree)
+    restored = self.restore_parts(step, traverse_util.unflatten_dict(wanted, sep="/"))
     return {leaf_name(p): a for p, a in jax.tree.leaves_with_path(restored)}, fresh, unused
 
   def restore_parts(self, step: int, abstract: dict) -> dict:
@@ -368,19 +362,9 @@ class Checkpointer:
         logging.debug("closing the checkpoint manager: %s", e)
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
   """'model.num_layers: 2 → 3' for every field whose value differs between two resolved configs."""
-  as_json = lambda tree: _flatten(json.loads(json.dumps(tree)))  # tuples and lists alike
+  as_json = lambda tree: traverse_util.flatten_dict(json.loads(json.dumps(tree)), sep=".")  # tuples and lists alike
   old, new = as_json(saved), as_json(current)
   out = []
   for key in sorted(set(old) | set(new)):

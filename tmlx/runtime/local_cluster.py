@@ -18,13 +18,13 @@ import dataclasses
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
 
+import portpicker
 from absl import flags
 
 from tmlx import cli
@@ -53,13 +53,6 @@ class Result:
   @property
   def log(self) -> str:
     return self.log_path.read_text(errors="replace")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-  """A TCP port on `host` that nothing listens on right now."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind((host, 0))
-    return s.getsockname()[1]
 
 
 class Cluster:
@@ -176,7 +169,7 @@ def start_local(
   base_env.update(
     {
       "PYTHONUNBUFFERED": "1",
-      job_env.ENV_COORDINATOR: f"127.0.0.1:{free_port()}",
+      job_env.ENV_COORDINATOR: f"127.0.0.1:{portpicker.pick_unused_port()}",
       job_env.ENV_NUM_PROCESSES: str(num_processes),
       job_env.ENV_HEARTBEAT_TIMEOUT: str(heartbeat_timeout_s),
       job_env.ENV_INIT_TIMEOUT: str(max(1, int(min(timeout_s, 300)))),

@@ -108,6 +108,6 @@ class LanguageModelWorker(ThreadedWorker):
         block = session.input_block(None, typed_text=prompt if turn == 0 else None)
         out = session.run_block(block)
         said.append(out.text)
-        if len(out.text_ids) < session.k_max_text:  # it said <eot> before running out of room: done
+        if len(out.text_ids) < session.stream.k_max_text:  # it said <eot> before running out of room: done
           break
       return "".join(said).strip()

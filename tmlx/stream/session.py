@@ -137,43 +137,37 @@ class Session:
     self.model = model
     self.record_inputs = record_inputs  # keep every position fed, per micro-turn, in `self.fed`
     self.stream = stream
-    self.sampling = stream.sampling
-    self.max_positions = stream.max_positions
-    self.input_chunk = stream.input_chunk
-    self.k_max = stream.k_max
-    self.k_max_text = stream.k_max_text  # K_max of a micro-turn without audio
-    self.frame_shape = stream.frame_shape
     self.tokenizer = tokenizer or make_tokenizer(stream.tokenizer)
     self.worker = worker
     f = model.cfg.frames_per_position
     if f * AUDIO_POSITIONS_PER_MICRO_TURN != FRAMES_PER_MICRO_TURN:
       raise ValueError(f"model.frames_per_position={f}: a session needs 4 audio positions of 4 frames")
     self._frames = f
-    self._patches = max(1, patches_per_frame(*self.frame_shape))
+    self._patches = max(1, patches_per_frame(*stream.frame_shape))
     graphdef, self._state = nnx.split(model)
     self._graphdef = graphdef
     num_tokens = min(model.cfg.vocab_size, int(getattr(self.tokenizer, "vocab_size", model.cfg.vocab_size)))
     self._eot = self.tokenizer.special("<eot>")
-    block, self.window = stream.attention_block, stream.window
+    block, window = stream.attention_block, stream.window
     trained = model.cfg.attention_window
-    if trained and self.window != trained:
+    if trained and window != trained:
       raise ValueError(
-        f"config.stream.window={self.window}, but the model was trained with model.attention_window={trained}: "
+        f"config.stream.window={window}, but the model was trained with model.attention_window={trained}: "
         f"a session must attend as the model learned to (set config.stream.window={trained})"
       )
-    if not trained and self.window:
+    if not trained and window:
       logging.warning(
         "config.stream.window=%d: a ring of that many positions, for a model trained with full attention "
         "(model.attention_window=0); once the ring wraps it no longer sees the start of its context, which such a "
         "model leans on, and it may fail. Train with model.attention_window=%d.",
-        self.window,
-        self.window,
+        window,
+        window,
       )
     # Cache slots: the whole session, or a ring of the window; plus room for a padded chunk.
-    span = (self.window or self.max_positions) + self.input_chunk
+    span = (window or stream.max_positions) + stream.input_chunk
     self.cache_slots = -(-span // block) * block
-    text_slots = max(self.k_max, self.k_max_text) + 1
-    self._programs = Programs(graphdef, self.sampling, f, num_tokens, self._eot, text_slots, block, self.window)
+    text_slots = max(stream.k_max, stream.k_max_text) + 1
+    self._programs = Programs(graphdef, stream.sampling, f, num_tokens, self._eot, text_slots, block, window)
     self._no_text = np.full(text_slots, -1, np.int32)
     self._no_audio = np.full((AUDIO_POSITIONS_PER_MICRO_TURN, f, NUM_MELS), 255, np.uint8)
     self._no_patch = np.zeros((1, 1, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
@@ -223,10 +217,10 @@ class Session:
       if ids and max(ids) >= self.model.cfg.vocab_size:
         raise ValueError(f"input text has token id {max(ids)} >= model.vocab_size={self.model.cfg.vocab_size}")
     if frame is not None:
-      if tuple(frame.shape[:2]) != self.frame_shape:
+      if tuple(frame.shape[:2]) != self.stream.frame_shape:
         raise ValueError(
           f"frame is {frame.shape[0]}x{frame.shape[1]} pixels; the model was trained on "
-          f"config.data.frame_height x frame_width = {self.frame_shape[0]}x{self.frame_shape[1]}"
+          f"config.data.frame_height x frame_width = {self.stream.frame_shape[0]}x{self.stream.frame_shape[1]}"
         )
       frame = np.asarray(frame, np.uint8)
     heard = None if dmel is None else np.asarray(dmel, np.uint8)
@@ -280,16 +274,18 @@ class Session:
     t0 = time.perf_counter() if started is None else started
     # A block with audio in gets audio out; a text-only block (as in text-only training data) not.
     a = AUDIO_POSITIONS_PER_MICRO_TURN if (block.kind == Kind.AUDIO_IN).any() else 0
-    k_max = self.k_max if a else self.k_max_text
+    k_max = self.stream.k_max if a else self.stream.k_max_text
     needed = len(block) + k_max + 1 + a
-    if not self.window and self.position + needed > self.max_positions:
+    if not self.stream.window and self.position + needed > self.stream.max_positions:
       raise SessionFull(
         f"micro-turn {self.micro_turn} needs up to {needed} more positions but the KV cache holds "
-        f"{self.max_positions - self.position} of config.stream.max_positions={self.max_positions}; "
+        f"{self.stream.max_positions - self.position} of config.stream.max_positions={self.stream.max_positions}; "
         "raise it (memory grows linearly), set config.stream.window, or start a new session"
       )
     programs, state = self._programs, self._state
-    chunks = [(lo, min(len(block), lo + self.input_chunk)) for lo in range(0, len(block), self.input_chunk)]
+    chunks = [
+      (lo, min(len(block), lo + self.stream.input_chunk)) for lo in range(0, len(block), self.stream.input_chunk)
+    ]
     sent = []  # (chunk, its real positions) as the programs received them, for record_inputs
     for lo, hi in chunks[:-1]:
       chunk = self._chunk(block, lo, hi)
@@ -345,7 +341,7 @@ class Session:
 
   def _chunk(self, block: InputBlock, lo: int, hi: int) -> dict[str, np.ndarray]:
     """Positions lo..hi-1 of `block`, padded to `input_chunk` (the padding is never attended)."""
-    c, n = self.input_chunk, hi - lo
+    c, n = self.stream.input_chunk, hi - lo
     pad = lambda x, fill=0: np.concatenate([x[lo:hi], np.full((c - n, *x.shape[1:]), fill, x.dtype)])[None]
     index = block.patch_index[lo:hi]
     used = index[index >= 0]
