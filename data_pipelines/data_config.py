@@ -1,5 +1,5 @@
 """`config.data` as a dataclass: its modes are Literal types and its ranges are checked when it is
-built (`DataConfig.from_config`, which `tmlx.config.validate` calls). experiments/base.py says what
+built (`tmlx.config.validate` builds it). experiments/base.py says what
 each field does. What depends on the model as well (the patch grid, the dMel frames per position)
 is checked by `tmlx.config`."""
 
@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Literal
-
-import ml_collections
 
 from data_pipelines.contract import PATCH_SIZE, min_positions_per_micro_turn
 from data_pipelines.episode_source import parse_mixture
@@ -100,10 +98,6 @@ class DataConfig:
   def patch_grid(self) -> tuple[int, int]:
     """(rows, columns) of whole patches in a frame."""
     return self.frame_height // PATCH_SIZE, self.frame_width // PATCH_SIZE
-
-  @classmethod
-  def from_config(cls, data: ml_collections.ConfigDict) -> DataConfig:
-    return fields.build(cls, data)
 
 
 SOURCES = fields.choices(DataConfig, "source")

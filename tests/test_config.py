@@ -153,6 +153,7 @@ def test_size_table_rows_set_every_size_field():
 def test_every_group_dataclass_has_exactly_the_fields_of_its_group():
   """A field added to base.py without its dataclass (or the other way round) would go unchecked."""
   import dataclasses
+  import typing
 
   from tmlx.config import GROUPS
 
@@ -164,8 +165,6 @@ def test_every_group_dataclass_has_exactly_the_fields_of_its_group():
     for f in dataclasses.fields(cls):
       if hasattr(group[f.name], "keys"):
         names(typing.get_type_hints(cls)[f.name], group[f.name], f"{prefix}.{f.name}")
-
-  import typing
 
   others = {"seed", "stream", "mesh", "mesh_rules"}  # StreamConfig, tmlx.sharding, accelerators
   assert set(schema.keys()) == set(GROUPS) | others

@@ -35,10 +35,6 @@ class LoggingConfig:
   def __post_init__(self):
     fields.positive(self, "every")
 
-  @classmethod
-  def from_config(cls, logging_group) -> LoggingConfig:
-    return fields.build(cls, logging_group)
-
 
 class MetricWriter:
   """Writes `{step, **scalars}` to `<workdir>/metrics.jsonl` and TensorBoard event files.

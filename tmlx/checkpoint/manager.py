@@ -83,10 +83,6 @@ class CheckpointConfig:
     fields.in_range(self, "every", 0)
     fields.in_range(self, "keep_every", 0)
 
-  @classmethod
-  def from_config(cls, checkpoint) -> CheckpointConfig:
-    return fields.build(cls, checkpoint)
-
 
 class Checkpointer:
   """Saves {state, config, meta} into `directory` when asked (the train loop decides when),

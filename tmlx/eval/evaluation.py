@@ -86,10 +86,6 @@ class EvalConfig:
       if not self.data.strip():
         raise fields.FieldError("@data is empty: @every > 0 needs held-out episode datasets")
 
-  @classmethod
-  def from_config(cls, eval_group) -> EvalConfig:
-    return fields.build(cls, eval_group)
-
 
 class TrainingProbe:
   """The duplex evaluation of a training run (config.eval): the held-out conversations are loaded

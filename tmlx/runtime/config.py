@@ -18,7 +18,3 @@ class RuntimeConfig:
 
   def __post_init__(self):
     fields.in_range(self, "cpu_devices", 0)
-
-  @classmethod
-  def from_config(cls, runtime) -> RuntimeConfig:
-    return fields.build(cls, runtime)
