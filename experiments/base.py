@@ -62,6 +62,17 @@ def get_config(arg=None):
   # last W: a model trained only on rows that start in its view leans on that start (an "attention
   # sink") and breaks when a ring evicts it.
   m.attention_window = 0
+  # How attention is computed; every choice has the same mask (causal, within the segment, the
+  # window above). 'dense' materializes the fp32 logits [B, K, G, S, S]; 'blockwise' (pure JAX,
+  # any backend) computes them a block at a time, memory linear in S, skipping the blocks the
+  # causal mask and the window rule out; 'splash' is the TPU Pallas kernel, 'pallas_gpu' the GPU
+  # one (no window), 'cudnn' cuDNN through jax.nn.dot_product_attention (GPU; packed rows' segments
+  # reach it as a [B, 1, S, S] mask). 'auto': splash on TPU; pallas_gpu on GPU, blockwise there
+  # with a window; on CPU dense below 1024 positions, blockwise from there (tmlx.nn.attention).
+  m.attention_impl = "auto"
+  # Positions per block of 'blockwise' and 'splash' (query and key blocks alike; 'pallas_gpu' caps
+  # it at 128); a row that is not a multiple of it is padded.
+  m.attention_block = 512
   # RMSNorm on queries and keys before RoPE.
   m.qk_norm = True
   # Epsilon of every RMSNorm / LayerNorm.

@@ -27,6 +27,7 @@ def matmul_heavy_config(dense: bool):
   c.data.seq_len, c.data.global_batch_size = 256, 2
   m = c.model
   m.compute_dtype = "float32"
+  m.attention_window = 0  # causal: the window's credit is tests/test_attention.py's
   m.d_model, m.num_heads, m.num_kv_heads, m.head_dim = 256, 4, 2, 64
   m.num_layers, m.flow.depth = 1, 1
   m.moe.d_ff, m.moe.capacity_factor = 512, 1.0

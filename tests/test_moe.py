@@ -1,7 +1,5 @@
 """The MoE layer: every transport on several meshes against a loop-over-experts reference."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +18,9 @@ MESHES = {
   "data2_expert4": dict(data=2, fsdp=1, expert=4, tensor=1),
   "data2_expert2_tensor2": dict(data=2, fsdp=1, expert=2, tensor=2),
 }
-TRANSPORTS = ("local", "all_to_all", "ragged")
+TRANSPORTS = ("local", "all_to_all", "ragged", "dropless")
+# (transport, capacity factor): dropless takes no capacity.
+CASES = [(t, cf) for t in TRANSPORTS for cf in (0.0, 0.5) if not (t == "dropless" and cf)]
 
 
 def make_moe(capacity_factor=0.0, shared=1, transport="local", score="softmax"):
@@ -75,7 +75,7 @@ def _loss(y, mask):
   return jnp.sum(jnp.sin(y) * mask[..., None])
 
 
-@pytest.mark.parametrize("mesh_name,transport,capacity_factor", list(itertools.product(MESHES, TRANSPORTS, (0.0, 0.5))))
+@pytest.mark.parametrize("mesh_name,transport,capacity_factor", [(m, *case) for m in MESHES for case in CASES])
 def test_transport_matches_loop_over_experts(mesh_name, transport, capacity_factor):
   c = base.get_config()
   c.mesh.update(MESHES[mesh_name])
@@ -164,3 +164,52 @@ def test_decode_matches_the_dropless_layer(tokens):
   x = jax.random.normal(jax.random.key(2), (1, tokens, D))
   y, _ = moe(x, jnp.ones((1, tokens), bool))
   np.testing.assert_allclose(moe.decode(x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_matmul_megablox_in_interpret_mode_matches_ragged_dot():
+  """The TPU grouped matmul of the dropless transport (Pallas megablox, interpreted here) against
+  ragged_dot, with rows past the groups as a receive buffer has them; gradients included."""
+  from tmlx.nn.dropless import _grouped
+
+  rows = jax.random.normal(jax.random.key(0), (256, 32))
+  w = jax.random.normal(jax.random.key(1), (4, 32, 64))
+  sizes = jnp.array([50, 0, 77, 100], jnp.int32)  # 227 of 256 rows in groups
+  used = (jnp.arange(256) < 227)[:, None]
+
+  def loss(kernel):
+    return lambda rows, w: jnp.sum(jnp.sin(_grouped(rows, w, sizes, kernel)) * used)
+
+  want = jax.value_and_grad(loss("ragged_dot"), argnums=(0, 1))(rows, w)
+  got = jax.value_and_grad(loss("megablox_interpret"), argnums=(0, 1))(rows, w)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shards", [2, 4, 8])
+def test_emulated_ragged_all_to_all_moves_each_slice_to_its_offset(shards):
+  """The CPU stand-in for jax.lax.ragged_all_to_all against the semantics its docstring gives."""
+  from jax.sharding import Mesh, PartitionSpec
+
+  from tmlx.nn.dropless import emulated_ragged_all_to_all
+
+  rng = np.random.default_rng(shards)
+  n, out_rows = 32, 40  # up to 3 rows from each of 8 sources: at most 24 sent, 25 received
+  sizes = rng.integers(0, 4, size=(shards, shards)).astype(np.int32)  # [source, destination]
+  operand = rng.normal(size=(shards, n, 3)).astype(np.float32)
+  input_offsets = np.cumsum(sizes, 1) - sizes
+  output_offsets = (np.cumsum(sizes, 0) - sizes) + 1  # one free row first on every receiver
+  expected = np.full((shards, out_rows, 3), -1.0, np.float32)
+  for src in range(shards):
+    for dst in range(shards):
+      rows = operand[src, input_offsets[src, dst] : input_offsets[src, dst] + sizes[src, dst]]
+      expected[dst, output_offsets[src, dst] : output_offsets[src, dst] + len(rows)] = rows
+  mesh = Mesh(np.array(jax.devices()[:shards]), ("x",))
+
+  def one(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes):
+    args = (operand[0], output[0], input_offsets[0], send_sizes[0], output_offsets[0], recv_sizes[0])
+    return emulated_ragged_all_to_all(*args, axis_name="x")[None]
+
+  spec = PartitionSpec("x")
+  run = jax.jit(jax.shard_map(one, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec))
+  got = run(operand, np.full((shards, out_rows, 3), -1.0, np.float32), input_offsets, sizes, output_offsets, sizes.T)
+  np.testing.assert_array_equal(np.asarray(got), expected)

@@ -251,14 +251,17 @@ def test_hooked_attention():
   rope = attention.rope_angles(jnp.broadcast_to(jnp.arange(6), (2, 6)), 8, 10_000.0)
   mask = attention.attention_mask(seg)
   assert mask.shape == (2, 6, 6)
-  assert nnx.jit(lambda m, x, mask, rope: m(x, mask, rope))(attn, x, mask, rope).shape == (2, 6, 16)
+  assert nnx.jit(lambda m, x, seg, mask, rope: m(x, seg, rope, mask))(attn, x, seg, mask, rope).shape == (2, 6, 16)
+  assert nnx.jit(lambda m, x, seg, rope: m(x, seg, rope))(attn, x, seg, rope).shape == (2, 6, 16)
 
-  # A mask of another batch: B is bound to 2 by x.
-  msg = _type_error(attn, x, attention.attention_mask(jnp.ones((3, 6), jnp.int32)), rope)
+  # Segment ids and a mask of another batch: B is bound to 2 by x.
+  msg = _type_error(attn, x, jnp.ones((3, 6), jnp.int32), rope)
+  assert "parameter 'segment_ids'" in msg and "B=2" in msg, msg
+  msg = _type_error(attn, x, seg, rope, attention.attention_mask(jnp.ones((3, 6), jnp.int32)))
   assert "parameter 'mask'" in msg and "B=2" in msg, msg
   # Rotary angles for head dim 6, not 8: apply_rope's `H//2` catches it.
   bad_rope = attention.rope_angles(jnp.broadcast_to(jnp.arange(6), (2, 6)), 6, 10_000.0)
-  msg = _type_error(attn, x, mask, bad_rope)
+  msg = _type_error(attn, x, seg, bad_rope)
   assert "apply_rope" in msg and "parameter 'sin'" in msg and "H=8" in msg, msg
 
 

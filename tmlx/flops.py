@@ -9,12 +9,17 @@ left out. Conventions:
   its input and its weight), so 3x in all, except where its input is data and not a function of
   the parameters (the dMel one-hot, the first hMLP stage, the flow head's x_t and time-feature
   layers): there only the weight gradient is computed, 2x in all.
-- Attention: with `count='model'` each query attends to the (S+1)/2 keys it can see on average
-  in a causal sequence of S = data.seq_len positions (packing into segments is not credited);
-  with `count='executed'` to all S keys, as the masked dense attention computes them.
+- Attention: with `count='model'` each query attends to the keys it can see on average in a
+  causal sequence of S = data.seq_len positions: (S+1)/2, or with a window W of
+  model.attention_window, W for all but the first W - 1 positions (packing into segments is not
+  credited). With `count='executed'`, the keys the implementation computes logits for
+  (`tmlx.nn.attention.resolve_impl` on the default backend): all S for 'dense'; those of the
+  blocks the causal mask and the window leave for 'blockwise', 'splash' and 'pallas_gpu'
+  (`tmlx.nn.blockwise.visited_keys_per_query`); the model count for 'cudnn'. The backward pass of
+  the blockwise kernels recomputes the logits; like rematerialization, that is not counted.
 - MoE: `'model'` counts the k routed experts of each token; `'executed'` the capacity-padded
   buffers of the 'local' and 'all_to_all' transports, E·C slots per row (`tmlx.nn.moe.capacity`),
-  or the k·S assignment rows of the 'ragged' grouped matmul. The 'model' and buffer counts agree
+  or the k·S assignment rows of the 'ragged' and 'dropless' grouped matmuls. The 'model' and buffer counts agree
   when capacity_factor = 1 and S·k/E is an integer.
 - Heads run on the static target slots of a row whether they are filled or not:
   ceil(S·loss.max_text_target_fraction) text logits and ceil(S·loss.max_audio_target_fraction)
@@ -40,6 +45,8 @@ import ml_collections
 
 from data_pipelines.contract import NUM_DMEL_BINS, NUM_MELS, PATCH_SIZE
 from tmlx.losses import target_slots
+from tmlx.nn.attention import resolve_impl
+from tmlx.nn.blockwise import visited_keys_per_query
 from tmlx.nn.flow_head import TIME_FEATURES
 from tmlx.nn.model import DTYPES, ModelConfig
 from tmlx.nn.moe import capacity
@@ -74,6 +81,21 @@ class FlopBreakdown:
     return dataclasses.asdict(self)
 
 
+def attention_keys(m: ModelConfig, seq_len: int, count: Count, platform: str | None = None) -> float:
+  """Keys per query position that attention is charged for (module docstring)."""
+  s, w = seq_len, m.attention_window
+  model = (s + 1) / 2 if not w or w >= s else (w * s - w * (w - 1) / 2) / s
+  if count == "model":
+    return model
+  impl = resolve_impl(m.attention_impl, platform or jax.default_backend(), s, w)
+  if impl == "dense":
+    return s
+  if impl == "cudnn":
+    return model
+  block = min(m.attention_block, 128) if impl == "pallas_gpu" else m.attention_block
+  return visited_keys_per_query(s, block, w)
+
+
 def flop_breakdown(config: ml_collections.ConfigDict, count: Count = "model") -> FlopBreakdown:
   """Training FLOPs per position of the model built from `config`, by part (module docstring)."""
   if count not in ("model", "executed"):
@@ -85,11 +107,11 @@ def flop_breakdown(config: ml_collections.ConfigDict, count: Count = "model") ->
 
   # Decoder blocks.
   attention_proj = layers * TRAIN * 2 * d * h * (2 * n + 2 * kv)
-  keys = (s + 1) / 2 if count == "model" else s
+  keys = attention_keys(m, s, count)
   attention_mix = layers * TRAIN * 2 * (2 * n * h * keys)
   router = layers * TRAIN * 2 * d * moe.num_experts
   swiglu = 2 * 3 * d * moe.d_ff  # forward of one SwiGLU expert on one token
-  if count == "model" or moe.transport == "ragged":  # ragged: a grouped matmul over the k·S assignments
+  if count == "model" or moe.transport in ("ragged", "dropless"):  # a grouped matmul over the k·S assignments
     expert_slots = moe.num_experts_per_tok
   else:  # capacity buffers [E, C] per row
     expert_slots = moe.num_experts * capacity(moe, s) / s

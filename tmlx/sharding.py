@@ -210,6 +210,21 @@ def current(what: str) -> tuple[Mesh, Rules]:
   return ctx
 
 
+def current_or_none() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) set by `use_mesh_rules`, or None outside it."""
+  return _CONTEXT.get()
+
+
+def platform() -> str:
+  """The platform ('cpu', 'gpu', 'tpu') of the current mesh's devices, else of JAX's default
+  backend. A mesh of a deviceless topology (`tmlx.targets`) names its target's platform."""
+  ctx = _CONTEXT.get()
+  name = jax.default_backend()
+  if ctx is not None and isinstance(ctx[0], Mesh):  # an AbstractMesh has no devices
+    name = ctx[0].devices.flat[0].platform
+  return "gpu" if name in ("cuda", "rocm") else name
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Constrains an activation's sharding by logical names; a no-op outside `use_mesh_rules`."""
   ctx = _CONTEXT.get()
@@ -249,10 +264,12 @@ __all__ = [
   "batch_sharding",
   "constrain",
   "current",
+  "current_or_none",
   "describe",
   "logical_to_spec",
   "make_mesh",
   "mesh_shape",
+  "platform",
   "rules_table",
   "state_shardings",
   "use_mesh_rules",

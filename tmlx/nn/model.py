@@ -24,12 +24,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Float32, Int, Shaped
+from jaxtyping import Array, Bool, Float, Float32, Int, Integer, Shaped
 
 from data_pipelines.contract import NUM_KINDS, NUM_MELS, Kind
 from tmlx import fields, sharding
 from tmlx.modes import Remat
-from tmlx.nn.attention import Attention, KVCache, Rope, attention_mask, rope_angles
+from tmlx.nn.attention import Attention, KVCache, Rope, attention_mask, resolve_impl, rope_angles
+from tmlx.nn.attention import Impl as AttentionImpl
 from tmlx.nn.common import Dtypes, RMSNorm, fan_in_init, lookup, param, scan_modules, stack_modules
 from tmlx.nn.embed import DmelBagEmbed, HMLPStem, TextEmbed
 from tmlx.nn.flow_head import FlowConfig, FlowHead
@@ -56,6 +57,8 @@ class ModelConfig:
   head_dim: int
   rope_theta: float
   attention_window: int
+  attention_impl: AttentionImpl
+  attention_block: int
   qk_norm: bool
   norm_eps: float
   frames_per_position: int
@@ -73,7 +76,13 @@ class ModelConfig:
   def __post_init__(self):
     fields.literals(self)
     fields.positive(self, "vocab_size", "d_model", "num_layers", "scan_unroll", "num_heads", "num_kv_heads", "head_dim")
-    fields.positive(self, "frames_per_position")
+    fields.positive(self, "frames_per_position", "attention_block")
+    fields.in_range(self, "attention_window", 0)
+    if self.attention_impl == "pallas_gpu" and self.attention_window:
+      raise fields.FieldError(
+        f"@attention_impl='pallas_gpu' has no sliding window, but @attention_window={self.attention_window}: "
+        "use 'blockwise', 'cudnn' or 'auto'"
+      )
     if self.num_heads % self.num_kv_heads:
       raise fields.FieldError(
         f"@num_heads={self.num_heads} is not divisible by @num_kv_heads={self.num_kv_heads}: grouped-query "
@@ -118,14 +127,23 @@ class Block(nnx.Module):
       eps=cfg.norm_eps,
       rngs=rngs,
       dtypes=dt,
+      impl=cfg.attention_impl,
+      window=cfg.attention_window,
+      block=cfg.attention_block,
     )
     self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, dtypes=dt, eps=cfg.norm_eps)
     self.moe = MoE(cfg.d_model, cfg.moe, rngs=rngs, dtypes=dt)
 
   def __call__(
-    self, x: Float[Array, "B S D"], mask: Bool[Array, "B S T"], rope: Rope, token_mask: Bool[Array, "B S"]
+    self,
+    x: Float[Array, "B S D"],
+    segment_ids: Integer[Array, "B S"],
+    mask: Bool[Array, "B S S"] | None,
+    rope: Rope,
   ) -> tuple[Float[Array, "B S D"], MoEStats]:
-    x = x + self.attn(self.attn_norm(x), mask, rope)
+    """`mask` is the row's attention mask where the layer's attention materializes it, else None."""
+    x = x + self.attn(self.attn_norm(x), segment_ids, rope, mask)
+    token_mask = segment_ids > 0
     y, stats = self.moe(self.mlp_norm(x), token_mask)
     x = sharding.constrain(x + y, ("batch", "act_seq", "act_embed"))
     return x, stats
@@ -183,12 +201,13 @@ class InteractionModel(nnx.Module):
     cfg = self.cfg
     x = self.embed(batch)
     seg = batch["segment_ids"]
-    mask = attention_mask(seg, cfg.attention_window)
+    # Built once for every layer when they materialize it.
+    dense = resolve_impl(cfg.attention_impl, sharding.platform(), seg.shape[1], cfg.attention_window) == "dense"
+    mask = attention_mask(seg, cfg.attention_window) if dense else None
     rope = rope_angles(batch["positions"], cfg.head_dim, cfg.rope_theta)
-    token_mask = seg > 0
     x, stats = scan_modules(
       self.blocks,
-      lambda blk, c: blk(c, mask, rope, token_mask),
+      lambda blk, c: blk(c, seg, mask, rope),
       x,
       remat_policy=REMAT_POLICIES[cfg.remat],
       unroll=cfg.scan_unroll,

@@ -25,7 +25,10 @@ Transports (MoEConfig.transport) move assignments to their experts and back:
 - 'all_to_all': the same buffers exchanged over the mesh's expert axis with
   `jax.lax.all_to_all` inside `jax.shard_map`, each shard computing only its own e experts;
 - 'ragged': assignments sorted by expert and a grouped matmul (`jax.lax.ragged_dot`), for
-  GPU/TPU; the expert weights are gathered by GSPMD (no ragged all-to-all yet).
+  GPU/TPU; the expert weights are gathered by GSPMD;
+- 'dropless': exactly the routed assignments exchanged over the expert axis
+  (`jax.lax.ragged_all_to_all`, emulated on CPU) and a grouped matmul per shard
+  (`tmlx.nn.dropless`); nothing is dropped, so capacity_factor must be ≤ 0.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from tmlx import fields, sharding
 from tmlx.nn.common import Dtypes, fan_in_init, param
+from tmlx.nn.dropless import dropless_experts
 
-Transport = Literal["local", "all_to_all", "ragged"]
+Transport = Literal["local", "all_to_all", "ragged", "dropless"]
 RouterScore = Literal["softmax", "sigmoid"]
 TRANSPORTS = get_args(Transport)
 ROUTER_SCORES = get_args(RouterScore)
@@ -74,6 +78,11 @@ class MoEConfig:
     for name in ("bias_update_rate", "load_balance_weight", "z_loss_weight"):
       fields.in_range(self, name, 0)
     fields.in_range(self, "drop_warn_fraction", 0.0, 1.0)
+    if self.transport == "dropless" and self.capacity_factor > 0:
+      raise fields.FieldError(
+        f"@transport='dropless' never drops a token, but @capacity_factor={self.capacity_factor} asks for "
+        "capacity buffers: set it to 0"
+      )
     if self.num_experts_per_tok > self.num_experts:
       raise fields.FieldError(
         f"@num_experts_per_tok={self.num_experts_per_tok} exceeds @num_experts={self.num_experts}"
@@ -328,7 +337,8 @@ def run_experts(
   try:
     fn = _TRANSPORT_FNS[transport]
   except KeyError:
-    raise ValueError(f"MoE transport {transport!r}: expected one of {TRANSPORTS}") from None
+    expected = tuple(_TRANSPORT_FNS)
+    raise ValueError(f"MoE transport {transport!r}: expected one of {expected} ('dropless' is MoE's own)") from None
   return fn(x, plan, w)
 
 
@@ -388,10 +398,16 @@ class MoE(nnx.Module):
     cfg, dt = self.cfg, self.dtypes.compute
     x = x.astype(dt)
     logits, routing = self._route(x)
-    plan = dispatch_plan(routing.experts, mask, cfg.num_experts, capacity(cfg, x.shape[1]))
     w = ExpertWeights(*(p[...].astype(dt) for p in (self.w_gate, self.w_up, self.w_down)))
-    y = combine(run_experts(cfg.transport, x, plan, w), routing.weights)
-    return y + self._shared(x), router_stats(logits, routing, mask, plan.kept, cfg.num_experts)
+    if cfg.transport == "dropless":  # no capacity buffers, so no slot plan
+      b, s, k = routing.experts.shape
+      expert = jnp.where(mask[:, None, :], routing.experts.transpose(0, 2, 1), cfg.num_experts).reshape(b, k * s)
+      per_assignment, kept = dropless_experts(x, expert, w.gate, w.up, w.down), expert < cfg.num_experts
+    else:
+      plan = dispatch_plan(routing.experts, mask, cfg.num_experts, capacity(cfg, x.shape[1]))
+      per_assignment, kept = run_experts(cfg.transport, x, plan, w), plan.kept
+    y = combine(per_assignment, routing.weights)
+    return y + self._shared(x), router_stats(logits, routing, mask, kept, cfg.num_experts)
 
   def decode(self, x: Float[Array, "B S D"]) -> Float[Array, "B S D"]:
     """[B, S, D] → [B, S, D] for a few tokens at inference: dropless, with no dispatch. Each
