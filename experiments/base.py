@@ -113,7 +113,8 @@ def get_config(arg=None):
   # Aux-loss-free balancing: per-step change of the routing bias (0 keeps the bias at zero).
   m.moe.bias_update_rate = 0.0
   # How tokens reach their experts: 'local' (GSPMD), 'all_to_all' (shard_map over the expert
-  # axis; runs on CPU), 'ragged' (grouped matmul for GPU/TPU).
+  # axis; runs on CPU), 'ragged' (grouped matmul for GPU/TPU), 'dropless' (exactly the routed
+  # tokens over the expert axis with ragged_all_to_all, emulated on CPU; needs capacity_factor ≤ 0).
   m.moe.transport = "local"
   # Weights of the load-balancing loss and of the router z-loss.
   m.moe.load_balance_weight = 0.01
@@ -172,7 +173,8 @@ def get_config(arg=None):
   #   mesh       ICI axis sizes, e.g. {"fsdp": 8, "expert": 8}; dcn  DCN axis sizes, e.g. {"data": 4};
   #   xla_flags  appended to XLA_FLAGS (LIBTPU_INIT_ARGS on TPU) before JAX starts;
   #   remat      model.remat for this accelerator ("" keeps the preset's);
-  #   grad_accum_steps  optimizer.grad_accum_steps (micro-batches per step) for it (0 keeps).
+  #   grad_accum_steps  optimizer.grad_accum_steps (micro-batches per step) for it (0 keeps);
+  #   moe_transport, moe_capacity_factor  model.moe.transport and .capacity_factor for it.
   # Fields a row leaves out keep the preset's values. No row matches: the preset is used as is.
   c.mesh_rules = mlc.ConfigDict()
 

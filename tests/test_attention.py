@@ -88,13 +88,13 @@ def test_the_schedule_visits_only_blocks_the_mask_leaves_keys_in():
     blockwise.schedule(100, 64)
 
 
-@pytest.mark.parametrize("s, window", [(256, 0), (256, 100), (384, 128)])
+@pytest.mark.parametrize("s, window", [(256, 0), (256, 100), (384, 128), (192, 0), (72, 9)])  # 192, 72 padded
 def test_splash_kernel_in_interpret_mode_matches_dense(s, window):
   splash = functools.partial(kernels.splash_attention, block=128, interpret=True)
   _check(lambda q, k, v, seg, w: splash(q, k, v, seg, window=w), s, window, tol=3e-5)
 
 
-@pytest.mark.parametrize("s", [128, 256])
+@pytest.mark.parametrize("s", [128, 256, 96])  # 96: padded to whole blocks
 def test_pallas_gpu_kernel_in_interpret_mode_matches_dense(s):
   gpu = functools.partial(kernels.pallas_gpu_attention, block=64, interpret=True)
   _check(lambda q, k, v, seg, w: gpu(q, k, v, seg, window=w), s, 0, tol=3e-5)
@@ -114,11 +114,14 @@ def _mesh(tensor: int) -> Mesh:
   return sharding.make_mesh(config.mesh, jax.devices()[:8])
 
 
-@pytest.mark.parametrize("tensor", [2, 4], ids=["kv-heads-split", "kv-heads-replicated"])
+@pytest.mark.parametrize(
+  "tensor, n, kv", [(2, 4, 2), (4, 4, 2), (2, 6, 3)], ids=["kv-heads-split", "kv-heads-replicated", "kv-heads-repeated"]
+)
 @pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
-def test_kernels_run_per_device_under_the_mesh_rules(impl, tensor):
-  """Rows over the batch axes and query heads over 'tensor' in shard_map; with 2 kv heads on 4 head
-  shards each shard takes the kv head its query heads share."""
+def test_kernels_run_per_device_under_the_mesh_rules(impl, tensor, n, kv):
+  """Rows over the batch axes and query heads over 'tensor' in shard_map: 2 kv heads split over 2
+  head shards; on 4 head shards each takes the kv head its query heads share; 3 kv heads of 6
+  query heads on 2 shards (a shard's heads would span two kv heads) are repeated per query head."""
   mesh, table = _mesh(tensor), sharding.rules_table(base.DEFAULT_RULES)
   fn = {"splash": kernels.splash_attention, "pallas_gpu": kernels.pallas_gpu_attention}[impl]
 
@@ -129,7 +132,7 @@ def test_kernels_run_per_device_under_the_mesh_rules(impl, tensor):
       run = jax.jit(lambda *a: fn(*a, window=w, block=128, interpret=True), out_shardings=replicated)
       return run(q, k, v, seg)
 
-  _check(sharded, 256, 0, b=4, tol=3e-5)
+  _check(sharded, 256, 0, b=4, n=n, kv=kv, tol=3e-5)
 
 
 def test_auto_picks_by_platform_and_a_bad_choice_fails_where_it_is_set():

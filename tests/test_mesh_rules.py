@@ -32,11 +32,13 @@ def test_rows_are_chosen_by_substring_and_applied():
   assert (gpu.mesh.expert, gpu.mesh.dcn.fsdp, gpu.model.remat, gpu.optimizer.grad_accum_steps) == (8, -1, "full", 1)
   assert env["XLA_FLAGS"] == "--xla_dump_to=/nowhere --xla_gpu_enable_latency_hiding_scheduler=true"
   assert sharding.mesh_shape(gpu.mesh, 64) == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}  # 8 nodes
+  assert (gpu.model.moe.transport, gpu.model.moe.capacity_factor) == ("local", 1.25)  # the GPU row's MoE
 
   tpu = _pod()
   assert accelerators.apply(tpu, "tpu v5p-1024", env) == "tpu_v5p"
   assert "--xla_tpu_enable_async_collective_fusion=true" in env["LIBTPU_INIT_ARGS"]
   assert tpu.optimizer.grad_accum_steps == 2  # micro-batches for headroom (tests/test_plan_compile.py)
+  assert (tpu.model.moe.transport, tpu.model.moe.capacity_factor) == ("dropless", 0.0)  # the preset's own
   assert sharding.mesh_shape(tpu.mesh, 1024) == {"data": 4, "fsdp": 4, "expert": 16, "tensor": 4}  # 4 slices
 
   cpu = _pod()
@@ -53,6 +55,8 @@ def test_rows_are_chosen_by_substring_and_applied():
     (dict(match="h100", remat="some"), r"mesh_rules\.bad\.remat='some'"),
     (dict(match="h100", grad_accum_steps=-2), r"mesh_rules\.bad\.grad_accum_steps=-2: expected an integer"),
     (dict(match="h100", flags="x"), r"mesh_rules\.bad\.flags: unknown field"),
+    (dict(match="h100", moe_transport="fast"), r"mesh_rules\.bad\.moe_transport='fast': expected one of"),
+    (dict(match="h100", moe_capacity_factor="1.25"), r"bad\.moe_capacity_factor='1\.25': expected a number"),
   ],
 )
 def test_malformed_rows_name_the_field(row, message):

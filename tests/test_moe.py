@@ -171,8 +171,8 @@ def test_grouped_matmul_megablox_in_interpret_mode_matches_ragged_dot():
   ragged_dot, with rows past the groups as a receive buffer has them; gradients included."""
   from tmlx.nn.dropless import _grouped
 
-  rows = jax.random.normal(jax.random.key(0), (256, 32))
-  w = jax.random.normal(jax.random.key(1), (4, 32, 64))
+  rows = jax.random.normal(jax.random.key(0), (256, 128))
+  w = jax.random.normal(jax.random.key(1), (4, 128, 256))
   sizes = jnp.array([50, 0, 77, 100], jnp.int32)  # 227 of 256 rows in groups
   used = (jnp.arange(256) < 227)[:, None]
 
@@ -185,24 +185,32 @@ def test_grouped_matmul_megablox_in_interpret_mode_matches_ragged_dot():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shards", [2, 4, 8])
-def test_emulated_ragged_all_to_all_moves_each_slice_to_its_offset(shards):
-  """The CPU stand-in for jax.lax.ragged_all_to_all against the semantics its docstring gives."""
+@pytest.mark.parametrize("shards, per_shard", [(2, 1), (4, 1), (8, 1), (4, 3)])
+def test_emulated_ragged_all_to_all_moves_each_slice_to_its_offset(shards, per_shard):
+  """The CPU stand-in for jax.lax.ragged_all_to_all against the semantics its docstring gives,
+  with one slice per destination shard or several (as the dropless transport sends, one per expert)."""
   from jax.sharding import Mesh, PartitionSpec
 
   from tmlx.nn.dropless import emulated_ragged_all_to_all
 
-  rng = np.random.default_rng(shards)
-  n, out_rows = 32, 40  # up to 3 rows from each of 8 sources: at most 24 sent, 25 received
-  sizes = rng.integers(0, 4, size=(shards, shards)).astype(np.int32)  # [source, destination]
+  rng = np.random.default_rng(shards * per_shard)
+  slices = shards * per_shard  # slice i goes to shard i // per_shard
+  n = out_rows = 1 + 3 * slices  # up to 3 rows a slice; one free row first on every receiver
+  sizes = rng.integers(0, 4, size=(shards, slices)).astype(np.int32)  # [source, slice]
   operand = rng.normal(size=(shards, n, 3)).astype(np.float32)
   input_offsets = np.cumsum(sizes, 1) - sizes
-  output_offsets = (np.cumsum(sizes, 0) - sizes) + 1  # one free row first on every receiver
+  output_offsets = np.zeros_like(sizes)
+  recv_sizes = np.zeros_like(sizes)
   expected = np.full((shards, out_rows, 3), -1.0, np.float32)
+  fill = np.ones(shards, int)  # next free row on each receiver
   for src in range(shards):
-    for dst in range(shards):
-      rows = operand[src, input_offsets[src, dst] : input_offsets[src, dst] + sizes[src, dst]]
-      expected[dst, output_offsets[src, dst] : output_offsets[src, dst] + len(rows)] = rows
+    for i in range(slices):
+      dst, j = divmod(i, per_shard)
+      output_offsets[src, i] = fill[dst]
+      recv_sizes[dst, src * per_shard + j] = sizes[src, i]
+      rows = operand[src, input_offsets[src, i] : input_offsets[src, i] + sizes[src, i]]
+      expected[dst, fill[dst] : fill[dst] + len(rows)] = rows
+      fill[dst] += len(rows)
   mesh = Mesh(np.array(jax.devices()[:shards]), ("x",))
 
   def one(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes):
@@ -211,5 +219,6 @@ def test_emulated_ragged_all_to_all_moves_each_slice_to_its_offset(shards):
 
   spec = PartitionSpec("x")
   run = jax.jit(jax.shard_map(one, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec))
-  got = run(operand, np.full((shards, out_rows, 3), -1.0, np.float32), input_offsets, sizes, output_offsets, sizes.T)
+  output = np.full((shards, out_rows, 3), -1.0, np.float32)
+  got = run(operand, output, input_offsets, sizes, output_offsets, recv_sizes)
   np.testing.assert_array_equal(np.asarray(got), expected)

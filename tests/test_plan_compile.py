@@ -47,6 +47,11 @@ def test_the_276b_step_compiles_for_its_target_and_fits_with_headroom(tmp_path, 
   assert figures["findings"] == [], figures["findings"]
   assert 0 < figures["peak_bytes"] <= 0.8 * figures["hbm_bytes"], figures
   assert figures["alias_bytes"] > 0.9 * figures["output_bytes"], "the train state is donated: outputs reuse it"
+  # Splash attention and dropless experts on TPU; the Pallas flash kernel and capacity buffers on
+  # GPU (the preset's gpu_hopper row: XLA:GPU's ragged_dot would not fit).
+  tpu = topology.startswith("v5p")
+  ops = figures["ops"]
+  assert ops.get("pallas_tpu" if tpu else "pallas_gpu") and bool(ops.get("ragged_all_to_all")) == tpu, ops
 
   golden = GOLDEN / f"interaction_276b.{LAYERS}layers.{topology}.json"
   current = json.dumps({k: figures[k] for k in GOLDEN_KEYS}, indent=1) + "\n"
@@ -71,6 +76,20 @@ GOLDEN_KEYS = (
   "temp_bytes",
   "peak_bytes",
 )
+
+
+@pytest.mark.parametrize("topology, kernel", [("v5p-16", "pallas_tpu"), ("h200x8", "pallas_gpu")])
+def test_the_tiny_step_compiles_with_the_accelerator_kernels_and_the_dropless_exchange(tmp_path, topology, kernel):
+  """The :tiny variant (seconds to compile) takes the same paths as the full preset on its target:
+  attention 'auto' resolves to the target's kernel by the mesh's devices, and the dropless MoE
+  exchanges with ragged_all_to_all (which XLA:CPU lacks) instead of its CPU emulation."""
+  out = tmp_path / "figures.json"
+  args = ("--config=experiments/interaction_276b.py:tiny", "--compile", f"--topology={topology}", f"--json={out}")
+  proc = _plan(*args, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ops = json.loads(out.read_text())["ops"]
+  assert ops.get(kernel) and ops.get("ragged_all_to_all"), ops
+  assert "kernels and exchanges: " in proc.stdout and "ragged_all_to_all" in proc.stdout, proc.stdout
 
 
 def test_a_step_without_headroom_fails_in_one_line_and_the_executable_is_saved(tmp_path):

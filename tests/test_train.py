@@ -105,28 +105,39 @@ def test_main_entry_point_trains_and_resumes(tmp_path):
   assert all(r["data/windows"] > 0 and r["data/skipped"] == 0 for r in rows)
 
 
-def test_all_to_all_transport_trains_like_local(tmp_path):
-  """Through tmlx.main on a data=2 x expert=4 mesh: all_to_all's loss curve equals local's (fp32)."""
+@pytest.mark.parametrize(
+  "field, reference, candidate, capacity",
+  [
+    ("model.moe.transport", "local", "all_to_all", "1.0"),  # with drops, so dispatch order matters too
+    ("model.moe.transport", "local", "dropless", "0"),
+    ("model.attention_impl", "dense", "blockwise", "1.0"),
+    ("model.attention_impl", "dense", "splash", "1.0"),  # Pallas interpret mode on CPU
+  ],
+)
+def test_an_implementation_trains_like_its_reference(tmp_path, field, reference, candidate, capacity):
+  """Through tmlx.main on a data=2 x expert=4 mesh, fp32: the candidate's loss curve equals the
+  reference's (the attention rows have a window and packed segments)."""
   curves = {}
-  for transport in ("local", "all_to_all"):
-    workdir = tmp_path / transport
+  for value in (reference, candidate):
+    workdir = tmp_path / value
     proc = run_main(
       "experiments/sample_cpu.py:tiny",
       workdir,
-      f"--config.model.moe.transport={transport}",
+      f"--config.{field}={value}",
       "--config.model.compute_dtype=float32",
-      "--config.model.moe.capacity_factor=1.0",  # with drops, so dispatch order matters too
+      f"--config.model.moe.capacity_factor={capacity}",
+      "--config.model.attention_block=128",
       "--config.train.num_steps=6",
       "--config.checkpoint.every=0",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    curves[transport] = _metrics(workdir)
-  local, a2a = curves["local"], curves["all_to_all"]
-  assert [r["step"] for r in local] == [r["step"] for r in a2a] == list(range(1, 7))
-  assert any(r["moe_dropped_fraction"] > 0 for r in local)
-  for r_local, r_a2a in zip(local, a2a):
+    curves[value] = _metrics(workdir)
+  ref, got = curves[reference], curves[candidate]
+  assert [r["step"] for r in ref] == [r["step"] for r in got] == list(range(1, 7))
+  assert any(r["moe_dropped_fraction"] > 0 for r in ref) == (capacity != "0")
+  for r_ref, r_got in zip(ref, got):
     for key in ("loss", "text_loss", "flow_loss", "moe_dropped_fraction", "grad_norm"):
-      assert r_a2a[key] == pytest.approx(r_local[key], rel=2e-5, abs=1e-6), (r_local["step"], key)
+      assert r_got[key] == pytest.approx(r_ref[key], rel=2e-5, abs=1e-6), (r_ref["step"], key)
 
 
 def test_non_finite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path, caplog):

@@ -6,3 +6,4 @@ from typing import Literal
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 Remat = Literal["none", "full", "dots"]  # activation rematerialization of each decoder block
+MoETransport = Literal["local", "all_to_all", "ragged", "dropless"]  # how tokens reach their experts (tmlx.nn.moe)

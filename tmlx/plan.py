@@ -233,6 +233,7 @@ class CompiledPlan:
   xla_flops: float | None  # XLA's cost analysis of the step, per chip (None where not given)
   model_flops: float  # tmlx.flops of one step, per chip
   findings: tuple[str, ...]
+  ops: dict[str, int]  # instructions of the compiled program by kind (`OPS`), those present
 
   @property
   def fraction(self) -> float:
@@ -266,6 +267,21 @@ class _CapturedStderr:
     self._file.close()
     sys.stderr.write(self.text)
     return False
+
+
+# What the compiled program's text is searched for, to show which kernels and exchanges it runs.
+OPS = {
+  "pallas_tpu": 'custom_call_target="tpu_custom_call"',  # splash attention, megablox
+  "pallas_gpu": 'custom_call_target="__gpu$xla.gpu.triton"',
+  "cudnn_attention": 'custom_call_target="__cudnn$fmha',
+  "ragged_all_to_all": re.compile(r" ragged-all-to-all(-start)?\("),
+  "all_to_all": re.compile(r" all-to-all(-start)?\("),
+}
+
+
+def _ops(text: str) -> dict[str, int]:
+  counts = {k: len(p.findall(text)) if isinstance(p, re.Pattern) else text.count(p) for k, p in OPS.items()}
+  return {k: n for k, n in counts.items() if n}
 
 
 def _findings(log: str) -> tuple[str, ...]:
@@ -330,6 +346,7 @@ def compile_step(
     xla_flops=float(cost["flops"]) if cost and "flops" in cost else None,
     model_flops=flops.flops_per_token(config) * tokens / len(devices),
     findings=_findings(log.text),
+    ops=_ops(compiled.as_text()),
   )
 
 
@@ -368,6 +385,7 @@ def format_compiled(c: CompiledPlan) -> str:
   if c.xla_flops is not None and c.num_layers > 1:
     # XLA's cost analysis counts the body of a while loop (the scanned layers) once.
     lines.append("  (XLA counts the scanned layers once: compare the two at --config.model.num_layers=1)")
+  lines.append("kernels and exchanges: " + (", ".join(f"{k} {n}" for k, n in c.ops.items()) or "none"))
   if c.findings:
     lines.append(f"findings ({len(c.findings)}): the partitioner could not shard these efficiently")
     lines += [f"  {f}" for f in c.findings]

@@ -6,6 +6,7 @@ Dimensions:
   D  model width
   E  experts
   F  expert hidden width
+  J  experts chosen per token (top-k)
   R  rows of a flattened matmul: several dimensions folded into one; here assignments sorted by expert
   S  query positions
   X  expert shards: the size of the mesh's expert axis
@@ -41,11 +42,11 @@ from tmlx import sharding
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
-  """`jax.lax.ragged_all_to_all` through a padded `all_to_all`, with its semantics: of the K
-  slices given (K a multiple of the axis size X), slice i (rows input_offsets[i] ... +
-  send_sizes[i] of `operand`) goes to shard i // (K / X), which writes it into its `output` at
-  output_offsets[i]; here slice i received comes from shard i // (K / X) with recv_sizes[i] rows.
-  Each slice is padded to all of `operand`'s rows on the way: [K, rows, ...], for tests."""
+  """`jax.lax.ragged_all_to_all` through a padded `all_to_all`, with its semantics: of the n
+  slices given (n a multiple of the axis size X, here n / X = m per shard), slice i (rows
+  input_offsets[i] ... + send_sizes[i] of `operand`) goes to shard i // m, which writes it into
+  its `output` at output_offsets[i]; received slice i comes from shard i // m with recv_sizes[i]
+  rows. Each slice is padded to all of `operand`'s rows on the way (n copies of it: for tests)."""
   n = operand.shape[0]
   rows = jnp.arange(n)
   index = jnp.minimum(input_offsets[:, None] + rows[None], n - 1)
@@ -59,7 +60,8 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
 
 
 def _grouped(rows, w, sizes, kernel: str):
-  """rows [R, D] grouped by expert (sizes [e], then rows past the groups) @ w [e, D, F] → [R, F]."""
+  """rows [R, D] grouped by expert (sizes [e], then rows past the groups) @ w [e, D, F] → [R, F];
+  megablox needs every dimension in whole 128-wide tiles, else ragged_dot runs."""
   if kernel == "ragged_dot":
     return jax.lax.ragged_dot(rows, w, sizes)
   from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
@@ -67,7 +69,9 @@ def _grouped(rows, w, sizes, kernel: str):
   interpret = kernel == "megablox_interpret"
   m, k = rows.shape
   n = w.shape[-1]
-  tiling = (min(128, m), min(128, k), min(128, n))
+  if m % 128 or k % 128 or n % 128:  # the kernel's tiles (its backward swaps k and n)
+    return jax.lax.ragged_dot(rows, w, sizes)
+  tiling = (128, 128, 128)
   # The kernel leaves rows past the groups unwritten, forward and backward: zero them both ways.
   valid = (jnp.arange(m) < jnp.sum(sizes))[:, None]
   out = megablox.gmm(jnp.where(valid, rows, 0), w, sizes, rows.dtype, tiling, None, None, False, interpret)
@@ -106,6 +110,7 @@ def _shard_ffn(x, expert, gate, up, down, *, num_experts, ep_axis, ep, exchange,
   recv_offsets = (expert_start[me][None] + mine(source_start)).reshape(-1)
 
   capacity = ep * b * s * min(k, e)  # every source sending all it can here (≤ e choices per token)
+  capacity = -(-capacity // 128) * 128  # whole tiles of the grouped matmul
   rows = exchange(sent, jnp.zeros((capacity, d), x.dtype), input_offsets, counts, output_offsets, recv)
   sizes = total[me]  # [e]
   h = jax.nn.silu(_grouped(rows, gate, sizes, kernel)) * _grouped(rows, up, sizes, kernel)
@@ -126,6 +131,7 @@ def dropless_experts(
   """Tokens x [B, S, D] through the experts `expert` [B, A] names (E: a padding token's) → per-
   assignment outputs [B, A, D], over the current mesh's expert axis (module docstring)."""
   mesh, table = sharding.current("the dropless MoE transport")
+  b, s, d = x.shape
   expert_axes = table.get("expert", ())
   if len(expert_axes) != 1:
     raise ValueError(
@@ -137,11 +143,19 @@ def dropless_experts(
   if ep_axis not in table.get("batch", ()):
     raise ValueError(f"the dropless MoE transport needs the 'batch' rule to include the expert axis {ep_axis!r}")
   batch_axes = tuple(a for a in table.get("batch", ()) if mesh.shape[a] > 1 or a == ep_axis)
+  others = [a for a in batch_axes if a != ep_axis]
+  while others and b % math.prod(mesh.shape[a] for a in batch_axes):  # e.g. a micro-batch smaller than them
+    dropped = others.pop()
+    batch_axes = tuple(a for a in batch_axes if a != dropped)
+  if b % mesh.shape[ep_axis]:
+    raise ValueError(
+      f"the dropless MoE transport splits the batch over the expert axis {ep_axis!r}: {b} rows do not divide "
+      f"into its {mesh.shape[ep_axis]} shards"
+    )
   # The tensor axes that split F elsewhere split the positions here, each shard running its slice
   # of the tokens through whole experts (GSPMD gathers their F): no partial sums of every received
   # row, and a receive buffer 1/tensor the size. Positions not divisible by them are not split.
   seq_axes = tuple(a for a in table.get("mlp", ()) if a not in batch_axes and mesh.shape[a] > 1)
-  b, s, d = x.shape
   if s % math.prod(mesh.shape[a] for a in seq_axes):
     seq_axes = ()
   platform = sharding.platform()

@@ -26,7 +26,9 @@ attends to padding, and the losses skip it).
 
 Under `tmlx.sharding.use_mesh_rules` the Pallas kernels run inside `jax.shard_map`, each device on
 its rows (the 'batch' rule's axes) and query heads (the 'act_heads' rule's axis), the whole
-sequence at once; a kv head shared by query heads on several devices is replicated to them.
+sequence at once; a kv head shared by query heads on several devices is replicated to them (and
+where a device's query heads would span kv heads, the kv heads are repeated to one per query
+head). Rows are padded to whole kernel blocks as segment 0.
 """
 
 from __future__ import annotations
@@ -88,12 +90,28 @@ def _pallas_gpu_local(q, k, v, seg, *, window: int, block: int, interpret: bool)
   b, s, n, h = q.shape
   g = n // k.shape[2]
   k, v = (jnp.repeat(a, g, axis=2) for a in (k, v))
-  bq = min(block, 128, s)
+  bq = min(block, 128, s)  # s is a multiple of it (`_padded`)
   sizes = gpu_attention.BlockSizes(
     block_q=bq, block_k=bq, block_q_dkv=min(bq, 64), block_kv_dkv=min(bq, 64), block_q_dq=min(bq, 64),
     block_kv_dq=min(bq, 64),
   )  # fmt: skip
   return gpu_attention.mha(q, k, v, seg, sm_scale=h**-0.5, causal=True, block_sizes=sizes, interpret=interpret)
+
+
+def _padded(local: Callable, multiple: Callable[[int], int]) -> Callable:
+  """`local` on rows padded (as segment 0, after every real position) to a multiple of
+  `multiple(S)` positions, the kernels' blocks; outputs cut back to S."""
+
+  def run(q, k, v, seg):
+    s = q.shape[1]
+    m = multiple(s)
+    pad = -s % m
+    if pad:
+      q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+      seg = jnp.pad(seg, ((0, 0), (0, pad)))
+    return local(q, k, v, seg)[:, :s]
+
+  return run
 
 
 def _sharded(local: Callable, q, k, v, seg):
@@ -113,6 +131,9 @@ def _sharded(local: Callable, q, k, v, seg):
     heads, tp = (), 1
   row_spec = rows or None
   q_spec = PartitionSpec(row_spec, None, heads or None, None)
+  if kv % tp and tp % kv:  # a shard's query heads would span kv heads: give each its own
+    k, v = (jnp.repeat(a, n // kv, axis=2) for a in (k, v))
+    kv = n
   if kv % tp == 0:
     kv_spec, fn = PartitionSpec(row_spec, None, heads or None, None), local
   else:  # fewer kv heads than head shards: each shard takes the one its query heads share
@@ -148,7 +169,8 @@ def splash_attention(
 ) -> Float[Array, "B S N H"]:
   """The TPU splash kernel over the causal (or `window`) mask of packed rows (module docstring)."""
   local = functools.partial(_splash_local, window=window, block=block, interpret=interpret)
-  return _sharded(local, q, k, v, segment_ids)
+  # Blocks of `block` positions, or the row rounded up to whole 128-lane tiles when it is shorter.
+  return _sharded(_padded(local, lambda s: min(block, -(-s // 128) * 128)), q, k, v, segment_ids)
 
 
 def pallas_gpu_attention(
@@ -163,7 +185,7 @@ def pallas_gpu_attention(
 ) -> Float[Array, "B S N H"]:
   """The Pallas GPU flash kernel over the causal mask of packed rows (no window)."""
   local = functools.partial(_pallas_gpu_local, window=window, block=block, interpret=interpret)
-  return _sharded(local, q, k, v, segment_ids)
+  return _sharded(_padded(local, lambda s: min(block, 128, -(-s // 16) * 16)), q, k, v, segment_ids)
 
 
 def cudnn_attention(

@@ -44,11 +44,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from tmlx import fields, sharding
+from tmlx import fields, modes, sharding
 from tmlx.nn.common import Dtypes, fan_in_init, param
 from tmlx.nn.dropless import dropless_experts
 
-Transport = Literal["local", "all_to_all", "ragged", "dropless"]
+Transport = modes.MoETransport
 RouterScore = Literal["softmax", "sigmoid"]
 TRANSPORTS = get_args(Transport)
 ROUTER_SCORES = get_args(RouterScore)

@@ -1,5 +1,6 @@
 """The accelerator a process runs on, found before JAX starts, and the experiment's row of
-`config.mesh_rules` for it (mesh shape, DCN shape, XLA flags, remat policy, micro-batches).
+`config.mesh_rules` for it (mesh shape, DCN shape, XLA flags, remat policy, micro-batches, and
+the MoE transport with its capacity factor).
 
 XLA reads its flags when the backend is created, so the row is chosen from what the machine says
 without JAX: `TMLX_ACCELERATOR` if set (an override, e.g. "h100"); "cpu" when JAX_PLATFORMS is
@@ -24,10 +25,10 @@ from typing import get_args
 from absl import logging
 
 from tmlx.errors import ConfigError
-from tmlx.modes import MESH_AXES, Remat
+from tmlx.modes import MESH_AXES, MoETransport, Remat
 
 ENV_ACCELERATOR = "TMLX_ACCELERATOR"
-ROW_FIELDS = ("match", "mesh", "dcn", "xla_flags", "remat", "grad_accum_steps")
+ROW_FIELDS = ("match", "mesh", "dcn", "xla_flags", "remat", "grad_accum_steps", "moe_transport", "moe_capacity_factor")
 
 
 def detect(env: Mapping[str, str] | None = None, nvidia_smi: Callable[[], str | None] | None = None) -> str:
@@ -88,18 +89,25 @@ def apply(config, accelerator: str | None = None, environ: MutableMapping[str, s
     config.model.remat = row["remat"]
   if row.get("grad_accum_steps"):
     config.optimizer.grad_accum_steps = int(row["grad_accum_steps"])
+  if row.get("moe_transport"):
+    config.model.moe.transport = row["moe_transport"]
+  if row.get("moe_capacity_factor") is not None:
+    config.model.moe.capacity_factor = float(row["moe_capacity_factor"])
   flags = str(row.get("xla_flags") or "").strip()
   if flags:
     var = "LIBTPU_INIT_ARGS" if accelerator.startswith("tpu") else "XLA_FLAGS"
     environ[var] = f"{environ.get(var, '')} {flags}".strip()
   logging.info(
-    "mesh_rules: row %r for accelerator %r: mesh %s, dcn %s, remat %s, %d micro-batches, xla flags %r",
+    "mesh_rules: row %r for accelerator %r: mesh %s, dcn %s, remat %s, %d micro-batches, MoE %s at capacity "
+    "factor %s, xla flags %r",
     name,
     accelerator,
     {a: config.mesh[a] for a in ("data", "fsdp", "expert", "tensor")},
     dict(config.mesh.dcn),
     config.model.remat,
     config.optimizer.grad_accum_steps,
+    config.model.moe.transport,
+    config.model.moe.capacity_factor,
     flags,
   )
   return name
@@ -128,3 +136,10 @@ def check_rules(rules: Mapping) -> None:
     accum = row.get("grad_accum_steps", 0)
     if not isinstance(accum, int) or isinstance(accum, bool) or accum < 0:
       raise ConfigError(f"{where}.grad_accum_steps={accum!r}: expected an integer ≥ 1 (or 0 to keep)")
+    transport = row.get("moe_transport") or ""
+    if transport and transport not in get_args(MoETransport):
+      expected = get_args(MoETransport)
+      raise ConfigError(f"{where}.moe_transport={transport!r}: expected one of {expected} (or '' to keep)")
+    factor = row.get("moe_capacity_factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int | float)):
+      raise ConfigError(f"{where}.moe_capacity_factor={factor!r}: expected a number (≤ 0: dropless), or None to keep")
