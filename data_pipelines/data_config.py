@@ -10,7 +10,7 @@ import math
 from typing import Literal
 
 from data_pipelines.contract import PATCH_SIZE, min_positions_per_micro_turn
-from data_pipelines.episode_source import parse_mixture
+from data_pipelines.episode_source import parse_stages
 from tmlx import fields
 
 
@@ -83,16 +83,17 @@ class DataConfig:
       fields.in_range(self, name, 0)
 
   def _check_mixture(self) -> None:
-    """DIR:WEIGHT entries, each weight a finite number > 0."""
+    """DIR:WEIGHT entries (in weight stages, `parse_stages`), each weight a finite number > 0."""
     try:
-      entries = parse_mixture(self.mixture)
+      entries, stages = parse_stages(self.mixture)
     except ValueError as e:
       reason = str(e).removeprefix("config data.mixture").lstrip(": ").replace("@", "@@")
       raise fields.FieldError(f"@mixture={fields.shown(self.mixture)}: {reason}") from None
-    for entry in entries:
-      if not math.isfinite(entry.weight):
-        where = fields.shown(entry.path)
-        raise fields.FieldError(f"@mixture: weight {entry.weight} of {where} must be a finite number > 0")
+    for _, weights in stages:
+      for entry, weight in zip(entries, weights):
+        if not math.isfinite(weight):
+          where = fields.shown(entry.path)
+          raise fields.FieldError(f"@mixture: weight {weight} of {where} must be a finite number > 0")
 
   @property
   def patch_grid(self) -> tuple[int, int]:

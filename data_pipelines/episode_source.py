@@ -59,12 +59,7 @@ def locate(path: str, root: str | os.PathLike | None) -> pathlib.Path:
   return p
 
 
-def parse_mixture(spec: str, root: str | os.PathLike | None = None) -> list[MixtureEntry]:
-  """Parses config `data.mixture`: "DIR:WEIGHT,DIR:WEIGHT,..." (a bare DIR has weight 1).
-
-  A relative DIR is looked up in the working directory, then under `root` (the project root, where
-  the sample corpus lives). A DIR may be an object-store URL (`gs://BUCKET/PATH:0.5`).
-  """
+def _parse_entries(spec: str, root: str | os.PathLike | None) -> list[MixtureEntry]:
   entries = []
   for part in (p.strip() for p in spec.split(",")):
     if not part:
@@ -82,9 +77,61 @@ def parse_mixture(spec: str, root: str | os.PathLike | None = None) -> list[Mixt
       entries.append(MixtureEntry(path.rstrip("/"), w))
       continue
     entries.append(MixtureEntry(str(locate(path, root)), w))
-  if not entries:
-    raise ValueError("config data.mixture is empty; give one or more DIR:WEIGHT entries")
   return entries
+
+
+# Weight stages of a mixture: (first step, one weight per dataset of the mixture, 0 where the stage
+# does not name it), by first step.
+Stages = tuple[tuple[int, tuple[float, ...]], ...]
+
+
+def parse_stages(spec: str, root: str | os.PathLike | None = None) -> tuple[list[MixtureEntry], Stages]:
+  """Parses config `data.mixture`: "DIR:WEIGHT,DIR:WEIGHT,..." (a bare DIR has weight 1), or
+  weight stages by training step separated by ";", each after the first starting at "STEP=":
+  "a:0.7,b:0.3;5000=a:0.2,b:0.8" trains on a and b 70/30 before step 5000 and 20/80 from it on.
+
+  Returns every dataset the stages name (first-seen order; `weight` is the first stage's, 0 when
+  it does not name the dataset) and the stages. A relative DIR is looked up in the working
+  directory, then under `root` (the project root, where the sample corpus lives). A DIR may be an
+  object-store URL (`gs://BUCKET/PATH:0.5`).
+  """
+  named: list[tuple[int, list[MixtureEntry]]] = []
+  for k, text in enumerate(t.strip() for t in spec.split(";")):
+    start = 0
+    head, eq, rest = text.partition("=")
+    where = f"config data.mixture: stage {k + 1} {text!r}"
+    if eq:
+      if not head.strip().isdigit():
+        raise ValueError(f"{where}: expected STEP=DIR:WEIGHT,... with a step number")
+      start, text = int(head), rest
+    elif k:
+      raise ValueError(f"{where} has no STEP= before its datasets")
+    entries = _parse_entries(text, root)
+    if not entries:
+      raise ValueError(
+        "config data.mixture is empty; give one or more DIR:WEIGHT entries"
+        if len(spec.split(";")) == 1
+        else f"config data.mixture: stage {k + 1} names no dataset"
+      )
+    if named and start <= named[-1][0]:
+      raise ValueError(f"{where} starts at step {start}, not after stage {k}'s {named[-1][0]}")
+    if not named and start:
+      raise ValueError(f"config data.mixture: the first stage starts at step {start}; it must start at 0 (no STEP=)")
+    named.append((start, entries))
+  order = list(dict.fromkeys(e.path for _, entries in named for e in entries))
+  stages = []
+  for start, entries in named:
+    weights = dict.fromkeys(order, 0.0)
+    for e in entries:
+      weights[e.path] += e.weight
+    stages.append((start, tuple(weights.values())))
+  first = stages[0][1]
+  return [MixtureEntry(path, w) for path, w in zip(order, first)], tuple(stages)
+
+
+def parse_mixture(spec: str, root: str | os.PathLike | None = None) -> list[MixtureEntry]:
+  """Every dataset of config `data.mixture` with its weight in the first stage (`parse_stages`)."""
+  return parse_stages(spec, root)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +144,7 @@ class EpisodeSourceSpec:
   max_window: int  # micro-turns per window; 0: as many as fit
   on_error: str  # "raise" | "skip"
   cache_size: int  # decoded episodes kept per process (or worker)
+  stages: Stages = ()  # weight stages by step (`parse_stages`); () or one stage: the entries' weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +174,10 @@ class EpisodeSource:
     self.spec = spec
     self.tokenizer = tokenizer
     self.readers = [EpisodeReader(m.path) for m in spec.mixture]
-    weights = np.array([m.weight for m in spec.mixture], np.float64)
-    self._dataset_p = weights / weights.sum()
+    stages = spec.stages or ((0, tuple(m.weight for m in spec.mixture)),)
+    self._stage_starts = np.array([start for start, _ in stages], np.int64)
+    self._stage_p = [np.array(w, np.float64) / np.sum(w) for _, w in stages]
+    self._dataset_p = self._stage_p[0]
     self._episode_p = []
     for m, reader in zip(spec.mixture, self.readers):
       counts = np.array([e.num_micro_turns for e in reader.episodes], np.float64)
@@ -135,6 +185,8 @@ class EpisodeSource:
         raise ValueError(f"config data.mixture: dataset {m.path} has no episode with a whole micro-turn")
       self._episode_p.append(counts / counts.sum())
     parts = [f"{p:.6f}:{r.fingerprint()}" for p, r in zip(self._dataset_p, self.readers)]
+    for start, p in zip(self._stage_starts[1:], self._stage_p[1:]):  # a staged mixture's later stages
+      parts.append(f"from {start}:" + ",".join(f"{x:.6f}" for x in p))
     self.fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     self._key = int(self.fingerprint[:8], 16)
     self._init_cache()
@@ -183,9 +235,13 @@ class EpisodeSource:
 
   # -- planning ------------------------------------------------------------------------------
 
+  def dataset_p(self, step: int) -> np.ndarray:
+    """The mixture's dataset probabilities at `step` (its weight stage's)."""
+    return self._stage_p[int(np.searchsorted(self._stage_starts, step, side="right")) - 1]
+
   def dataset_of(self, step: int, index: int) -> int:
     """The mixture entry row (step, index) is drawn from (its generator's first draw)."""
-    return int(self._rng(step, index).choice(len(self.readers), p=self._dataset_p))
+    return int(self._rng(step, index).choice(len(self.readers), p=self.dataset_p(step)))
 
   def _rng(self, step: int, index: int) -> np.random.Generator:
     return np.random.default_rng([self.spec.seed, self._key, step, index])
@@ -197,7 +253,7 @@ class EpisodeSource:
     skipped like a bad header; without, the plan assumes every chunk is readable (for statistics
     over many rows)."""
     rng = self._rng(step, index)
-    d = int(rng.choice(len(self.readers), p=self._dataset_p))
+    d = int(rng.choice(len(self.readers), p=self.dataset_p(step)))
     stats = empty_stats()
     windows: list[Window] = []
     room = self.spec.row.seq_len

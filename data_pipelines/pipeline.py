@@ -21,7 +21,14 @@ from data_pipelines.align import AlignSpec
 from data_pipelines.contract import RowSpec
 from data_pipelines.data_config import SOURCES
 from data_pipelines.episode import MANIFEST
-from data_pipelines.episode_source import EpisodeSource, EpisodeSourceSpec, empty_stats, locate, parse_mixture
+from data_pipelines.episode_source import (
+  EpisodeSource,
+  EpisodeSourceSpec,
+  empty_stats,
+  locate,
+  parse_mixture,
+  parse_stages,
+)
 from data_pipelines.synthetic import SyntheticSource, SyntheticSpec
 from data_pipelines.tokenizer import make_tokenizer
 from tmlx import paths
@@ -90,11 +97,13 @@ def make_source(config: ml_collections.ConfigDict):
       )
     )
   if d.source == "episodes":
+    entries, stages = parse_stages(d.mixture, root=PROJECT_ROOT)
     return EpisodeSource(
       EpisodeSourceSpec(
         row=row_spec(config),
         seed=config.seed,
-        mixture=tuple(parse_mixture(d.mixture, root=PROJECT_ROOT)),
+        mixture=tuple(entries),
+        stages=stages,
         align=AlignSpec(
           k_max=d.k_max,
           text_only_k_max=d.text_only_k_max,

@@ -184,7 +184,9 @@ def get_config(arg=None):
   c.data.source = "synthetic"
   # For 'episodes': the datasets and their weights, "DIR:WEIGHT,DIR:WEIGHT,..." (each row is drawn
   # from one dataset by weight). A relative DIR is looked up in the working directory, then in the
-  # project root (where the sample corpus lives, under data/sample/).
+  # project root (where the sample corpus lives, under data/sample/). Weights that change over
+  # training are stages after ";", each from its step on: "a:0.7,b:0.3;5000=a:0.2,b:0.8" (a
+  # dataset a stage leaves out has weight 0 there).
   c.data.mixture = ""
   # Text tokenizer: 'byte', or 'sentencepiece:PATH' for a model trained with
   # `python -m data_pipelines.tokenizer train`. Its ids must be < model.vocab_size.

@@ -20,6 +20,7 @@ from data_pipelines.contract import Kind, check_batch
 from data_pipelines.episode import DataError, Episode, Event, Word
 from data_pipelines.tokenizer import ByteTokenizer
 from tests.helpers import ROOT, run_main, tiny_config
+from tmlx import config as config_lib
 
 
 def _tone(n: int, freq: float, level: float) -> np.ndarray:
@@ -223,6 +224,49 @@ def test_mixture_proportions_hold_over_10000_rows(tmp_path):
   assert firsts[:50] == [source.dataset_of(s, r) for s, r in rows[:50]]
   share = np.bincount(firsts, minlength=2) / len(rows)
   assert abs(share[0] - 0.75) < 0.02 and abs(share[1] - 0.25) < 0.02, share
+
+
+def test_a_staged_mixture_switches_weights_at_its_step():
+  """Stages by step: conversations only before step 3, then text 3:1 over conversations; the row
+  plan draws its dataset by the stage of the row's step, and stays a pure function of the indices."""
+  c = _episode_config("data/sample/conversations;3=data/sample/text:3,data/sample/conversations:1")
+  source = data_pipelines.make_source(c)
+  assert [r.directory.name for r in source.readers] == ["conversations", "text"]
+  before = [source.dataset_of(s, r) for s in range(3) for r in range(200)]
+  after = [source.dataset_of(s, r) for s in range(3, 6) for r in range(200)]
+  assert set(before) == {0}
+  assert abs(np.mean(after) - 0.75) < 0.05, np.mean(after)
+  firsts = [source.plan(s, r, read_media=False)[0][0].dataset for s in (2, 3) for r in range(20)]
+  assert firsts == [source.dataset_of(s, r) for s in (2, 3) for r in range(20)]
+  again = data_pipelines.make_source(c)
+  assert [again.dataset_of(4, r) for r in range(50)] == after[200:250]
+  # The stages are part of the data spec: another switching step is another stream of rows.
+  other = data_pipelines.make_source(
+    _episode_config("data/sample/conversations;4=data/sample/text:3,data/sample/conversations:1")
+  )
+  assert other.fingerprint != source.fingerprint
+  single = data_pipelines.make_source(_episode_config("data/sample/conversations:1,data/sample/text:1"))
+  assert (
+    single.fingerprint
+    == data_pipelines.make_source(_episode_config("data/sample/conversations,data/sample/text")).fingerprint
+  )
+
+
+@pytest.mark.parametrize(
+  "mixture, message",
+  [
+    ("data/sample/text;data/sample/conversations", r"stage 2 'data/sample/conversations' has no STEP="),
+    ("data/sample/text;x=data/sample/conversations", r"stage 2 .*: expected STEP=DIR:WEIGHT,\.\.\. with a step number"),
+    ("data/sample/text;5=a:1;5=b:1", r"stage 3 '5=b:1' starts at step 5, not after stage 2's 5"),
+    ("10=data/sample/text", r"the first stage starts at step 10; it must start at 0"),
+    ("data/sample/text;5=", r"stage 2 names no dataset"),
+    ("data/sample/text;5=data/sample/conversations:inf", r"weight inf of '.*conversations' must be a finite number"),
+  ],
+)
+def test_a_bad_staged_mixture_is_refused_naming_the_stage(mixture, message):
+  c = _episode_config(mixture)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c, 8)
 
 
 def test_mixture_spec_errors_name_the_field(tmp_path):
