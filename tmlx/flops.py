@@ -48,6 +48,7 @@ from tmlx.losses import target_slots
 from tmlx.nn.attention import resolve_impl
 from tmlx.nn.blockwise import visited_keys_per_query
 from tmlx.nn.flow_head import TIME_FEATURES
+from tmlx.nn.kernels import PALLAS_GPU_MAX_BLOCK
 from tmlx.nn.model import DTYPES, ModelConfig
 from tmlx.nn.moe import capacity
 
@@ -92,7 +93,7 @@ def attention_keys(m: ModelConfig, seq_len: int, count: Count, platform: str | N
     return s
   if impl == "cudnn":
     return model
-  block = min(m.attention_block, 128) if impl == "pallas_gpu" else m.attention_block
+  block = min(m.attention_block, PALLAS_GPU_MAX_BLOCK) if impl == "pallas_gpu" else m.attention_block
   return visited_keys_per_query(s, block, w)
 
 

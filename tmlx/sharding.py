@@ -225,6 +225,28 @@ def platform() -> str:
   return "gpu" if name in ("cuda", "rocm") else name
 
 
+def dividing_axes(mesh: Mesh, axes: Sequence[str], size: int, keep: Sequence[str] = ()) -> tuple[str, ...]:
+  """`axes` of more than one device, less the last ones (those not in `keep`) until their product
+  divides `size` (e.g. a micro-batch smaller than the batch axes): what can split a dimension."""
+  axes = [a for a in axes if mesh.shape[a] > 1 or a in keep]
+  while size % math.prod(mesh.shape[a] for a in axes):
+    droppable = [a for a in axes if a not in keep]
+    if not droppable:
+      break
+    axes.remove(droppable[-1])
+  return tuple(axes)
+
+
+def expert_axis(table: Rules, what: str) -> str:
+  """The one mesh axis the logical 'expert' axis maps to; `what` names the caller in the error."""
+  axes = table.get("expert", ())
+  if len(axes) != 1:
+    raise ValueError(
+      f"{what} needs logical axis 'expert' mapped to exactly one mesh axis; config.mesh.rules maps it to {axes}"
+    )
+  return axes[0]
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Constrains an activation's sharding by logical names; a no-op outside `use_mesh_rules`."""
   ctx = _CONTEXT.get()
@@ -266,6 +288,8 @@ __all__ = [
   "current",
   "current_or_none",
   "describe",
+  "dividing_axes",
+  "expert_axis",
   "logical_to_spec",
   "make_mesh",
   "mesh_shape",

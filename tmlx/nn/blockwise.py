@@ -107,10 +107,16 @@ def schedule(length: int, block: int, window: int = 0) -> Schedule:
   return Schedule(length, block, window, tuple(queries), tuple(keys))
 
 
+def _layout(length: int, block: int) -> tuple[int, int]:
+  """(block, padded length) of a row of `length` positions: blocks no longer than the row, which
+  is padded to a whole number of them."""
+  block = min(block, length)
+  return block, -(-length // block) * block
+
+
 def visited_keys_per_query(length: int, block: int, window: int = 0) -> float:
   """Keys whose logits blockwise attention computes, per query position (for tmlx.flops)."""
-  block = min(block, length)
-  padded = -(-length // block) * block
+  block, padded = _layout(length, block)
   return len(schedule(padded, block, window).query_blocks) * block * block / length
 
 
@@ -220,8 +226,7 @@ def blockwise_attention(
   b, s, n, h = q.shape
   kv = k.shape[2]
   g = n // kv
-  block = min(block, s)
-  padded = -(-s // block) * block
+  block, padded = _layout(s, block)
   if padded != s:
     pad = ((0, 0), (0, padded - s), (0, 0), (0, 0))
     q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)

@@ -132,21 +132,11 @@ def dropless_experts(
   assignment outputs [B, A, D], over the current mesh's expert axis (module docstring)."""
   mesh, table = sharding.current("the dropless MoE transport")
   b, s, d = x.shape
-  expert_axes = table.get("expert", ())
-  if len(expert_axes) != 1:
-    raise ValueError(
-      f"the dropless MoE transport needs logical axis 'expert' mapped to exactly one mesh axis; "
-      f"config.mesh.rules maps it to {expert_axes}"
-    )
-  (ep_axis,) = expert_axes
+  ep_axis = sharding.expert_axis(table, "the dropless MoE transport")
   num_experts, ep = gate.shape[0], mesh.shape[ep_axis]
   if ep_axis not in table.get("batch", ()):
     raise ValueError(f"the dropless MoE transport needs the 'batch' rule to include the expert axis {ep_axis!r}")
-  batch_axes = tuple(a for a in table.get("batch", ()) if mesh.shape[a] > 1 or a == ep_axis)
-  others = [a for a in batch_axes if a != ep_axis]
-  while others and b % math.prod(mesh.shape[a] for a in batch_axes):  # e.g. a micro-batch smaller than them
-    dropped = others.pop()
-    batch_axes = tuple(a for a in batch_axes if a != dropped)
+  batch_axes = sharding.dividing_axes(mesh, table.get("batch", ()), b, keep=(ep_axis,))
   if b % mesh.shape[ep_axis]:
     raise ValueError(
       f"the dropless MoE transport splits the batch over the expert axis {ep_axis!r}: {b} rows do not divide "

@@ -44,6 +44,9 @@ from jaxtyping import Array, Float, Integer
 
 from tmlx import sharding
 
+# The largest query and key block of the Pallas GPU kernel (its shared memory bounds it).
+PALLAS_GPU_MAX_BLOCK = 128
+
 
 @functools.cache
 def _splash_kernel(length: int, heads: int, window: int, block: int, interpret: bool):
@@ -90,7 +93,7 @@ def _pallas_gpu_local(q, k, v, seg, *, window: int, block: int, interpret: bool)
   b, s, n, h = q.shape
   g = n // k.shape[2]
   k, v = (jnp.repeat(a, g, axis=2) for a in (k, v))
-  bq = min(block, 128, s)  # s is a multiple of it (`_padded`)
+  bq = min(block, PALLAS_GPU_MAX_BLOCK, s)  # s is a multiple of it (`_padded`)
   sizes = gpu_attention.BlockSizes(
     block_q=bq, block_k=bq, block_q_dkv=min(bq, 64), block_kv_dkv=min(bq, 64), block_q_dq=min(bq, 64),
     block_kv_dq=min(bq, 64),
@@ -122,9 +125,7 @@ def _sharded(local: Callable, q, k, v, seg):
   mesh, table = ctx
   b, _, n, _ = q.shape
   kv = k.shape[2]
-  rows = tuple(a for a in table.get("batch", ()) if mesh.shape[a] > 1)
-  while rows and b % math.prod(mesh.shape[a] for a in rows):
-    rows = rows[:-1]  # e.g. a micro-batch smaller than the data axes
+  rows = sharding.dividing_axes(mesh, table.get("batch", ()), b)
   heads = tuple(a for a in table.get("act_heads", ()) if mesh.shape[a] > 1)
   tp = math.prod(mesh.shape[a] for a in heads)
   if n % tp:
@@ -180,12 +181,12 @@ def pallas_gpu_attention(
   segment_ids: Integer[Array, "B S"],
   *,
   window: int = 0,
-  block: int = 128,
+  block: int = PALLAS_GPU_MAX_BLOCK,
   interpret: bool = False,
 ) -> Float[Array, "B S N H"]:
   """The Pallas GPU flash kernel over the causal mask of packed rows (no window)."""
   local = functools.partial(_pallas_gpu_local, window=window, block=block, interpret=interpret)
-  return _sharded(_padded(local, lambda s: min(block, 128, -(-s // 16) * 16)), q, k, v, segment_ids)
+  return _sharded(_padded(local, lambda s: min(block, PALLAS_GPU_MAX_BLOCK, -(-s // 16) * 16)), q, k, v, segment_ids)
 
 
 def cudnn_attention(
@@ -211,4 +212,4 @@ def cudnn_attention(
   )
 
 
-__all__ = ["cudnn_attention", "pallas_gpu_attention", "splash_attention"]
+__all__ = ["PALLAS_GPU_MAX_BLOCK", "cudnn_attention", "pallas_gpu_attention", "splash_attention"]

@@ -272,13 +272,7 @@ def _local(x, plan, w: ExpertWeights) -> jax.Array:
 
 def _all_to_all(x, plan, w: ExpertWeights) -> jax.Array:
   mesh, table = sharding.current("the all_to_all MoE transport")
-  expert_axes = table.get("expert", ())
-  if len(expert_axes) != 1:
-    raise ValueError(
-      f"the all_to_all MoE transport needs logical axis 'expert' mapped to exactly one mesh axis; "
-      f"config.mesh.rules maps it to {expert_axes}"
-    )
-  (ep_axis,) = expert_axes
+  ep_axis = sharding.expert_axis(table, "the all_to_all MoE transport")
   batch_axes = tuple(a for a in table.get("batch", ()) if mesh.shape[a] > 1) or None
   mlp_axes = tuple(a for a in table.get("mlp", ()) if a != ep_axis and mesh.shape[a] > 1)
   mlp = mlp_axes or None
