@@ -65,13 +65,15 @@ from collections.abc import Iterable, Sequence
 
 from absl import flags
 
-from data_pipelines import transcripts
-from data_pipelines.builders import ON_ERROR, build_audio_episodes, build_text_episodes, build_video_episodes
+from data_pipelines import beam, shards, transcripts
+from data_pipelines.builders import KINDS, ON_ERROR, Builder
+from data_pipelines.builders import build_audio_episodes as build_audio_episodes
+from data_pipelines.builders import build_text_episodes as build_text_episodes
+from data_pipelines.builders import build_video_episodes as build_video_episodes
 from data_pipelines.episode import MANIFEST, DataError, Episode, write_dataset
 from tmlx import cli, paths
 
 PROG = "python -m data_pipelines.build"
-KINDS = ("audio", "video", "text")
 
 
 def write_episodes(episodes: list[Episode], out: str | os.PathLike, episodes_per_shard: int = 64) -> int:
@@ -131,32 +133,44 @@ def build_dataset(
   *,
   on_error: str = "skip",
   episodes_per_shard: int = 64,
+  num_shards: int = 0,
+  runner: str = "",
+  runner_args: Sequence[str] = (),
   **options,
 ) -> int:
-  """Builds the episodes of `kind` ('audio', 'video' or 'text') from `inputs` and writes them to
-  `out`, then prints the summary; returns the exit status: 0 when an episode was written, else 1.
+  """Builds the episodes of `kind` ('audio', 'video' or 'text') from `inputs` into shards in `out`
+  (`data_pipelines.shards`: in this process, or on Apache Beam's `runner` with its pipeline
+  options `runner_args`), then prints the summary; returns the exit status: 0 when an episode was
+  written, else 1. Shards that an earlier build of the same inputs completed are kept.
 
-  `options` go to the kind's builder (`build_audio_episodes`, ...). `out` is checked before any
-  input is read. Raises OutputError for a bad `out` (status 2) or a failed write (status 1), and
-  DataError for a bad input when `on_error="raise"`.
+  `options` go to the kind's `Builder`. `out` is checked before any input is read. Raises
+  OutputError for a bad `out` (status 2) or a failed write (status 1), and DataError for a bad
+  input when `on_error="raise"`.
   """
   if kind not in KINDS:
     raise ValueError(f"kind is {kind!r}; want one of {KINDS}")
   check_out(out)
-  warnings: collections.Counter = collections.Counter()
-  if kind == "audio":
-    episodes, skips = build_audio_episodes(inputs, on_error=on_error, warnings=warnings, **options)
-  elif kind == "video":
-    episodes, skips = build_video_episodes(inputs, on_error=on_error, warnings=warnings, **options)
-  else:
-    episodes, skips = build_text_episodes(inputs, on_error=on_error, **options)
+  if runner:
+    beam.pipeline_options(runner, runner_args)  # a bad option fails before any input is read
+  plan = shards.plan(
+    Builder(kind, options), inputs, out, episodes_per_shard=episodes_per_shard, num_shards=num_shards, on_error=on_error
+  )
   try:
-    written = write_episodes(episodes, out, episodes_per_shard) if episodes else 0
+    if runner:
+      manifest, written, reused = beam.build(plan, runner, runner_args)
+    else:
+      manifest, written, reused = shards.build_in_process(plan, progress=print)
+  except DataError:
+    raise
+  except beam.PipelineError as e:
+    raise OutputError(f"the build on {runner} failed (shards written so far are kept): {e}") from None
   except (OSError, RuntimeError) as e:  # ArrayRecordWriter reports a failed write as a RuntimeError
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise OutputError(f"cannot write the dataset to {out}: {message}") from None
-  print(summary(written, skips, warnings))
-  return 0 if written else 1
+  episodes = len(manifest["episodes"])
+  print(f"shards: {written} written, {reused} kept from an earlier build (complete and verified)")
+  print(summary(episodes, collections.Counter(manifest["skipped"]), collections.Counter(manifest["warnings"])))
+  return 0 if episodes else 1
 
 
 # The command line.
@@ -187,7 +201,23 @@ class _ChannelMap(flags.ArgumentParser):
 def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("out", None, "Dataset directory (or gs:// URL) to write.", required=True, flag_values=fv)
   flags.DEFINE_enum("on_error", "skip", ON_ERROR, "Skip and count bad inputs, or raise.", flag_values=fv)
-  flags.DEFINE_integer("episodes_per_shard", 64, "Episodes per ArrayRecord shard.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer(
+    "episodes_per_shard",
+    64,
+    "Inputs per ArrayRecord shard, on average (sets the shard count).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "num_shards", 0, "Number of shards (0: one per --episodes_per_shard inputs).", lower_bound=0, flag_values=fv
+  )
+  flags.DEFINE_string(
+    "runner",
+    "",
+    "Apache Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...) to build on; "
+    "its pipeline options go after --. Empty: build in this process.",
+    flag_values=fv,
+  )
   # audio and video
   flags.DEFINE_bool("swap_channels", False, "Channel 0 is the model, 1 the user.", flag_values=fv)
   flags.DEFINE_bool(
@@ -207,6 +237,10 @@ def define_flags(fv: flags.FlagValues) -> None:
 def run(fv: flags.FlagValues, args: list[str]) -> int:
   """Builds what the parsed command line asks for (`build_dataset`); a bad command line, a bad
   `--out` or input path, or a failed write ends it in one line."""
+  runner_args = args[args.index("--") + 1 :] if "--" in args else []
+  args = args[: args.index("--")] if "--" in args else args
+  if runner_args and not fv.runner:
+    cli.fail(PROG, "arguments after -- are the options of a Beam runner; give --runner too")
   if not args or args[0] not in KINDS:
     got = repr(args[0]) if args else "nothing"
     cli.fail(PROG, f"the first argument is the kind of input, one of {', '.join(KINDS)}; got {got}")
@@ -219,9 +253,18 @@ def run(fv: flags.FlagValues, args: list[str]) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   options = {name: fv[name].value for name in KIND_FLAGS[kind]}
   try:
-    return build_dataset(
-      kind, inputs, fv.out, on_error=fv.on_error, episodes_per_shard=fv.episodes_per_shard, **options
-    )
+    with cli.one_line_exits(PROG):
+      return build_dataset(
+        kind,
+        inputs,
+        fv.out,
+        on_error=fv.on_error,
+        episodes_per_shard=fv.episodes_per_shard,
+        num_shards=fv.num_shards,
+        runner=fv.runner,
+        runner_args=runner_args,
+        **options,
+      )
   except DataError:  # --on_error=raise: the traceback is what was asked for
     raise
   except OutputError as e:
@@ -233,8 +276,8 @@ def run(fv: flags.FlagValues, args: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs `python -m data_pipelines.build ARGS` in this process on `argv` (ARGS; default
   sys.argv[1:]); returns the exit status."""
-  return cli.call(PROG, define_flags, run, argv)
+  return cli.call(PROG, define_flags, run, argv, passthrough=True)
 
 
 if __name__ == "__main__":
-  cli.app_main(PROG, define_flags, run)
+  cli.app_main(PROG, define_flags, run, passthrough=True)

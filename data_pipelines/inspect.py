@@ -2,12 +2,16 @@
 
     python -m data_pipelines.inspect --config=experiments/sample_cpu.py --step=0 --row=0 --out=row.png
     python -m data_pipelines.inspect --config=experiments/sample_cpu.py --config.data.seq_len=512 --rows=64
+    python -m data_pipelines.inspect stats DIR [--json] [--plot=FILE.png]
 
 The PNG shows the row's kind strip, the dMel the model hears (AUDIO_IN) and the dMel and
 continuous mel it speaks (AUDIO_OUT), in order, the row's video patches, and the aligned text of
 every micro-turn (I: typed text and background results; O: the model's text). The printout gives
 positions per micro-turn by kind, the padding ratio and the segments of the row, and with --rows,
 the same averaged over the first N rows of the step.
+
+`stats` reports what a dataset directory holds: hours per stream, speech, silence and overlap,
+words, background calls, video coverage and skip reasons (`data_pipelines.stats`).
 
 A mistyped path (the config file, --out's directory, a dataset or tokenizer of the config) fails in
 one line, checked before any dataset, model or Grain is loaded; nothing is created but --out.
@@ -183,4 +187,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  if len(sys.argv) > 1 and sys.argv[1] == "stats":
+    from data_pipelines import stats
+
+    sys.exit(stats.main(sys.argv[2:]))
   app.run(main, flags_parser=cli.parse_flags)

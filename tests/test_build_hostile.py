@@ -179,9 +179,14 @@ def test_out_that_cannot_be_a_directory_fails_in_one_line_before_processing(tmp_
 def test_a_write_failure_is_one_line_naming_the_path(tmp_path):
   root = inputs_that_log(tmp_path / "in")
   (root / "orphan.wav").unlink()
-  for name in ("manifest.json", "episodes-00000-of-00001.array_record.tmp"):  # disk full while writing each
-    out = tmp_path / name.split(".")[0]
-    out.mkdir()
+  # Disk full while writing each file (each is written under a temporary name, then renamed).
+  for name in (
+    "manifest.json.tmp",
+    "episodes-00000-of-00001.array_record.tmp",
+    "build/episodes-00000-of-00001.json.tmp",
+  ):
+    out = tmp_path / name.split(".")[0].replace("/", "_")
+    (out / name).parent.mkdir(parents=True)
     (out / name).symlink_to("/dev/full")
     done = cli("audio", str(root), f"--out={out}")
     assert done.returncode != 0

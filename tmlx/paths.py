@@ -132,6 +132,49 @@ def listdir(p: str | os.PathLike) -> list[str]:
   return sorted(names)
 
 
+def files_under(p: str | os.PathLike) -> list[str]:
+  """Every file below directory `p`, at any depth, as paths (or URLs) that start with `p`, sorted."""
+  if not is_remote(p):
+    return sorted(str(f) for f in pathlib.Path(p).rglob("*") if f.is_file())
+  fs, where = _fs(os.fspath(p))
+  fs.invalidate_cache(where)
+  base = os.fspath(p).rstrip("/")
+  return sorted(join(base, f[len(where.rstrip("/")) :].lstrip("/")) for f in fs.find(where))
+
+
+def glob(pattern: str) -> list[str]:
+  """The paths (or URLs, for a URL pattern) matching a glob pattern (`**` spans directories), sorted."""
+  if not is_remote(pattern):
+    import glob as _glob
+
+    return sorted(_glob.glob(pattern, recursive=True))
+  fs, where = _fs(pattern)
+  fs.invalidate_cache()
+  scheme = pattern.split("://", 1)[0]
+  return sorted(f"{scheme}://{f}" for f in fs.glob(where) if fs.isfile(f))
+
+
+def signature(p: str | os.PathLike) -> str:
+  """What tells one version of a file from another without reading it: its size and modification
+  time (an object's size and generation, or its checksum where the store keeps no generation)."""
+  if not is_remote(p):
+    st = os.stat(p)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+  fs, where = _fs(os.fspath(p))
+  info = fs.info(where)
+  version = info.get("generation") or info.get("md5Hash") or info.get("crc32c") or info.get("mtime") or ""
+  return f"{info.get('size')}:{version}"
+
+
+def download(src: str | os.PathLike, local: str | os.PathLike) -> None:
+  """Copies the file (or object) `src` to the local path `local`."""
+  if not is_remote(src):
+    shutil.copyfile(src, local)
+    return
+  fs, where = _fs(os.fspath(src))
+  fs.get_file(where, os.fspath(local))
+
+
 def remove(p: str | os.PathLike) -> None:
   """Deletes one file (or object)."""
   if not is_remote(p):

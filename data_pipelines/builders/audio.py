@@ -8,7 +8,6 @@ another rate is resampled to 16 kHz. The audio helpers here serve the video buil
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import pathlib
@@ -20,8 +19,8 @@ import soundfile as sf
 import soxr
 
 from data_pipelines import video
-from data_pipelines.builders.inputs import expand_inputs, transcript_fields, transcript_options
-from data_pipelines.builders.policy import Policy, Warn, collect
+from data_pipelines.builders.inputs import Item, expand_inputs, transcript_fields
+from data_pipelines.builders.policy import Warn
 from data_pipelines.contract import SAMPLE_RATE
 from data_pipelines.episode import DataError, Episode, validate
 
@@ -127,28 +126,29 @@ def _read_audio(path: pathlib.Path, allow_truncated: bool, warn: Warn) -> tuple[
   return audio, rate
 
 
-def _audio_sources(files: list[pathlib.Path]) -> list[tuple[pathlib.Path, list[pathlib.Path | None]]]:
-  """Groups audio files into (stem, [stereo file]) or (stem, [user file, model file])."""
-  sources: list[tuple[pathlib.Path, list[pathlib.Path | None]]] = []
-  pairs: dict[pathlib.Path, list[pathlib.Path | None]] = {}
-  for f in files:
+def audio_items(inputs: Iterable[str | os.PathLike]) -> list[Item]:
+  """One item per stereo file or user/model pair (a missing half is "" in `files`), in input order."""
+  entries: list[tuple[str, str, list[str]]] = []  # (stem, id, files), in the order of each one's first file
+  pairs: dict[str, list[str]] = {}
+  for f in expand_inputs(inputs, AUDIO_SUFFIXES):
     base = f.name[: -len(f.suffix)]
     role = base.rsplit(".", 1)[-1] if "." in base else None
     if role in ("user", "model"):
       stem = f.parent / base[: -len(role) - 1]
-      if stem not in pairs:
-        pairs[stem] = [None, None]
-        sources.append((stem, pairs[stem]))
-      pairs[stem][0 if role == "user" else 1] = f
+      if str(stem) not in pairs:
+        pairs[str(stem)] = ["", ""]
+        entries.append((str(stem), stem.name, pairs[str(stem)]))
+      pairs[str(stem)][0 if role == "user" else 1] = str(f)
     else:
-      sources.append((f.parent / base, [f]))
-  return sources
+      entries.append((str(f.parent / base), base, [str(f)]))
+  return [Item(id=name, where=group[0] or group[1], files=tuple(group), stem=stem) for stem, name, group in entries]
 
 
-def _audio_episode(
-  warn: Warn, stem: pathlib.Path, group: list, swap_channels: bool, allow_truncated: bool, options: dict
-) -> Episode:
-  where = str(group[0] or group[1])
+def audio_episode(item: Item, warn: Warn, swap_channels: bool, allow_truncated: bool, options: dict) -> Episode:
+  """The episode of one audio item (`audio_items`), validated; DataError when it cannot be built."""
+  stem = pathlib.Path(item.stem)
+  group = [pathlib.Path(f) if f else None for f in item.files]
+  where = item.where
   if len(group) == 1:
     audio, rate = _read_audio(group[0], allow_truncated, warn)
     if audio.shape[1] != 2:
@@ -180,7 +180,7 @@ def _audio_episode(
     audio = audio[:, ::-1]
   fields, transcript = transcript_fields(stem, options)
   ep = Episode(
-    id=stem.name,
+    id=item.id,
     duration=len(audio) / SAMPLE_RATE,
     user_audio=to_int16(audio[:, 0]),
     model_audio=to_int16(audio[:, 1]),
@@ -189,27 +189,3 @@ def _audio_episode(
   )
   validate(ep, f"{where} (transcript {transcript})")
   return ep
-
-
-def build_audio_episodes(
-  inputs: Iterable[str | os.PathLike],
-  *,
-  swap_channels: bool = False,
-  on_error: str = "skip",
-  user_tier: str = "user",
-  model_tier: str = "model",
-  ctm_channels: dict[str, str] | None = None,
-  allow_truncated: bool = False,
-  warnings: collections.Counter | None = None,
-) -> tuple[list[Episode], collections.Counter]:
-  """Audio episodes from stereo or paired WAV/FLAC recordings with transcripts; returns (episodes, skips).
-
-  Truncated files are skipped unless `allow_truncated`; the warnings of written episodes are counted
-  into `warnings` when it is given.
-  """
-  policy = Policy(on_error, warnings)
-  options = transcript_options(user_tier, model_tier, ctm_channels)
-  sources = _audio_sources(expand_inputs(inputs, AUDIO_SUFFIXES))
-  items = [(stem.name, str(group[0] or group[1]), stem, group) for stem, group in sources]
-  make = lambda warn, stem, group: _audio_episode(warn, stem, group, swap_channels, allow_truncated, options)
-  return collect(items, make, policy), policy.skips

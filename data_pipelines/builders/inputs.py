@@ -1,22 +1,64 @@
-"""The inputs of a build: the files that INPUT arguments name, and the transcript beside each media file."""
+"""The inputs of a build: the files that INPUT arguments name, the transcript beside each media file,
+and `Item`, one episode's worth of input.
+
+An INPUT may be a local path or an object-store URL (`gs://...`, through `tmlx.paths`). A build
+lists its items first (cheap: names, and the lines of .jsonl documents) and then builds each one on
+its own (`data_pipelines.builders.Builder`), so that items can be built in any process, in any
+order. An item on object storage is copied to a local temporary directory, with the transcripts
+beside it, only while it is built (`local_copy`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import glob
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 
 from data_pipelines import transcripts
 from data_pipelines.episode import DataError
+from tmlx import paths
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike], suffixes: Sequence[str]) -> list[pathlib.Path]:
-  """Files named by `inputs` (files, directories searched recursively, glob patterns), sorted and unique."""
-  found: list[pathlib.Path] = []
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """What one episode is built from. `files`: the media or document files ("" for the missing half
+  of a pair); `stem`: the path without suffix that its transcript sits beside ("" for text);
+  `part`: (line number, byte offset, byte length) of a .jsonl document, () for a whole file;
+  `error`: why the item cannot be built, found while listing (raised as a "transcript" DataError)."""
+
+  id: str
+  where: str
+  files: tuple[str, ...]
+  stem: str = ""
+  part: tuple[int, ...] = ()
+  error: str = ""
+
+  def signature(self) -> list[str]:
+    """The sizes and versions of its files (`paths.signature`): what a rebuild compares."""
+    return [paths.signature(f) if f else "" for f in self.files]
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike], suffixes: Sequence[str]) -> list:
+  """Files named by `inputs` (files, directories searched recursively, glob patterns), sorted and
+  unique: `pathlib.Path`s, or `etils.epath.Path`s for URLs."""
+  found: list = []
   wanted = tuple(s.lower() for s in suffixes)
   for item in inputs:
-    text = str(item)
+    text = os.fspath(item)
+    if paths.is_remote(text):
+      if glob.has_magic(text):
+        found.extend(paths.path(p) for p in paths.glob(text) if p.lower().endswith(wanted))
+      elif paths.is_file(text):
+        found.append(paths.path(text))
+      elif paths.is_dir(text):
+        found.extend(paths.path(p) for p in paths.files_under(text) if p.lower().endswith(wanted))
+      else:
+        raise FileNotFoundError(f"{text}: no such object, prefix or glob match")
+      continue
     path = pathlib.Path(text)
     if path.is_dir():
       found.extend(p for p in sorted(path.rglob("*")) if p.is_file() and p.name.lower().endswith(wanted))
@@ -28,6 +70,30 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], suffixes: Sequence[str]) 
     else:
       raise FileNotFoundError(f"{text}: no such file, directory or glob match")
   return list(dict.fromkeys(found))  # unique, in order
+
+
+@contextlib.contextmanager
+def local_copy(item: Item) -> Iterator[Item]:
+  """The item itself when its files are local; else the item with its files, and the transcripts
+  beside its stem, copied into a temporary directory (removed afterwards). DataErrors raised inside
+  name the URLs, not the copies."""
+  if not any(paths.is_remote(f) for f in (*item.files, item.stem)):
+    yield item
+    return
+  with tempfile.TemporaryDirectory(prefix="tmlx_build_") as tmp:
+    copied = {}
+    for url in [f for f in item.files if f]:
+      copied[url] = os.path.join(tmp, url.rsplit("/", 1)[-1])
+      paths.download(url, copied[url])
+    stem = os.path.join(tmp, item.stem.rsplit("/", 1)[-1]) if item.stem else ""
+    for suffix in transcripts.SUFFIXES if item.stem else ():
+      if paths.is_file(item.stem + suffix):
+        paths.download(item.stem + suffix, stem + suffix)
+    try:
+      yield dataclasses.replace(item, files=tuple(copied.get(f, f) for f in item.files), stem=stem)
+    except DataError as e:
+      folder = item.stem.rsplit("/", 1)[0] if item.stem else item.files[0].rsplit("/", 1)[0]
+      raise DataError(e.reason, e.where.replace(tmp, folder), e.detail.replace(tmp, folder)) from None
 
 
 def find_transcript(stem: pathlib.Path) -> pathlib.Path:

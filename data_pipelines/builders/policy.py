@@ -1,12 +1,13 @@
 """What a build does with a bad input (`--on_error`: skip and count it by reason, or raise) and with
-the warnings of the episodes it keeps, applied to each input in turn (`collect`)."""
+the warnings of the episodes it keeps, applied to each item in turn (`build_each`)."""
 
 from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
+from data_pipelines.builders.inputs import Item
 from data_pipelines.episode import DataError, Episode
 
 log = logging.getLogger(__name__)
@@ -43,21 +44,24 @@ class Policy:
       self.warnings[kind] += 1
 
 
-def collect(items, make, policy: Policy) -> list[Episode]:
-  """Runs `make(warn, *args)` (which validates) on each (id, where, *args) item, de-duplicating ids.
+def build_each(items: Iterable[Item], make: Callable[[Item, Warn], Episode], policy: Policy) -> Iterator[Episode]:
+  """Runs `make(item, warn)` (which validates) on each item in turn, yielding each episode built.
 
-  Errors go to `policy`, and so do the warnings of each episode kept.
+  The first item with an id that builds wins it: a later item with that id is a "duplicate" skip
+  (not built). Errors go to `policy`, and so do the warnings of each episode kept.
   """
-  episodes, seen = [], set()
-  for ep_id, where, *args in items:
+  seen = set()
+  for item in items:
     notes: list[tuple[str, str]] = []
     try:
-      if ep_id in seen:
-        raise DataError("duplicate", where, f"episode id {ep_id!r} (the file stem) is already taken by another input")
-      ep = make(lambda kind, message, notes=notes: notes.append((kind, message)), *args)
-      seen.add(ep_id)
-      episodes.append(ep)
-      policy.kept(notes)
+      if item.id in seen:
+        raise DataError(
+          "duplicate", item.where, f"episode id {item.id!r} (the file stem) is already taken by another input"
+        )
+      ep = make(item, lambda kind, message, notes=notes: notes.append((kind, message)))
     except DataError as e:
       policy(e)
-  return episodes
+      continue
+    seen.add(item.id)
+    policy.kept(notes)
+    yield ep

@@ -10,18 +10,16 @@ word and one silent micro-turn. The episode ends 0.2 s after its last word or ev
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import os
-import pathlib
 import re
 from collections.abc import Iterable
 
-from data_pipelines.builders.inputs import expand_inputs
-from data_pipelines.builders.policy import Policy, collect
+from data_pipelines.builders.inputs import Item, expand_inputs
 from data_pipelines.contract import MICRO_TURN_SECONDS
 from data_pipelines.episode import DataError, Episode, Event, Word, validate
+from tmlx import paths
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -62,68 +60,81 @@ def _paragraphs(text: str) -> list[list[str]]:
   return [p.split() for p in re.split(r"\n\s*\n", text) if p.split()]
 
 
-def _text_documents(path: pathlib.Path) -> Iterable[tuple[str, str, list[tuple[str, str]] | DataError]]:
-  """Yields (id, source, turns) per document, or a DataError in place of the turns of a bad one."""
-  where = str(path)
-  try:
-    content = path.read_text(encoding="utf-8")
-  except (OSError, UnicodeDecodeError) as e:
-    yield path.stem, path.name, DataError("transcript", where, f"cannot read: {e}")
-    return
-  if path.suffix.lower() == ".txt":
-    yield path.stem, path.name, [("model", content)]
-    return
-  for lineno, line in enumerate(content.splitlines(), 1):
-    if not line.strip():
+def text_items(inputs: Iterable[str | os.PathLike]) -> list[Item]:
+  """One item per .txt file and per non-blank line of a .jsonl file (its byte range; the text is
+  read when the item is built), in input order. An unreadable file is one item that fails."""
+  items = []
+  for path in expand_inputs(inputs, TEXT_SUFFIXES):
+    where = str(path)
+    try:
+      with paths.open(where, "rb") as f:
+        content = f.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+      items.append(Item(id=path.stem, where=where, files=(where,), error=f"cannot read: {e}"))
       continue
-    yield f"{path.stem}-{lineno}", f"{path.name}:{lineno}", _jsonl_turns(line, where, lineno)
+    if path.suffix.lower() == ".txt":
+      items.append(Item(id=path.stem, where=where, files=(where,)))
+      continue
+    offset = 0
+    for lineno, line in enumerate(content.splitlines(keepends=True), 1):
+      size = len(line.encode("utf-8"))
+      if line.strip():
+        items.append(Item(id=f"{path.stem}-{lineno}", where=where, files=(where,), part=(lineno, offset, size)))
+      offset += size
+  return items
 
 
-def _jsonl_turns(line: str, where: str, lineno: int) -> list[tuple[str, str]] | DataError:
+def _document(item: Item) -> tuple[str, list[tuple[str, str]]]:
+  """(source, turns) of a text item; DataError "transcript" for an unreadable or malformed one."""
+  if item.error:
+    raise DataError("transcript", item.where, item.error)
+  name = os.path.basename(item.where)
+  try:
+    with paths.open(item.files[0], "rb") as f:
+      if not item.part:
+        return name, [("model", f.read().decode("utf-8"))]
+      lineno, offset, size = item.part
+      f.seek(offset)
+      line = f.read(size).decode("utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError("transcript", item.where, f"cannot read: {e}") from None
+  return f"{name}:{lineno}", _jsonl_turns(line, item.where, lineno)
+
+
+def _jsonl_turns(line: str, where: str, lineno: int) -> list[tuple[str, str]]:
   try:
     doc = json.loads(line)
   except json.JSONDecodeError as e:
-    return DataError("transcript", where, f"line {lineno}: invalid JSON: {e.msg}")
+    raise DataError("transcript", where, f"line {lineno}: invalid JSON: {e.msg}") from None
   turns = doc.get("turns") if isinstance(doc, dict) else None
   if not isinstance(turns, list):
-    return DataError("transcript", where, f'line {lineno}: want an object with a "turns" list')
+    raise DataError("transcript", where, f'line {lineno}: want an object with a "turns" list')
   out = []
   for i, turn in enumerate(turns):
     ok = isinstance(turn, dict) and turn.get("speaker") in ("user", "model") and isinstance(turn.get("text"), str)
     if not ok:
-      return DataError(
+      raise DataError(
         "transcript", where, f'line {lineno}: turns[{i}] is {turn!r}; want {{"speaker": "user"|"model", "text": str}}'
       )
     out.append((turn["speaker"], turn["text"]))
   return out
 
 
-def _text_episode(ep_id: str, source: str, turns, where: str, words_per_second: float) -> Episode:
-  if isinstance(turns, DataError):
-    raise turns
+def check_text_options(words_per_second: float) -> None:
+  if not words_per_second > 0:
+    raise ValueError(f"words_per_second is {words_per_second}; it must be positive")
+
+
+def text_episode(item: Item, warn, words_per_second: float) -> Episode:
+  """The episode of one text item (`text_items`), validated; DataError when it cannot be built."""
+  source, turns = _document(item)
   clock = _TextClock(words_per_second)
   for speaker, text in turns:
     if not text.strip():
       continue
     (clock.model if speaker == "model" else clock.user)(text)
   if not clock.words and not clock.typed:
-    raise DataError("empty", where, f"document {source} has no text")
-  ep = clock.episode(ep_id, {"builder": "text", "source": source, "words_per_second": str(words_per_second)})
-  validate(ep, f"{where} (document {source})")
+    raise DataError("empty", item.where, f"document {source} has no text")
+  ep = clock.episode(item.id, {"builder": "text", "source": source, "words_per_second": str(words_per_second)})
+  validate(ep, f"{item.where} (document {source})")
   return ep
-
-
-def build_text_episodes(
-  inputs: Iterable[str | os.PathLike], *, words_per_second: float = 10.0, on_error: str = "skip"
-) -> tuple[list[Episode], collections.Counter]:
-  """Text-only episodes from .txt and .jsonl documents; returns (episodes, skips)."""
-  if not words_per_second > 0:
-    raise ValueError(f"words_per_second is {words_per_second}; it must be positive")
-  policy = Policy(on_error)
-  items = [
-    (ep_id, str(path), ep_id, source, turns, str(path))
-    for path in expand_inputs(inputs, TEXT_SUFFIXES)
-    for ep_id, source, turns in _text_documents(path)
-  ]
-  make = lambda warn, *document: _text_episode(*document, words_per_second)
-  return collect(items, make, policy), policy.skips

@@ -6,7 +6,6 @@ Stereo audio is the user and the model; mono is the user, with a silent model. F
 
 from __future__ import annotations
 
-import collections
 import os
 import pathlib
 from collections.abc import Iterable
@@ -15,17 +14,32 @@ import numpy as np
 
 from data_pipelines import video
 from data_pipelines.builders.audio import check_finite, to_int16, warn_clipping
-from data_pipelines.builders.inputs import expand_inputs, transcript_fields, transcript_options
-from data_pipelines.builders.policy import Policy, Warn, collect
+from data_pipelines.builders.inputs import Item, expand_inputs, transcript_fields
+from data_pipelines.builders.policy import Warn
 from data_pipelines.contract import SAMPLE_RATE
 from data_pipelines.episode import Episode, validate
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
 
 
-def _video_episode(
+def video_items(inputs: Iterable[str | os.PathLike]) -> list[Item]:
+  """One item per video file, in input order."""
+  return [
+    Item(id=p.stem, where=str(p), files=(str(p),), stem=str(p.with_suffix("")))
+    for p in expand_inputs(inputs, VIDEO_SUFFIXES)
+  ]
+
+
+def check_video_options(fps: float, width: int, height: int) -> None:
+  if width <= 0 or height <= 0 or width % video.PATCH or height % video.PATCH:
+    raise ValueError(f"frame size {width}x{height}: width and height must be positive multiples of {video.PATCH}")
+  if not fps > 0:
+    raise ValueError(f"fps is {fps}; it must be positive")
+
+
+def video_episode(
+  item: Item,
   warn: Warn,
-  path: pathlib.Path,
   fps: float,
   width: int,
   height: int,
@@ -33,7 +47,9 @@ def _video_episode(
   allow_truncated: bool,
   options: dict,
 ) -> Episode:
-  where = str(path)
+  """The episode of one video item (`video_items`), validated; DataError when it cannot be built."""
+  path = pathlib.Path(item.files[0])
+  where = item.where
   frames, times, audio = video.decode_mp4(
     path, fps=fps, width=width, height=height, allow_truncated=allow_truncated, warn=warn
   )
@@ -45,9 +61,9 @@ def _video_episode(
   model = audio[1] if len(audio) == 2 else np.zeros_like(user)
   duration = len(user) / SAMPLE_RATE
   keep = times < duration
-  fields, transcript = transcript_fields(path.with_suffix(""), options)
+  fields, transcript = transcript_fields(pathlib.Path(item.stem), options)
   ep = Episode(
-    id=path.stem,
+    id=item.id,
     duration=duration,
     user_audio=to_int16(user),
     model_audio=to_int16(model),
@@ -65,33 +81,3 @@ def _video_episode(
   )
   validate(ep, f"{where} (transcript {transcript})")
   return ep
-
-
-def build_video_episodes(
-  inputs: Iterable[str | os.PathLike],
-  *,
-  fps: float = 5.0,
-  width: int = 320,
-  height: int = 240,
-  swap_channels: bool = False,
-  on_error: str = "skip",
-  user_tier: str = "user",
-  model_tier: str = "model",
-  ctm_channels: dict[str, str] | None = None,
-  allow_truncated: bool = False,
-  warnings: collections.Counter | None = None,
-) -> tuple[list[Episode], collections.Counter]:
-  """Audio-visual episodes from video files with transcripts; returns (episodes, skips).
-
-  Truncated files are skipped unless `allow_truncated`; the warnings of written episodes are counted
-  into `warnings` when it is given.
-  """
-  if width <= 0 or height <= 0 or width % video.PATCH or height % video.PATCH:
-    raise ValueError(f"frame size {width}x{height}: width and height must be positive multiples of {video.PATCH}")
-  if not fps > 0:
-    raise ValueError(f"fps is {fps}; it must be positive")
-  policy = Policy(on_error, warnings)
-  options = transcript_options(user_tier, model_tier, ctm_channels)
-  items = [(p.stem, str(p), p) for p in expand_inputs(inputs, VIDEO_SUFFIXES)]
-  make = lambda warn, path: _video_episode(warn, path, fps, width, height, swap_channels, allow_truncated, options)
-  return collect(items, make, policy), policy.skips

@@ -32,3 +32,7 @@ class DataError(ValueError):
     super().__init__(f"{where}: {message}")
     self.reason = reason
     self.where = where
+    self.detail = message
+
+  def __reduce__(self):  # pickled with its three parts (a build's workers send errors back)
+    return DataError, (self.reason, self.where, self.detail)

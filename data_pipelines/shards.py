@@ -1,0 +1,272 @@
+"""A dataset build as independent shards: plan, write each shard, merge.
+
+`plan` lists a build's items and gives each one its shard by a hash of its episode id
+(`shard_of`), never by when it was built, so a shard's contents are a function of the inputs alone:
+the items whose ids hash to it, in input order. `write_shard` builds those items one at a time and
+streams their records into the shard's ArrayRecord file, then writes the shard's part, a small
+JSON file under `build/` beside the shards: its episodes, its skips by reason, its warnings by kind,
+the statistics of its episodes (`data_pipelines.stats`), the SHA-256 of the shard, and the digest
+of everything the shard was built from (its items, their files' sizes and versions, the builder's
+options). `merge` joins the parts, in shard order, into `manifest.json`; the dataset is complete
+when that file is there (a build removes an earlier one before it writes a shard).
+
+Any process may write any shard, in any order: the same inputs give byte-identical shards and
+manifest however many workers build them (`data_pipelines.beam` runs `write_shard` on Apache Beam;
+`build_in_process` runs it in a loop). A rerun reuses every shard whose part has the digest the
+plan expects and whose file still has the SHA-256 its part records (`is_complete`), so a build that
+was killed resumes where it stopped and ends as an uninterrupted one would.
+
+The output may be a local directory or an object-store URL: a shard is written to a local
+temporary file first (ArrayRecord cannot write to object storage) and copied when complete.
+Memory holds one episode, never a shard or the corpus.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable
+
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from data_pipelines import stats
+from data_pipelines.builders import Builder, Item
+from data_pipelines.builders.policy import Policy
+from data_pipelines.episode import MANIFEST, SCHEMA_VERSION, WRITER_OPTIONS, EpisodeInfo, episode_records
+from data_pipelines.episode.manifest import shard_name
+from data_pipelines.episode.records import DEFAULT_CHUNK_SECONDS
+from tmlx import paths
+
+log = logging.getLogger(__name__)
+
+PARTS = "build"  # the subdirectory of the shards' parts
+_SHARD_FILES = "episodes-*-of-*.array_record"
+
+
+def shard_of(episode_id: str, shards: int) -> int:
+  """The shard of an episode: the first 8 bytes of the SHA-256 of its id, modulo `shards`."""
+  return int.from_bytes(hashlib.sha256(episode_id.encode("utf-8")).digest()[:8], "big") % shards
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a build writes to `out`: `items[s]` are shard s's items, in input order."""
+
+  builder: Builder
+  out: str
+  items: tuple[tuple[Item, ...], ...]
+  on_error: str = "skip"
+  chunk_seconds: float = DEFAULT_CHUNK_SECONDS
+  signatures: tuple[tuple[tuple[str, ...], ...], ...] = ()  # per shard, per item: `Item.signature`
+
+  @property
+  def shards(self) -> int:
+    return len(self.items)
+
+  def name(self, s: int) -> str:
+    return shard_name(s, self.shards)
+
+  def part(self, s: int) -> str:
+    return paths.join(self.out, PARTS, self.name(s).removesuffix(".array_record") + ".json")
+
+  def digest(self, s: int) -> str:
+    """What shard s is built from, hashed: the builder, the record format, its items and their files' versions."""
+    what = {
+      "builder": self.builder.fingerprint(),
+      "schema": SCHEMA_VERSION,
+      "chunk_seconds": self.chunk_seconds,
+      "on_error": self.on_error,
+      "shard": [s, self.shards],
+      "items": [[dataclasses.astuple(it), list(sig)] for it, sig in zip(self.items[s], self.signatures[s])],
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def plan(
+  builder: Builder,
+  inputs,
+  out: str | os.PathLike,
+  *,
+  episodes_per_shard: int = 64,
+  num_shards: int = 0,
+  on_error: str = "skip",
+  chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+) -> Plan:
+  """Lists the items of `inputs` and assigns each its shard. There are `num_shards` shards, or
+  (when 0) enough for `episodes_per_shard` items each."""
+  Policy(on_error)  # checks it
+  if episodes_per_shard < 1 or num_shards < 0:
+    raise ValueError(f"episodes_per_shard is {episodes_per_shard} and num_shards {num_shards}; want >= 1 and >= 0")
+  items = builder.items(inputs)
+  shards = num_shards or max(1, math.ceil(len(items) / episodes_per_shard))
+  groups: list[list[Item]] = [[] for _ in range(shards)]
+  for item in items:
+    groups[shard_of(item.id, shards)].append(item)
+  signatures = tuple(tuple(tuple(it.signature()) for it in group) for group in groups)
+  return Plan(builder, paths.absolute(out), tuple(map(tuple, groups)), on_error, chunk_seconds, signatures)
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with paths.open(path, "rb") as f:
+    while block := f.read(1 << 20):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _write_json(path: str, value) -> None:
+  """Writes JSON whole: to a temporary name and renamed on a local disk; one object on object storage."""
+  text = json.dumps(value, indent=1) + "\n"
+  if paths.is_remote(path):
+    paths.write_text(path, text)
+    return
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def read_part(p: Plan, s: int) -> dict | None:
+  """Shard s's part, or None when there is none or it cannot be read."""
+  try:
+    part = json.loads(paths.read_text(p.part(s)))
+  except (OSError, ValueError):
+    return None
+  return part if isinstance(part, dict) else None
+
+
+def is_complete(p: Plan, s: int) -> bool:
+  """Whether shard s is done: its part was written for this plan and its shard file still has the
+  SHA-256 the part records."""
+  part = read_part(p, s)
+  if part is None or part.get("digest") != p.digest(s):
+    return False
+  if part.get("shard") is None:
+    return True
+  shard = paths.join(p.out, p.name(s))
+  return paths.is_file(shard) and _sha256(shard) == part.get("sha256")
+
+
+def write_shard(p: Plan, s: int) -> dict:
+  """Builds shard s's items one at a time into its ArrayRecord file, then writes its part; returns
+  the part. A shard with no episode has a part and no file. DataErrors are raised under
+  `on_error="raise"`; a failed write raises OSError or RuntimeError (ArrayRecord's)."""
+  name = p.name(s)
+  target = paths.join(p.out, name)
+  policy = Policy(p.on_error)
+  entries: list[dict] = []
+  totals: dict = {}
+  remote = paths.is_remote(p.out)
+  with tempfile.TemporaryDirectory(prefix="tmlx_shard_") as tmp:
+    local = os.path.join(tmp, name) if remote else target + ".tmp"
+    writer, index = None, 0
+    try:
+      for ep in p.builder.each(p.items[s], policy):
+        if writer is None:
+          writer = ArrayRecordWriter(local, WRITER_OPTIONS)
+        records = episode_records(ep, p.chunk_seconds)
+        for r in records:
+          writer.write(r)
+        info = EpisodeInfo(name, index, len(records), ep.id, ep.num_micro_turns, ep.has_audio, ep.has_video)
+        entries.append(dataclasses.asdict(info))
+        index += len(records)
+        totals = stats.add(totals, stats.episode_stats(ep))
+    finally:
+      if writer is not None:
+        writer.close()
+    digest = None
+    if writer is not None:
+      digest = _sha256(local)
+      if remote:
+        paths.upload(local, target)
+      else:
+        os.replace(local, target)
+    elif paths.is_file(target):  # an earlier build's shard of this name
+      paths.remove(target)
+  part = {
+    "digest": p.digest(s),
+    "shard": name if entries else None,
+    "sha256": digest,
+    "episodes": entries,
+    "skipped": dict(sorted(policy.skips.items())),
+    "warnings": dict(sorted(policy.warnings.items())),
+    "stats": totals,
+  }
+  _write_json(p.part(s), part)
+  return part
+
+
+def prepare(p: Plan) -> list[int]:
+  """Gets `out` ready for a build of `p`: its parts directory made, the manifest of an earlier build
+  removed when a shard is to be written; returns the shards to write (those not `is_complete`)."""
+  paths.makedirs(p.out)
+  paths.makedirs(paths.join(p.out, PARTS))
+  todo = [s for s in range(p.shards) if not is_complete(p, s)]
+  manifest = paths.join(p.out, MANIFEST)
+  if todo and paths.is_file(manifest):
+    paths.remove(manifest)
+  return todo
+
+
+def merge(p: Plan) -> dict:
+  """Joins the parts of every shard, in shard order, into `manifest.json`, and removes the shards,
+  parts and temporary files of earlier builds that this one does not list; returns the manifest.
+  Raises RuntimeError when a shard is not complete."""
+  parts = []
+  for s in range(p.shards):
+    part = read_part(p, s)
+    if part is None or part.get("digest") != p.digest(s):
+      raise RuntimeError(f"{p.part(s)}: shard {s} of {p.shards} is not complete; run the build again to finish it")
+    parts.append(part)
+  skipped: collections.Counter = collections.Counter()
+  warnings: collections.Counter = collections.Counter()
+  totals: dict = {}
+  for part in parts:
+    skipped.update(part["skipped"])
+    warnings.update(part["warnings"])
+    totals = stats.add(totals, part["stats"])
+  manifest = {
+    "schema": SCHEMA_VERSION,
+    "shards": [part["shard"] for part in parts if part["shard"]],
+    "episodes": [e for part in parts for e in part["episodes"]],
+    "skipped": dict(sorted(skipped.items())),
+    "warnings": dict(sorted(warnings.items())),
+    "stats": totals,
+  }
+  _write_json(paths.join(p.out, MANIFEST), manifest)
+  keep = set(manifest["shards"])
+  for name in paths.listdir(p.out):
+    stale = fnmatch.fnmatch(name, _SHARD_FILES) and name not in keep
+    if stale or fnmatch.fnmatch(name, _SHARD_FILES + ".tmp"):
+      paths.remove(paths.join(p.out, name))
+  parts_keep = {p.part(s).rsplit("/", 1)[-1] for s in range(p.shards)}
+  for name in paths.listdir(paths.join(p.out, PARTS)):
+    if name not in parts_keep:
+      paths.remove(paths.join(p.out, PARTS, name))
+  return manifest
+
+
+def describe(part: dict) -> str:
+  """One line about a written shard's part."""
+  skipped = sum(part["skipped"].values())
+  return f"{part['shard'] or 'no shard'}: {len(part['episodes'])} episodes, {skipped} skipped"
+
+
+def build_in_process(p: Plan, progress: Callable[[str], None] = log.info) -> tuple[dict, int, int]:
+  """Writes every shard that is not complete, one after another (`progress` gets a line about
+  each), then merges; returns (manifest, shards written, shards reused)."""
+  todo = prepare(p)
+  for k, s in enumerate(todo, 1):
+    progress(f"shard {k}/{len(todo)} written, {describe(write_shard(p, s))}")
+  return merge(p), len(todo), p.shards - len(todo)
+
+
+def read_manifest_json(p: Plan) -> dict:
+  """The manifest that `merge` wrote for `p`."""
+  return json.loads(paths.read_text(paths.join(p.out, MANIFEST)))
