@@ -4,10 +4,12 @@
         [--user_tier=user] [--model_tier=model] [--ctm_channels=A=user,1=user,B=model,2=model]
     python -m data_pipelines.build video INPUT... --out=DIR [--fps=5] [--width=320] [--height=240] [--swap_channels]
     python -m data_pipelines.build text INPUT... --out=DIR [--words_per_second=10]
-    common flags: --on_error=skip|raise (default skip), --episodes_per_shard=64
+    common flags: --on_error=skip|raise (default skip), --episodes_per_shard=64, --num_shards=N
+        --runner=DirectRunner|DataflowRunner|FlinkRunner|SparkRunner [-- RUNNER OPTIONS...]
     audio and video: --allow_truncated (keep what a truncated file holds, with a warning)
 
-An INPUT is a file, a directory (searched recursively for the kind's file types) or a glob pattern.
+An INPUT is a file, a directory (searched recursively for the kind's file types) or a glob pattern,
+local or on object storage (`gs://...`).
 
 - audio: a stereo `<stem>.wav` or `<stem>.flac` (channel 0 the user, 1 the model; `--swap_channels`
   swaps them), or a mono pair `<stem>.user.wav` + `<stem>.model.wav` (or .flac) with equal sample
@@ -42,15 +44,24 @@ instead): "audio" (unreadable, or the wrong channel count), "missing" (half of a
 episode: "clipped" (audio outside [-1, 1], clipped to int16), "resampled_below_8khz" (recorded below
 8 kHz) and "truncated_kept" (a truncated file kept with --allow_truncated).
 
-`--out` is checked before any input is read: it must be a directory, or creatable as one, that can be
-written to. Episodes are written there (shards left by an earlier build are removed), then a summary
-is printed: `episodes written: N`, `skipped: M` and one line per reason, `warnings: K` and one line
-per kind. The exit status is non-zero when no episode was written; a bad `--out` (status 2) or a
-failed write (status 1, e.g. disk full) ends the build with a one-line error naming the path, and
-so does a bad command line (status 2).
+`--out` is checked before any input is read: it must be a directory (or a `gs://` URL), or creatable
+as one, that can be written to. Each input goes to a shard by a hash of its episode id (`--num_shards`
+shards, or one per `--episodes_per_shard` inputs), and each shard is built on its own, one episode
+at a time, in this process or, with `--runner`, on Apache Beam with the runner's pipeline options
+after `--` (`data_pipelines.shards`, `data_pipelines.beam`): the shards and `manifest.json` are the
+same bytes either way, with any number of workers. The manifest records the skips per reason, the
+warnings per kind and the dataset's statistics (`python -m data_pipelines.inspect stats DIR`). A
+rerun keeps the shards an earlier build of the same inputs completed (verified by their SHA-256) and
+builds the rest, so a killed build resumes; shards of an earlier build that this one does not list
+are removed. A summary is printed: `shards: W written, K kept from an earlier build`, `episodes
+written: N`, `skipped: M` and one line per reason, `warnings: K` and one line per kind.
 
-Here: `build_dataset`, what the command runs (check --out, build, write, summarize), and the command
-line (`main(argv)` runs it in-process). The builders of each kind are in `data_pipelines.builders`.
+The exit status is non-zero when no episode was written; a bad a failed write (status 1, e.g. disk full) or a failed pipeline (status 1) ends the build with a one-line error naming the path, and so does a bad command line or pipeline option
+(status 2).
+
+Here: `build_dataset`, what the command runs (check --out, plan, build the shards, merge, summarize),
+`write_episodes` (episodes already in memory, for small datasets), and the command line
+(`main(argv)` runs it in-process). The builders of each kind are in `data_pipelines.builders`.
 """
 
 from __future__ import annotations

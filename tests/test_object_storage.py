@@ -336,3 +336,54 @@ def test_local_paths_and_metrics_resume(tmp_path):
   rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
   assert not (work / "metrics.jsonl.tmp").exists()
+
+
+def test_a_dataset_build_reads_and_writes_gcs_and_resumes_there(gcs, tmp_path):
+  """Recordings in the bucket are built into a dataset in the bucket, in this process and on Beam's
+  DirectRunner with two worker processes: the same objects as a local build of the same files; a
+  rerun keeps every shard; `inspect stats` reads it there; a skip names the object."""
+  from data_pipelines.sample_corpus.recordings import write_recordings
+
+  raw = write_recordings(tmp_path / "raw", 6, seconds=2.0)
+  (raw / "orphan.wav").write_bytes((raw / "rec00000.wav").read_bytes())  # no transcript beside it
+  for f in sorted(raw.iterdir()):
+    os.utime(f, ns=(0, 0))
+  _upload_dir(gcs, raw, "rawrec")
+  env = _env(gcs, tmp_path / "jax_cache")
+  build = lambda *args: subprocess.run(
+    [sys.executable, "-m", "data_pipelines.build", "audio", "--num_shards=3", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  local = build(str(raw), f"--out={tmp_path / 'local'}")
+  assert local.returncode == 0, local.stderr[-3000:]
+  want = {p.name: p.read_bytes() for p in sorted((tmp_path / "local").iterdir()) if p.is_file()}
+  assert "skipped: 1\n  transcript: 1\n" in local.stdout
+
+  for out, extra in (("ds", []), ("beamds", ["--runner=DirectRunner", "--", "--direct_num_workers=2"])):
+    extra = extra + ["--direct_running_mode=multi_processing"] if extra else extra
+    done = build(f"gs://{BUCKET}/rawrec", f"--out=gs://{BUCKET}/{out}", *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped: 1\n  transcript: 1\n" in done.stdout
+    assert f"gs://{BUCKET}/rawrec/orphan" in done.stderr  # the skip names the object, not a local copy
+    top = [n[len(out) + 1 :] for n in gcs.objects(out + "/") if "/" not in n[len(out) + 1 :]]
+    assert sorted(top) == sorted(want)
+    # The manifest names shards, not places: the bytes are the local build's (the file versions
+    # in the parts under build/ differ, local files and objects being versioned differently).
+    assert {name: gcs.get(f"{out}/{name}") for name in top} == want, out
+  again = build(f"gs://{BUCKET}/rawrec", f"--out=gs://{BUCKET}/ds")
+  assert again.returncode == 0 and "shards: 0 written, 3 kept" in again.stdout, again.stdout + again.stderr[-2000:]
+  stats = subprocess.run(
+    [sys.executable, "-m", "data_pipelines.inspect", "stats", f"gs://{BUCKET}/ds", "--json"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert stats.returncode == 0, stats.stderr[-2000:]
+  assert json.loads(stats.stdout)["stats"]["episodes"] == 6
+  _no_local_gs_dir(ROOT, tmp_path)

@@ -72,9 +72,10 @@ def write_recordings(
   bad: bool = False,
   rates: tuple[int, ...] = (SAMPLE_RATE, SAMPLE_RATE, 22050),
   first: int = 0,
+  suffix: str = ".wav",
 ) -> pathlib.Path:
   """Writes recordings `first` .. `first + count - 1` (and the `BAD` inputs with `bad`) under
-  `root`, recording k at `rates[k % len(rates)]` Hz; returns `root`."""
+  `root`, recording k at `rates[k % len(rates)]` Hz, as `suffix` files (.wav or .flac); returns `root`."""
   root = pathlib.Path(root)
   root.mkdir(parents=True, exist_ok=True)
   for k in range(first, first + count):
@@ -84,10 +85,10 @@ def write_recordings(
     audio = _audio(words, seconds, rate)
     stem = root / f"rec{k:05d}"
     if k % 4 == 3:
-      sf.write(stem.with_name(stem.name + ".user.wav"), audio[:, 0], rate)
-      sf.write(stem.with_name(stem.name + ".model.wav"), audio[:, 1], rate)
+      sf.write(stem.with_name(stem.name + ".user" + suffix), audio[:, 0], rate)
+      sf.write(stem.with_name(stem.name + ".model" + suffix), audio[:, 1], rate)
     else:
-      sf.write(stem.with_suffix(".wav"), audio, rate)
+      sf.write(stem.with_suffix(suffix), audio, rate)
     stem.with_suffix(".json").write_text(json.dumps(words))
   if bad:
     _write_bad(root, seconds, seed)
