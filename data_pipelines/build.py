@@ -56,8 +56,9 @@ builds the rest, so a killed build resumes; shards of an earlier build that this
 are removed. A summary is printed: `shards: W written, K kept from an earlier build`, `episodes
 written: N`, `skipped: M` and one line per reason, `warnings: K` and one line per kind.
 
-The exit status is non-zero when no episode was written; a bad a failed write (status 1, e.g. disk full) or a failed pipeline (status 1) ends the build with a one-line error naming the path, and so does a bad command line or pipeline option
-(status 2).
+The exit status is non-zero when no episode was written; a bad `--out` (status 2), a failed write
+(status 1, e.g. disk full) or a failed pipeline (status 1) ends the build with a one-line error
+naming the path, and so does a bad command line or pipeline option (status 2).
 
 Here: `build_dataset`, what the command runs (check --out, plan, build the shards, merge, summarize),
 `write_episodes` (episodes already in memory, for small datasets), and the command line
