@@ -24,6 +24,7 @@ Memory holds one episode, never a shard or the corpus.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import fnmatch
 import hashlib
@@ -109,7 +110,8 @@ def plan(
   groups: list[list[Item]] = [[] for _ in range(shards)]
   for item in items:
     groups[shard_of(item.id, shards)].append(item)
-  signatures = tuple(tuple(tuple(it.signature()) for it in group) for group in groups)
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:  # a request per file on object storage
+    signatures = tuple(tuple(pool.map(lambda it: tuple(it.signature()), group)) for group in groups)
   return Plan(builder, paths.absolute(out), tuple(map(tuple, groups)), on_error, chunk_seconds, signatures)
 
 

@@ -116,8 +116,11 @@ def test_a_changed_input_rebuilds_only_its_shard(tmp_path):
   plan = shards.plan(Builder("audio"), [raw], out, num_shards=4)
   changed = next(it for it in plan.items[0] if len(it.files) == 1)
   os.utime(changed.files[0], ns=(0, 0))  # a new version of one recording (its time, here)
+  transcript = pathlib.Path(plan.items[2][0].stem + ".json")
+  transcript.write_text(transcript.read_text() + " ")  # and of another one's transcript
   plan = shards.plan(Builder("audio"), [raw], out, num_shards=4)
-  assert [shards.is_complete(plan, s) for s in range(4)] == [False, True, True, True]
+  assert [shards.is_complete(plan, s) for s in range(4)] == [False, True, False, True]
+  assert shards.plan(Builder("audio", {"swap_channels": True}), [raw], out, num_shards=4).digest(1) != plan.digest(1)
 
 
 def test_runner_options_are_checked_before_any_input_is_read(tmp_path, recordings):

@@ -38,8 +38,16 @@ class Item:
   error: str = ""
 
   def signature(self) -> list[str]:
-    """The sizes and versions of its files (`paths.signature`): what a rebuild compares."""
-    return [paths.signature(f) if f else "" for f in self.files]
+    """The sizes and versions (`paths.signature`) of its files and of the transcripts that may sit
+    beside its stem ("" for one that is not there): what a rebuild compares."""
+    beside = [self.stem + suffix for suffix in transcripts.SUFFIXES] if self.stem else []
+    out = []
+    for f in [*self.files, *beside]:
+      try:
+        out.append(paths.signature(f) if f else "")
+      except FileNotFoundError:
+        out.append("")
+    return out
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike], suffixes: Sequence[str]) -> list:
