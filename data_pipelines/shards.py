@@ -27,6 +27,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import fnmatch
+import glob
 import hashlib
 import json
 import logging
@@ -65,7 +66,7 @@ class Plan:
   items: tuple[tuple[Item, ...], ...]
   on_error: str = "skip"
   chunk_seconds: float = DEFAULT_CHUNK_SECONDS
-  signatures: tuple[tuple[tuple[str, ...], ...], ...] = ()  # per shard, per item: `Item.signature`
+  signatures: tuple[tuple[tuple[str, ...], ...], ...] = ()  # per shard, item and `Item.versioned` file
 
   @property
   def shards(self) -> int:
@@ -110,9 +111,33 @@ def plan(
   groups: list[list[Item]] = [[] for _ in range(shards)]
   for item in items:
     groups[shard_of(item.id, shards)].append(item)
-  with concurrent.futures.ThreadPoolExecutor(16) as pool:  # a request per file on object storage
-    signatures = tuple(tuple(pool.map(lambda it: tuple(it.signature()), group)) for group in groups)
+  sign = _signer(inputs)
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:  # a request per file not listed on object storage
+    signatures = tuple(tuple(pool.map(lambda it: tuple(map(sign, it.versioned())), group)) for group in groups)
   return Plan(builder, paths.absolute(out), tuple(map(tuple, groups)), on_error, chunk_seconds, signatures)
+
+
+def _signer(inputs) -> Callable[[str], str]:
+  """`paths.signature`, "" for a file that is not there, with the objects below each input prefix
+  on object storage read from one listing of it rather than asked one by one."""
+  listed: dict[str, str] = {}
+  prefixes = []
+  for x in map(os.fspath, inputs):
+    if paths.is_remote(x) and not glob.has_magic(x) and paths.is_dir(x):
+      listed.update(paths.signatures_under(x))
+      prefixes.append(x.rstrip("/") + "/")
+
+  def sign(f: str) -> str:
+    if not f:
+      return ""
+    if any(f.startswith(prefix) for prefix in prefixes):
+      return listed.get(f, "")
+    try:
+      return paths.signature(f)
+    except FileNotFoundError:
+      return ""
+
+  return sign
 
 
 def _sha256(path: str) -> str:

@@ -136,14 +136,23 @@ def files_under(p: str | os.PathLike) -> list[str]:
   """Every file below directory `p`, at any depth, as paths (or URLs) that start with `p`, sorted."""
   if not is_remote(p):
     return sorted(str(f) for f in pathlib.Path(p).rglob("*") if f.is_file())
+  return sorted(signatures_under(p))
+
+
+def signatures_under(p: str | os.PathLike) -> dict[str, str]:
+  """{path or URL: `signature`} of every file below directory `p`, from one listing."""
+  if not is_remote(p):
+    return {f: signature(f) for f in files_under(p)}
   fs, where = _fs(os.fspath(p))
   fs.invalidate_cache(where)
-  base = os.fspath(p).rstrip("/")
-  return sorted(join(base, f[len(where.rstrip("/")) :].lstrip("/")) for f in fs.find(where))
+  base, root = os.fspath(p).rstrip("/"), where.rstrip("/")
+  found = fs.find(where, detail=True)
+  return {join(base, name[len(root) :].lstrip("/")): _object_signature(info) for name, info in found.items()}
 
 
 def glob(pattern: str) -> list[str]:
-  """The paths (or URLs, for a URL pattern) matching a glob pattern (`**` spans directories), sorted."""
+  """The paths (or URLs, for a URL pattern) of the files matching a glob pattern (`**` spans
+  directories), sorted."""
   if not is_remote(pattern):
     import glob as _glob
 
@@ -151,19 +160,24 @@ def glob(pattern: str) -> list[str]:
   fs, where = _fs(pattern)
   fs.invalidate_cache()
   scheme = pattern.split("://", 1)[0]
-  return sorted(f"{scheme}://{f}" for f in fs.glob(where) if fs.isfile(f))
+  found = fs.glob(where, detail=True)
+  return sorted(f"{scheme}://{name}" for name, info in found.items() if info.get("type") == "file")
+
+
+def _object_signature(info: dict) -> str:
+  version = info.get("generation") or info.get("md5Hash") or info.get("crc32c") or info.get("mtime") or ""
+  return f"{info.get('size')}:{version}"
 
 
 def signature(p: str | os.PathLike) -> str:
   """What tells one version of a file from another without reading it: its size and modification
-  time (an object's size and generation, or its checksum where the store keeps no generation)."""
+  time (an object's size and generation, or its checksum where the store keeps no generation).
+  Raises FileNotFoundError when there is no such file."""
   if not is_remote(p):
     st = os.stat(p)
     return f"{st.st_size}:{st.st_mtime_ns}"
   fs, where = _fs(os.fspath(p))
-  info = fs.info(where)
-  version = info.get("generation") or info.get("md5Hash") or info.get("crc32c") or info.get("mtime") or ""
-  return f"{info.get('size')}:{version}"
+  return _object_signature(fs.info(where))
 
 
 def download(src: str | os.PathLike, local: str | os.PathLike) -> None:

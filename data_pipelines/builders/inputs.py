@@ -37,17 +37,10 @@ class Item:
   part: tuple[int, ...] = ()
   error: str = ""
 
-  def signature(self) -> list[str]:
-    """The sizes and versions (`paths.signature`) of its files and of the transcripts that may sit
-    beside its stem ("" for one that is not there): what a rebuild compares."""
-    beside = [self.stem + suffix for suffix in transcripts.SUFFIXES] if self.stem else []
-    out = []
-    for f in [*self.files, *beside]:
-      try:
-        out.append(paths.signature(f) if f else "")
-      except FileNotFoundError:
-        out.append("")
-    return out
+  def versioned(self) -> list[str]:
+    """The files whose versions its episode depends on: its own, and the transcripts that may sit
+    beside its stem."""
+    return [*self.files, *([self.stem + suffix for suffix in transcripts.SUFFIXES] if self.stem else [])]
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike], suffixes: Sequence[str]) -> list:
