@@ -35,22 +35,34 @@ def _beam():
   return apache_beam
 
 
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, not argparse's usage text
+    raise SystemExit(f"bad pipeline option: {message}")
+
+
 def pipeline_options(runner: str, args: Sequence[str]):
-  """Beam's PipelineOptions for `runner` and the runner's own `args`; SystemExit naming an option
-  that no PipelineOptions class defines (Beam itself would only log that it dropped it)."""
+  """Beam's PipelineOptions for `runner` and the runner's own `args` (with the workers logging
+  warnings and errors only, unless `args` say otherwise). SystemExit in one line for a runner Beam
+  cannot make, a malformed option, an option no PipelineOptions class defines (Beam itself would
+  only log that it dropped it) and a --runner among `args`."""
   _beam()
   from apache_beam.options import pipeline_options as po
+  from apache_beam.runners import runner as runners
 
-  parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+  try:
+    runners.create_runner(runner)
+  except (ValueError, RuntimeError, ImportError) as e:
+    raise SystemExit(f"--runner={runner}: {' '.join(str(e).split())}") from None
+  parser = _Parser(allow_abbrev=False, add_help=False)
   for cls in {str(c): c for c in po.PipelineOptions.__subclasses__()}.values():
     cls._add_argparse_args(parser)
-  try:
-    _, unknown = parser.parse_known_args(list(args))
-  except SystemExit:
-    raise SystemExit(f"bad pipeline options: {' '.join(args)}") from None
+  known, unknown = parser.parse_known_args(list(args))
   if unknown:
     raise SystemExit(f"unknown pipeline option {unknown[0]!r} (after --; see the options of {runner})")
-  return po.PipelineOptions([f"--runner={runner}", *args])
+  if any(a == "--runner" or a.startswith("--runner=") for a in args):
+    raise SystemExit("give the runner as --runner before --, not among the pipeline options after it")
+  quiet = [] if known.default_sdk_harness_log_level else ["--default_sdk_harness_log_level=WARNING"]
+  return po.PipelineOptions([f"--runner={runner}", *quiet, *args])
 
 
 def _write(s: int, plan: shards.Plan) -> int:

@@ -23,10 +23,13 @@ Memory holds one episode, never a shard or the corpus.
 
 from __future__ import annotations
 
+import base64
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import fnmatch
+import functools
 import glob
 import hashlib
 import json
@@ -107,6 +110,8 @@ def plan(
   if episodes_per_shard < 1 or num_shards < 0:
     raise ValueError(f"episodes_per_shard is {episodes_per_shard} and num_shards {num_shards}; want >= 1 and >= 0")
   items = builder.items(inputs)
+  if not items:
+    raise FileNotFoundError(f"no {builder.kind} inputs in {' '.join(map(os.fspath, inputs))}")
   shards = num_shards or max(1, math.ceil(len(items) / episodes_per_shard))
   groups: list[list[Item]] = [[] for _ in range(shards)]
   for item in items:
@@ -127,6 +132,7 @@ def _signer(inputs) -> Callable[[str], str]:
       listed.update(paths.signatures_under(x))
       prefixes.append(x.rstrip("/") + "/")
 
+  @functools.cache  # a .jsonl file's lines are items of one file
   def sign(f: str) -> str:
     if not f:
       return ""
@@ -141,11 +147,17 @@ def _signer(inputs) -> Callable[[str], str]:
 
 
 def _sha256(path: str) -> str:
-  h = hashlib.sha256()
+  return _digests(path)[0]
+
+
+def _digests(path: str) -> tuple[str, str]:
+  """(SHA-256 in hex, MD5 in base64 as object stores give it) of a file."""
+  sha, md5 = hashlib.sha256(), hashlib.md5()
   with paths.open(path, "rb") as f:
     while block := f.read(1 << 20):
-      h.update(block)
-  return h.hexdigest()
+      sha.update(block)
+      md5.update(block)
+  return sha.hexdigest(), base64.b64encode(md5.digest()).decode()
 
 
 def _write_json(path: str, value) -> None:
@@ -170,14 +182,21 @@ def read_part(p: Plan, s: int) -> dict | None:
 
 def is_complete(p: Plan, s: int) -> bool:
   """Whether shard s is done: its part was written for this plan and its shard file still has the
-  SHA-256 the part records."""
+  SHA-256 the part records (on object storage: the size and MD5 the store keeps for the object,
+  when it keeps one, so that a resume does not download the dataset)."""
   part = read_part(p, s)
   if part is None or part.get("digest") != p.digest(s):
     return False
   if part.get("shard") is None:
     return True
   shard = paths.join(p.out, p.name(s))
-  return paths.is_file(shard) and _sha256(shard) == part.get("sha256")
+  if not paths.is_file(shard):
+    return False
+  if paths.is_remote(shard):
+    info = paths.info(shard)
+    if info.get("md5Hash"):
+      return info.get("size") == part.get("bytes") and info["md5Hash"] == part.get("md5")
+  return _sha256(shard) == part.get("sha256")
 
 
 def write_shard(p: Plan, s: int) -> dict:
@@ -204,12 +223,18 @@ def write_shard(p: Plan, s: int) -> dict:
         entries.append(dataclasses.asdict(info))
         index += len(records)
         totals = stats.add(totals, stats.episode_stats(ep))
-    finally:
       if writer is not None:
         writer.close()
-    digest = None
+    except BaseException:  # a bad input under on_error="raise", a failed write: no half shard is left
+      if writer is not None:
+        with contextlib.suppress(Exception):
+          writer.close()
+      with contextlib.suppress(OSError):
+        os.remove(local)
+      raise
+    digest = md5 = size = None
     if writer is not None:
-      digest = _sha256(local)
+      (digest, md5), size = _digests(local), os.path.getsize(local)
       if remote:
         paths.upload(local, target)
       else:
@@ -220,6 +245,8 @@ def write_shard(p: Plan, s: int) -> dict:
     "digest": p.digest(s),
     "shard": name if entries else None,
     "sha256": digest,
+    "md5": md5,
+    "bytes": size,
     "episodes": entries,
     "skipped": dict(sorted(policy.skips.items())),
     "warnings": dict(sorted(policy.warnings.items())),
@@ -234,7 +261,9 @@ def prepare(p: Plan) -> list[int]:
   removed when a shard is to be written; returns the shards to write (those not `is_complete`)."""
   paths.makedirs(p.out)
   paths.makedirs(paths.join(p.out, PARTS))
-  todo = [s for s in range(p.shards) if not is_complete(p, s)]
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:  # reading shards back, or asking the store
+    done = list(pool.map(lambda s: is_complete(p, s), range(p.shards)))
+  todo = [s for s in range(p.shards) if not done[s]]
   manifest = paths.join(p.out, MANIFEST)
   if todo and paths.is_file(manifest):
     paths.remove(manifest)

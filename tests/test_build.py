@@ -304,6 +304,17 @@ def test_text_documents_become_text_only_episodes(tmp_path):
   assert second.typed_text[0].time >= second.model_words[-1].end
 
 
+def test_json_lines_end_at_newlines_only(tmp_path):
+  """U+2028 inside a JSON string, a byte-order mark and CRLF endings keep the lines and their
+  numbers; a lone surrogate is a transcript skip, not an episode a tokenizer later chokes on."""
+  docs = [{"turns": [{"speaker": "model", "text": "one\u2028two"}]}, {"turns": [{"speaker": "user", "text": "hi"}]}]
+  text = "\ufeff" + "".join(json.dumps(d, ensure_ascii=False) + "\r\n" for d in docs)
+  (tmp_path / "c.jsonl").write_bytes((text + '{"turns": [{"speaker": "model", "text": "\\ud800"}]}\n').encode())
+  episodes, skips = build.build_text_episodes([tmp_path])
+  assert [ep.id for ep in episodes] == ["c-1", "c-2"] and skips == {"transcript": 1}
+  assert [w.text for w in episodes[0].model_words] == ["one", "two"]  # a line separator is white space in text
+
+
 def test_committed_sample_corpus_reads_back_completely():
   sizes = sum(f.stat().st_size for f in SAMPLE.rglob("*") if f.is_file())
   assert sizes <= 4.5 * 2**20

@@ -132,3 +132,21 @@ def test_runner_options_are_checked_before_any_input_is_read(tmp_path, recording
   assert not out.exists()
   stray = run_build("audio", str(recordings), f"--out={out}", "--", "--direct_num_workers=2")
   assert stray.returncode == 2 and "give --runner too" in stray.stderr
+
+
+def test_bad_runners_and_inputs_that_match_nothing_fail_in_one_line_and_keep_the_dataset(tmp_path, recordings):
+  out = tmp_path / "out"
+  assert build.main(["audio", str(recordings), f"--out={out}"]) == 0
+  before = digests(out)
+  for args, message in (
+    ([str(recordings / "*.WAV")], "no audio inputs in"),
+    ([str(tmp_path / "empty")], "no audio inputs in"),
+    ([str(recordings), "--runner=NoSuchRunner"], "--runner=NoSuchRunner: Unexpected pipeline runner"),
+    ([str(recordings), "--runner=DirectRunner", "--", "--direct_num_workers=many"], "bad pipeline option: argument"),
+    ([str(recordings), "--runner=DirectRunner", "--", "--runner=FlinkRunner"], "give the runner as --runner before"),
+  ):
+    (tmp_path / "empty").mkdir(exist_ok=True)
+    done = run_build("audio", f"--out={out}", *args)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and message in last and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+    assert digests(out) == before, args

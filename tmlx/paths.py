@@ -169,6 +169,13 @@ def _object_signature(info: dict) -> str:
   return f"{info.get('size')}:{version}"
 
 
+def info(url: str) -> dict:
+  """What the object store keeps about an object (size, checksums, generation: fsspec's `info`)."""
+  fs, where = _fs(url)
+  fs.invalidate_cache(where)
+  return fs.info(where)
+
+
 def signature(p: str | os.PathLike) -> str:
   """What tells one version of a file from another without reading it: its size and modification
   time (an object's size and generation, or its checksum where the store keeps no generation).

@@ -98,7 +98,7 @@ def local_copy(item: Item) -> Iterator[Item]:
 
 
 def find_transcript(stem: pathlib.Path) -> pathlib.Path:
-  """The single transcript `<stem>.json`, `<stem>.TextGrid` (any case) or `<stem>.ctm` beside a media file."""
+  """The single transcript `<stem>.json`, `<stem>.TextGrid` (or `.textgrid`) or `<stem>.ctm` beside a media file."""
   found: list[pathlib.Path] = []
   for suffix in transcripts.SUFFIXES:
     path = stem.parent / f"{stem.name}{suffix}"

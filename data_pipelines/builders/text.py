@@ -62,25 +62,29 @@ def _paragraphs(text: str) -> list[list[str]]:
 
 def text_items(inputs: Iterable[str | os.PathLike]) -> list[Item]:
   """One item per .txt file and per non-blank line of a .jsonl file (its byte range; the text is
-  read when the item is built), in input order. An unreadable file is one item that fails."""
+  read when the item is built), in input order. JSON Lines end at "\\n" only (a "\\r" before it is
+  dropped; U+2028 and its kind are text). An unreadable or non-UTF-8 file is one item that fails."""
   items = []
   for path in expand_inputs(inputs, TEXT_SUFFIXES):
     where = str(path)
+    lines: list[Item] = []
     try:
       with paths.open(where, "rb") as f:
-        content = f.read().decode("utf-8")
+        if path.suffix.lower() == ".txt":
+          f.read().decode("utf-8")
+          lines.append(Item(id=path.stem, where=where, files=(where,)))
+        else:
+          offset = 0
+          for lineno, line in enumerate(f, 1):  # binary lines end at b"\n" only; one read at a time
+            text = line.decode("utf-8")
+            if text.strip():
+              lines.append(
+                Item(id=f"{path.stem}-{lineno}", where=where, files=(where,), part=(lineno, offset, len(line)))
+              )
+            offset += len(line)
     except (OSError, UnicodeDecodeError) as e:
-      items.append(Item(id=path.stem, where=where, files=(where,), error=f"cannot read: {e}"))
-      continue
-    if path.suffix.lower() == ".txt":
-      items.append(Item(id=path.stem, where=where, files=(where,)))
-      continue
-    offset = 0
-    for lineno, line in enumerate(content.splitlines(keepends=True), 1):
-      size = len(line.encode("utf-8"))
-      if line.strip():
-        items.append(Item(id=f"{path.stem}-{lineno}", where=where, files=(where,), part=(lineno, offset, size)))
-      offset += size
+      lines = [Item(id=path.stem, where=where, files=(where,), error=f"cannot read: {e}")]
+    items += lines
   return items
 
 
@@ -95,7 +99,7 @@ def _document(item: Item) -> tuple[str, list[tuple[str, str]]]:
         return name, [("model", f.read().decode("utf-8"))]
       lineno, offset, size = item.part
       f.seek(offset)
-      line = f.read(size).decode("utf-8")
+      line = f.read(size).decode("utf-8-sig" if offset == 0 else "utf-8")  # a byte-order mark may open the file
   except (OSError, UnicodeDecodeError) as e:
     raise DataError("transcript", item.where, f"cannot read: {e}") from None
   return f"{name}:{lineno}", _jsonl_turns(line, item.where, lineno)

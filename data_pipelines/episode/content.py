@@ -149,6 +149,14 @@ def check_timing(ep: Episode, where: str, num_samples: int | None, num_frames: i
     _check_times([w.end for w in words], ep.duration, where, name)
   for name in ("typed_text", "bg_calls", "bg_results"):
     _check_times([e.time for e in getattr(ep, name)], ep.duration, where, name)
+  for name in ("user_words", "model_words", "typed_text", "bg_calls", "bg_results"):
+    for i, item in enumerate(getattr(ep, name)):
+      try:
+        item.text.encode("utf-8")
+      except UnicodeEncodeError:
+        raise DataError(
+          "transcript", where, f"field {name!r}[{i}] text {item.text!r} is not valid Unicode (a lone surrogate)"
+        ) from None
   if num_samples is None and num_frames is None:
     _check_text_gaps(ep, where)
 
