@@ -376,6 +376,11 @@ def test_a_dataset_build_reads_and_writes_gcs_and_resumes_there(gcs, tmp_path):
     assert {name: gcs.get(f"{out}/{name}") for name in top} == want, out
   again = build(f"gs://{BUCKET}/rawrec", f"--out=gs://{BUCKET}/ds")
   assert again.returncode == 0 and "shards: 0 written, 3 kept" in again.stdout, again.stdout + again.stderr[-2000:]
+  shard = next(name for name in sorted(want) if name.startswith("episodes-"))
+  gcs.put(f"ds/{shard}", want[shard][:-1] + bytes([want[shard][-1] ^ 1]))  # a damaged object is built again
+  mended = build(f"gs://{BUCKET}/rawrec", f"--out=gs://{BUCKET}/ds")
+  assert mended.returncode == 0 and "shards: 1 written, 2 kept" in mended.stdout, mended.stdout
+  assert gcs.get(f"ds/{shard}") == want[shard]
   stats = subprocess.run(
     [sys.executable, "-m", "data_pipelines.inspect", "stats", f"gs://{BUCKET}/ds", "--json"],
     cwd=ROOT,
