@@ -7,24 +7,29 @@ SparkRunner on a cluster), then merged into the manifest.
     python -m data_pipelines.build audio recordings/ --out=dataset/ --runner=DirectRunner -- \\
         --direct_num_workers=4 --direct_running_mode=multi_processing
 
-The arguments after `--` are the runner's own pipeline options; one Beam does not know is refused.
-The pipeline is: the shards still to write (a rerun leaves out the complete ones) -> Reshuffle
-(one shard per work item, spread over the workers) -> `write_shard` (build each of the shard's
-items, stream its records into the shard, write its part) -> one element -> `merge` (the parts
-into `manifest.json`, with the skips per reason). The items of every shard are listed once, by the
-process that starts the pipeline, and travel with the plan. Apache Beam is the `beam` extra
-(`pip install -e '.[beam]'`).
+The arguments after `--` are the runner's own pipeline options; one Beam does not know, a
+malformed one and a runner Beam cannot make are refused in one line before any input is read. The
+launching process lists the inputs, keeps the shards an earlier build completed (`shards.prepare`),
+and writes each remaining shard's items beside its part (`shards.save_items`), so that the pipeline
+carries shard numbers only: shards to write -> Reshuffle (one shard per work item, spread over the
+workers) -> `write_shard` (read the shard's items, build each one, stream its records into the
+shard, write its part). When the pipeline is done, the launching process merges the parts into
+`manifest.json`, with the skips per reason. DataflowRunner's workers run on other machines, so its
+inputs and `--out` must be on object storage; FlinkRunner's and SparkRunner's may share a file
+system with the launching process, which is for whoever sets them up to know. Apache Beam is the
+`beam` extra (`pip install -e '.[beam]'`).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
+import os
 from collections.abc import Sequence
 
 from data_pipelines import shards
-
-RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner", "PrismRunner")
+from tmlx import paths
 
 
 def _beam():
@@ -65,42 +70,50 @@ def pipeline_options(runner: str, args: Sequence[str]):
   return po.PipelineOptions([f"--runner={runner}", *quiet, *args])
 
 
-def _write(s: int, plan: shards.Plan) -> int:
+def _write(s: int, skeleton: shards.Plan) -> int:
+  part = shards.write_shard(shards.load_items(skeleton, s), s)
   logging.getLogger(__name__).info(
-    "shard %d of %d written, %s", s, plan.shards, shards.describe(shards.write_shard(plan, s))
+    "shard %d of %d written by process %d, %s", s, skeleton.shards, os.getpid(), shards.describe(part)
   )
   return s
 
 
-def _merge(written: list[int], plan: shards.Plan) -> int:
-  manifest = shards.merge(plan)
-  return len(manifest["episodes"])
-
-
 class PipelineError(RuntimeError):
   """The pipeline failed: a worker raised (a DataError under on_error="raise", a failed write), or
-  the runner did. The message is the first line of the error the runner reported."""
+  the runner did. The message is the last line of the error the runner reported (the worker's)."""
+
+
+def check_paths(runner: str, inputs: Sequence[str], out: str) -> None:
+  """SystemExit in one line when Dataflow's workers, on other machines, would be given local paths."""
+  local = [x for x in [out, *inputs] if not paths.is_remote(x)]
+  if runner.removesuffix("Runner").lower() == "dataflow" and local:
+    raise SystemExit(f"--runner={runner}: its workers run on other machines; {local[0]} is a local path (use gs://)")
 
 
 def build(plan: shards.Plan, runner: str, args: Sequence[str] = ()) -> tuple[dict, int, int]:
-  """Runs the build of `plan` on Beam; returns (manifest, shards written, shards reused). Raises
-  PipelineError when the pipeline fails; the shards written by then are kept for a rerun."""
+  """Writes the shards of `plan` that are not complete on Beam, then merges them here; returns
+  (manifest, shards written, shards reused). Raises PipelineError when the pipeline fails; the
+  shards written by then are kept for a rerun."""
   beam = _beam()
   options = pipeline_options(runner, args)
-  logging.getLogger("apache_beam").setLevel(logging.WARNING)
   todo = shards.prepare(plan)
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:  # one object per shard on object storage
+    list(pool.map(lambda s: shards.save_items(plan, s), todo))
+  skeleton = plan.only(())
+  quiet = logging.getLogger("apache_beam")
+  level = quiet.level
+  quiet.setLevel(logging.CRITICAL)  # the runner's own report of a worker's failure is many tracebacks long
   try:
     with beam.Pipeline(options=options) as p:
       (
         p
         | "shards to write" >> beam.Create(todo)
         | "one per worker" >> beam.Reshuffle()
-        | "write shard" >> beam.Map(_write, plan)
-        | "all written" >> beam.combiners.ToList()
-        | "merge" >> beam.Map(_merge, plan)
+        | "write" >> beam.Map(_write, skeleton)
       )
   except Exception as e:  # whatever the runner raises: it wraps the worker's error in its own
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    raise PipelineError(lines[-1] if lines else type(e).__name__) from e
-  manifest = shards.read_manifest_json(plan)
-  return manifest, len(todo), plan.shards - len(todo)
+    raise PipelineError(lines[-1] if lines else type(e).__name__) from None
+  finally:
+    quiet.setLevel(level)
+  return shards.merge(plan), len(todo), plan.shards - len(todo)

@@ -156,14 +156,18 @@ def build_dataset(
   written, else 1. Shards that an earlier build of the same inputs completed are kept.
 
   `options` go to the kind's `Builder`. `out` is checked before any input is read. Raises
-  OutputError for a bad `out` (status 2) or a failed write (status 1), and DataError for a bad
-  input when `on_error="raise"`.
+  OutputError for a bad `out` (status 2), a failed write or a failed pipeline (status 1), and
+  DataError for a bad input when `on_error="raise"` (on Beam: the OutputError of the failed
+  pipeline, naming it); FileNotFoundError when `inputs` name no input, and SystemExit for a bad
+  runner or pipeline option.
   """
   if kind not in KINDS:
     raise ValueError(f"kind is {kind!r}; want one of {KINDS}")
   check_out(out)
-  if runner:
-    beam.pipeline_options(runner, runner_args)  # a bad option fails before any input is read
+  if runner:  # a bad runner or option fails before any input is read
+    inputs = list(map(os.fspath, inputs))
+    beam.pipeline_options(runner, runner_args)
+    beam.check_paths(runner, inputs, os.fspath(out))
   plan = shards.plan(
     Builder(kind, options), inputs, out, episodes_per_shard=episodes_per_shard, num_shards=num_shards, on_error=on_error
   )
@@ -172,8 +176,6 @@ def build_dataset(
       manifest, written, reused = beam.build(plan, runner, runner_args)
     else:
       manifest, written, reused = shards.build_in_process(plan, progress=print)
-  except DataError:
-    raise
   except beam.PipelineError as e:
     raise OutputError(f"the build on {runner} failed (shards written so far are kept): {e}") from None
   except (OSError, RuntimeError) as e:  # ArrayRecordWriter reports a failed write as a RuntimeError

@@ -32,16 +32,17 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from data_pipelines import stats
+from data_pipelines import stats, transcripts
 from data_pipelines.builders import Builder, Item
 from data_pipelines.builders.policy import Policy
 from data_pipelines.episode import MANIFEST, SCHEMA_VERSION, WRITER_OPTIONS, EpisodeInfo, episode_records
@@ -53,23 +54,38 @@ log = logging.getLogger(__name__)
 
 PARTS = "build"  # the subdirectory of the shards' parts
 _SHARD_FILES = "episodes-*-of-*.array_record"
+_TEMPORARY = "episodes-*-of-*.array_record.*tmp"  # `_temporary` names, and ".tmp" ones of earlier builds
+
+
+# Bump when what a builder writes for the same inputs changes (a fix in a builder or the record
+# format), so that a rerun does not keep shards the older code wrote.
+BUILD_VERSION = 1
+# The libraries that decode and encode what a shard holds: their versions are part of its digest.
+_LIBRARIES = ("array-record", "av", "numpy", "soundfile", "soxr")
 
 
 def shard_of(episode_id: str, shards: int) -> int:
   """The shard of an episode: the first 8 bytes of the SHA-256 of its id, modulo `shards`."""
-  return int.from_bytes(hashlib.sha256(episode_id.encode("utf-8")).digest()[:8], "big") % shards
+  return int.from_bytes(hashlib.sha256(episode_id.encode("utf-8", "surrogateescape")).digest()[:8], "big") % shards
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+  return {"tmlx_build": str(BUILD_VERSION), **{name: importlib.metadata.version(name) for name in _LIBRARIES}}
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What a build writes to `out`: `items[s]` are shard s's items, in input order."""
+  """What a build writes to `out`: `items[s]` are shard s's items, in input order, and
+  `signatures[s]` the versions of each one's `Item.versioned` files. A plan may hold the items of
+  some shards only (`only`): what a worker needs to write them."""
 
   builder: Builder
   out: str
   items: tuple[tuple[Item, ...], ...]
+  signatures: tuple[tuple[tuple[str, ...], ...], ...]
   on_error: str = "skip"
   chunk_seconds: float = DEFAULT_CHUNK_SECONDS
-  signatures: tuple[tuple[tuple[str, ...], ...], ...] = ()  # per shard, item and `Item.versioned` file
 
   @property
   def shards(self) -> int:
@@ -81,10 +97,18 @@ class Plan:
   def part(self, s: int) -> str:
     return paths.join(self.out, PARTS, self.name(s).removesuffix(".array_record") + ".json")
 
+  def only(self, keep: Iterable[int]) -> Plan:
+    """This plan with the items of the shards in `keep` and no others."""
+    keep = set(keep)
+    pick = lambda rows: tuple(row if s in keep else () for s, row in enumerate(rows))
+    return dataclasses.replace(self, items=pick(self.items), signatures=pick(self.signatures))
+
   def digest(self, s: int) -> str:
-    """What shard s is built from, hashed: the builder, the record format, its items and their files' versions."""
+    """What shard s is built from, hashed: the builder and its options, the code and libraries
+    that write it, the record format, its items and their files' versions."""
     what = {
       "builder": self.builder.fingerprint(),
+      "versions": _versions(),
       "schema": SCHEMA_VERSION,
       "chunk_seconds": self.chunk_seconds,
       "on_error": self.on_error,
@@ -119,12 +143,13 @@ def plan(
   sign = _signer(inputs)
   with concurrent.futures.ThreadPoolExecutor(16) as pool:  # a request per file not listed on object storage
     signatures = tuple(tuple(pool.map(lambda it: tuple(map(sign, it.versioned())), group)) for group in groups)
-  return Plan(builder, paths.absolute(out), tuple(map(tuple, groups)), on_error, chunk_seconds, signatures)
+  return Plan(builder, paths.absolute(out), tuple(map(tuple, groups)), signatures, on_error, chunk_seconds)
 
 
 def _signer(inputs) -> Callable[[str], str]:
-  """`paths.signature`, "" for a file that is not there, with the objects below each input prefix
-  on object storage read from one listing of it rather than asked one by one."""
+  """`paths.signature` (a local transcript: the SHA-256 of its bytes), "" for a file that is not
+  there, with the objects below each input prefix on object storage read from one listing of it
+  rather than asked one by one."""
   listed: dict[str, str] = {}
   prefixes = []
   for x in map(os.fspath, inputs):
@@ -139,15 +164,14 @@ def _signer(inputs) -> Callable[[str], str]:
     if any(f.startswith(prefix) for prefix in prefixes):
       return listed.get(f, "")
     try:
+      if not paths.is_remote(f) and f.endswith(transcripts.SUFFIXES):  # small: their bytes, not their time
+        with open(f, "rb") as t:
+          return "sha256:" + hashlib.sha256(t.read()).hexdigest()
       return paths.signature(f)
     except FileNotFoundError:
       return ""
 
   return sign
-
-
-def _sha256(path: str) -> str:
-  return _digests(path)[0]
 
 
 def _digests(path: str) -> tuple[str, str]:
@@ -160,15 +184,43 @@ def _digests(path: str) -> tuple[str, str]:
   return sha.hexdigest(), base64.b64encode(md5.digest()).decode()
 
 
-def _write_json(path: str, value) -> None:
-  """Writes JSON whole: to a temporary name and renamed on a local disk; one object on object storage."""
+def _write_json(path: str, value, *, unique: bool = False) -> None:
+  """Writes JSON whole: one object on object storage; on a local disk, to a temporary name (one of
+  its own with `unique`, for a file that two attempts at one shard may write at once) renamed."""
   text = json.dumps(value, indent=1) + "\n"
   if paths.is_remote(path):
     paths.write_text(path, text)
     return
-  with open(path + ".tmp", "w") as f:
+  tmp = _temporary(path) if unique else path + ".tmp"
+  with open(tmp, "w") as f:
     f.write(text)
-  os.replace(path + ".tmp", path)
+  os.replace(tmp, path)
+
+
+def _temporary(path: str) -> str:
+  """A new file beside `path`, named after it and ending in ".tmp", that no one else writes."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+  os.close(fd)
+  return tmp
+
+
+def _items_file(p: Plan, s: int) -> str:
+  return p.part(s).removesuffix(".json") + ".items"
+
+
+def save_items(p: Plan, s: int) -> None:
+  """Writes shard s's items and their versions beside its part, for a worker to `load_items`."""
+  rows = [[dataclasses.astuple(it), list(sig)] for it, sig in zip(p.items[s], p.signatures[s])]
+  _write_json(_items_file(p, s), rows)
+
+
+def load_items(p: Plan, s: int) -> Plan:
+  """`p` (which may hold no items) with shard s's items as `save_items` wrote them."""
+  rows = json.loads(paths.read_text(_items_file(p, s)))
+  items, signatures = list(p.items), list(p.signatures)
+  items[s] = tuple(Item(i, w, tuple(f), stem, tuple(part), error) for (i, w, f, stem, part, error), _ in rows)
+  signatures[s] = tuple(tuple(sig) for _, sig in rows)
+  return dataclasses.replace(p, items=tuple(items), signatures=tuple(signatures))
 
 
 def read_part(p: Plan, s: int) -> dict | None:
@@ -196,7 +248,7 @@ def is_complete(p: Plan, s: int) -> bool:
     info = paths.info(shard)
     if info.get("md5Hash"):
       return info.get("size") == part.get("bytes") and info["md5Hash"] == part.get("md5")
-  return _sha256(shard) == part.get("sha256")
+  return _digests(shard)[0] == part.get("sha256")
 
 
 def write_shard(p: Plan, s: int) -> dict:
@@ -209,8 +261,8 @@ def write_shard(p: Plan, s: int) -> dict:
   entries: list[dict] = []
   totals: dict = {}
   remote = paths.is_remote(p.out)
-  with tempfile.TemporaryDirectory(prefix="tmlx_shard_") as tmp:
-    local = os.path.join(tmp, name) if remote else target + ".tmp"
+  with tempfile.TemporaryDirectory(prefix="tmlx_shard_") if remote else contextlib.nullcontext() as tmp:
+    local = os.path.join(tmp, name) if remote else _temporary(target)
     writer, index = None, 0
     try:
       for ep in p.builder.each(p.items[s], policy):
@@ -252,7 +304,7 @@ def write_shard(p: Plan, s: int) -> dict:
     "warnings": dict(sorted(policy.warnings.items())),
     "stats": totals,
   }
-  _write_json(p.part(s), part)
+  _write_json(p.part(s), part, unique=True)
   return part
 
 
@@ -271,9 +323,9 @@ def prepare(p: Plan) -> list[int]:
 
 
 def merge(p: Plan) -> dict:
-  """Joins the parts of every shard, in shard order, into `manifest.json`, and removes the shards,
-  parts and temporary files of earlier builds that this one does not list; returns the manifest.
-  Raises RuntimeError when a shard is not complete."""
+  """Joins the parts of every shard, in shard order, into `manifest.json` (not written when no
+  shard holds an episode), and removes the shards, parts and temporary files of earlier builds that
+  this one does not list; returns the manifest. Raises RuntimeError when a shard is not complete."""
   parts = []
   for s in range(p.shards):
     part = read_part(p, s)
@@ -295,11 +347,12 @@ def merge(p: Plan) -> dict:
     "warnings": dict(sorted(warnings.items())),
     "stats": totals,
   }
-  _write_json(paths.join(p.out, MANIFEST), manifest)
+  if manifest["episodes"]:  # else there is no dataset, and no manifest to say there is one
+    _write_json(paths.join(p.out, MANIFEST), manifest)
   keep = set(manifest["shards"])
   for name in paths.listdir(p.out):
     stale = fnmatch.fnmatch(name, _SHARD_FILES) and name not in keep
-    if stale or fnmatch.fnmatch(name, _SHARD_FILES + ".tmp"):
+    if stale or fnmatch.fnmatch(name, _TEMPORARY):
       paths.remove(paths.join(p.out, name))
   parts_keep = {p.part(s).rsplit("/", 1)[-1] for s in range(p.shards)}
   for name in paths.listdir(paths.join(p.out, PARTS)):
@@ -322,7 +375,3 @@ def build_in_process(p: Plan, progress: Callable[[str], None] = log.info) -> tup
     progress(f"shard {k}/{len(todo)} written, {describe(write_shard(p, s))}")
   return merge(p), len(todo), p.shards - len(todo)
 
-
-def read_manifest_json(p: Plan) -> dict:
-  """The manifest that `merge` wrote for `p`."""
-  return json.loads(paths.read_text(paths.join(p.out, MANIFEST)))

@@ -23,18 +23,17 @@ def write_early_json(path):
   return write_json(path, user=EARLY["user"], model=EARLY["model"], events={})
 
 
-def cli(*args, memory_limit=None):
-  """Runs the build in a subprocess, optionally under an address-space limit in bytes."""
-  limit = None
-  if memory_limit is not None:
-    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+def cli(*args, memory_limit=None, file_size_limit=None):
+  """Runs the build in a subprocess, optionally under an address-space or file-size limit in bytes."""
+  limits = [(resource.RLIMIT_AS, memory_limit), (resource.RLIMIT_FSIZE, file_size_limit)]
+  limits = [(kind, n) for kind, n in limits if n is not None]
   return subprocess.run(
     [sys.executable, "-m", "data_pipelines.build", *args],
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=300,
-    preexec_fn=limit,
+    preexec_fn=(lambda: [resource.setrlimit(kind, (n, n)) for kind, n in limits]) if limits else None,
   )
 
 
@@ -179,17 +178,15 @@ def test_out_that_cannot_be_a_directory_fails_in_one_line_before_processing(tmp_
 def test_a_write_failure_is_one_line_naming_the_path(tmp_path):
   root = inputs_that_log(tmp_path / "in")
   (root / "orphan.wav").unlink()
-  # Disk full while writing each file (each is written under a temporary name, then renamed).
-  for name in (
-    "manifest.json.tmp",
-    "episodes-00000-of-00001.array_record.tmp",
-    "build/episodes-00000-of-00001.json.tmp",
-  ):
-    out = tmp_path / name.split(".")[0].replace("/", "_")
-    (out / name).parent.mkdir(parents=True)
-    (out / name).symlink_to("/dev/full")
-    done = cli("audio", str(root), f"--out={out}")
+  # The disk fills up while the manifest is written (it is written under a temporary name, then renamed).
+  full = tmp_path / "manifest"
+  full.mkdir()
+  (full / "manifest.json.tmp").symlink_to("/dev/full")
+  # And a file may not grow past 20 kB while the shard, more than that, is written (Python ignores SIGXFSZ).
+  for out, limit, why in ((full, None, "No space left on device"), (tmp_path / "shard", 20_000, "File too large")):
+    done = cli("audio", str(root), f"--out={out}", file_size_limit=limit)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert str(out) in lines[0] and "No space left on device" in lines[0]
+    assert str(out) in lines[0] and why in lines[0], lines[0]
+    assert not [p.name for p in out.iterdir() if p.name.endswith("tmp") and not p.is_symlink()]  # nothing half-written

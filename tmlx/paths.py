@@ -164,8 +164,14 @@ def glob(pattern: str) -> list[str]:
   return sorted(f"{scheme}://{name}" for name, info in found.items() if info.get("type") == "file")
 
 
+_VERSION_FIELDS = ("generation", "VersionId", "md5Hash", "ETag", "crc32c", "mtime", "LastModified")
+
+
 def _object_signature(info: dict) -> str:
-  version = info.get("generation") or info.get("md5Hash") or info.get("crc32c") or info.get("mtime") or ""
+  """An object's size and the first version field its store gives (GCS, S3 and fsspec's names)."""
+  version = next((str(info[k]) for k in _VERSION_FIELDS if info.get(k)), None)
+  if version is None:
+    raise ValueError(f"{info.get('name')}: the store says nothing that tells versions of this object apart")
   return f"{info.get('size')}:{version}"
 
 

@@ -87,7 +87,7 @@ def check_audio_values(audio: np.ndarray, where: str, name: str) -> None:
 
 
 def validate(ep: Episode, where: str) -> None:
-  """Checks sample rate, lengths, finite audio and timestamps; raises DataError naming the field."""
+  """Checks sample rate, lengths, finite audio, timestamps and text; raises DataError naming the field."""
   if (ep.user_audio is None) != (ep.model_audio is None):
     raise DataError("length", where, "fields 'user_audio' and 'model_audio' must both be present or both absent")
   if ep.user_audio is not None:
@@ -117,6 +117,7 @@ def validate(ep: Episode, where: str) -> None:
     num_samples=None if ep.user_audio is None else len(ep.user_audio),
     num_frames=None if ep.frames is None else len(ep.frames),
   )
+  _check_text(ep, where)
   if ep.user_audio is not None:
     for name in ("user_audio", "model_audio"):
       check_audio_values(getattr(ep, name), where, name)
@@ -149,6 +150,12 @@ def check_timing(ep: Episode, where: str, num_samples: int | None, num_frames: i
     _check_times([w.end for w in words], ep.duration, where, name)
   for name in ("typed_text", "bg_calls", "bg_results"):
     _check_times([e.time for e in getattr(ep, name)], ep.duration, where, name)
+  if num_samples is None and num_frames is None:
+    _check_text_gaps(ep, where)
+
+
+def _check_text(ep: Episode, where: str) -> None:
+  """Every word and event text must be encodable as UTF-8 (a lone surrogate is not), as tokenizers need."""
   for name in ("user_words", "model_words", "typed_text", "bg_calls", "bg_results"):
     for i, item in enumerate(getattr(ep, name)):
       try:
@@ -157,8 +164,6 @@ def check_timing(ep: Episode, where: str, num_samples: int | None, num_frames: i
         raise DataError(
           "transcript", where, f"field {name!r}[{i}] text {item.text!r} is not valid Unicode (a lone surrogate)"
         ) from None
-  if num_samples is None and num_frames is None:
-    _check_text_gaps(ep, where)
 
 
 def _check_text_gaps(ep: Episode, where: str) -> None:
