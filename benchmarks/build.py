@@ -50,10 +50,10 @@ def timed_build(inputs: list[str], out: str, *extra: str) -> tuple[float, float]
   args = [sys.executable, "-m", "data_pipelines.build", "audio", *inputs, f"--out={out}", "--episodes_per_shard=8"]
   start = time.perf_counter()
   proc = subprocess.Popen([*args, *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  stdout = proc.stdout.read()  # to its end first: a build that fills the pipe would wait on it
+  proc.stdout.close()
   _, status, usage = os.wait4(proc.pid, 0)
   wall = time.perf_counter() - start
-  stdout = proc.stdout.read()
-  proc.stdout.close()
   proc.returncode = os.waitstatus_to_exitcode(status)
   if proc.returncode != 0 or "skipped: 0" not in stdout:
     raise SystemExit(f"the build of {inputs} failed ({proc.returncode}):\n{stdout}")

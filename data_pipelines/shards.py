@@ -374,4 +374,3 @@ def build_in_process(p: Plan, progress: Callable[[str], None] = log.info) -> tup
   for k, s in enumerate(todo, 1):
     progress(f"shard {k}/{len(todo)} written, {describe(write_shard(p, s))}")
   return merge(p), len(todo), p.shards - len(todo)
-

@@ -199,10 +199,12 @@ def fractions(stats: dict) -> dict[str, float | None]:
 
 
 def streams(stats: dict) -> dict[str, float]:
-  """Hours of user audio, model audio, video and text-only episodes."""
+  """Hours of audio (every audio episode has both channels), of speech in each channel, of video
+  and of text-only episodes."""
   return {
-    "user audio": stats.get("audio_seconds", 0) / 3600,
-    "model audio": stats.get("audio_seconds", 0) / 3600,
+    "audio": stats.get("audio_seconds", 0) / 3600,
+    "user speech": stats.get("user_speech_seconds", 0) / 3600,
+    "model speech": stats.get("model_speech_seconds", 0) / 3600,
     "video": stats.get("video_seconds", 0) / 3600,
     "text-only": stats.get("text_only_seconds", 0) / 3600,
   }

@@ -3,10 +3,14 @@ DirectRunner with one or three worker processes, the skips counted as the in-mem
 them, a build killed with SIGKILL resumed to the same bytes, and bad runner options refused."""
 
 import collections
+import functools
 import hashlib
 import json
+import math
 import os
 import pathlib
+import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -14,13 +18,14 @@ import time
 
 import pytest
 
-from data_pipelines import build, shards
+from data_pipelines import build, shards, stats
 from data_pipelines.builders import Builder
-from data_pipelines.episode import EpisodeReader
+from data_pipelines.episode import DataError, EpisodeReader
 from data_pipelines.sample_corpus.recordings import BAD, write_recordings
 from tests.helpers import ROOT
 
 MULTI = ["--direct_running_mode=multi_processing"]
+LOUD = "--default_sdk_harness_log_level=INFO"  # workers log which process wrote each shard
 
 
 def run_build(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -48,13 +53,14 @@ def test_one_and_three_beam_workers_write_the_bytes_the_in_process_build_writes(
   one = run_build(*common, f"--out={tmp_path / 'one'}", "--runner=DirectRunner", "--", "--direct_num_workers=1", *MULTI)
   assert one.returncode == 0, one.stderr[-3000:]
   three = run_build(
-    *common, f"--out={tmp_path / 'three'}", "--runner=DirectRunner", "--", "--direct_num_workers=3", *MULTI
+    *common, f"--out={tmp_path / 'three'}", "--runner=DirectRunner", "--", "--direct_num_workers=3", *MULTI, LOUD
   )
   assert three.returncode == 0, three.stderr[-3000:]
+  assert len(set(re.findall(r"written by process (\d+)", three.stderr))) >= 2  # the shards were shared out
   expected = digests(tmp_path / "alone")
   listed = json.loads((tmp_path / "alone" / "manifest.json").read_text())["shards"]
   count = len(list((tmp_path / "alone" / shards.PARTS).glob("*.json")))
-  assert count == 9  # 25 inputs (18 recordings, 7 bad ones), 3 per shard
+  assert count == math.ceil(len(Builder("audio").items([recordings])) / 3) == 10  # 18 recordings, 10 bad inputs
   assert len(expected) == 1 + len(listed) and len(listed) >= 6
   assert digests(tmp_path / "one") == expected
   assert digests(tmp_path / "three") == expected
@@ -71,7 +77,7 @@ def test_one_and_three_beam_workers_write_the_bytes_the_in_process_build_writes(
   assert sorted(reader.read(k).id for k in range(len(reader))) == sorted(ep.id for ep in episodes)
   for entry in manifest["episodes"]:
     assert entry["shard"] == shards.shard_name(shards.shard_of(entry["id"], count), count)
-  assert manifest["stats"]["episodes"] == len(episodes)
+  assert manifest["stats"] == functools.reduce(stats.add, map(stats.episode_stats, episodes))
 
 
 def test_a_build_killed_mid_way_resumes_to_the_same_bytes_and_keeps_the_finished_shards(tmp_path):
@@ -150,3 +156,30 @@ def test_bad_runners_and_inputs_that_match_nothing_fail_in_one_line_and_keep_the
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and message in last and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
     assert digests(out) == before, args
+
+
+def test_text_builds_are_the_same_bytes_on_beam_and_errors_pickle_whole(tmp_path):
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  lines = [
+    json.dumps({"turns": [{"speaker": "user", "text": f"q{k}"}, {"speaker": "model", "text": f"a {k}"}]})
+    for k in range(30)
+  ]
+  (docs / "chats.jsonl").write_text("\n".join(lines[:10] + ["{oops", ""] + lines[10:]) + "\n")
+  (docs / "note.txt").write_text("Some words.\n\nMore words.\n")
+  alone = run_build("text", str(docs), f"--out={tmp_path / 'alone'}", "--episodes_per_shard=4")
+  two = run_build(
+    "text",
+    str(docs),
+    f"--out={tmp_path / 'two'}",
+    "--episodes_per_shard=4",
+    "--runner=DirectRunner",
+    "--",
+    "--direct_num_workers=2",
+    *MULTI,
+  )
+  assert alone.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+  assert "episodes written: 31\nskipped: 1\n  transcript: 1\n" in two.stdout
+  assert digests(tmp_path / "two") == digests(tmp_path / "alone")
+  error = pickle.loads(pickle.dumps(DataError("truncated", "x.wav", "holds 3 of 6 frames")))
+  assert (error.reason, error.where, str(error)) == ("truncated", "x.wav", "x.wav: holds 3 of 6 frames")

@@ -381,6 +381,11 @@ def test_a_dataset_build_reads_and_writes_gcs_and_resumes_there(gcs, tmp_path):
   mended = build(f"gs://{BUCKET}/rawrec", f"--out=gs://{BUCKET}/ds")
   assert mended.returncode == 0 and "shards: 1 written, 2 kept" in mended.stdout, mended.stdout
   assert gcs.get(f"ds/{shard}") == want[shard]
+  words = json.loads((raw / "rec00001.json").read_text())
+  words["user"][0]["word"] = words["user"][0]["word"][::-1] + "x"  # a new version of one input object
+  gcs.put("rawrec/rec00001.json", json.dumps(words).encode())
+  changed = build(f"gs://{BUCKET}/rawrec", f"--out=gs://{BUCKET}/ds")
+  assert changed.returncode == 0 and "shards: 1 written, 2 kept" in changed.stdout, changed.stdout
   stats = subprocess.run(
     [sys.executable, "-m", "data_pipelines.inspect", "stats", f"gs://{BUCKET}/ds", "--json"],
     cwd=ROOT,

@@ -132,36 +132,39 @@ def listdir(p: str | os.PathLike) -> list[str]:
   return sorted(names)
 
 
+def _in_path_order(names) -> list[str]:
+  """Sorted by component, as pathlib sorts paths ("a/x" before "a-b/x"), for URLs too."""
+  return sorted(names, key=lambda name: name.split("/"))
+
+
 def files_under(p: str | os.PathLike) -> list[str]:
-  """Every file below directory `p`, at any depth, as paths (or URLs) that start with `p`, sorted."""
+  """Every file below directory `p`, at any depth, as paths (or URLs) that start with `p`, in path order."""
   if not is_remote(p):
-    return sorted(str(f) for f in pathlib.Path(p).rglob("*") if f.is_file())
-  return sorted(signatures_under(p))
+    return _in_path_order(str(f) for f in pathlib.Path(p).rglob("*") if f.is_file())
+  return _in_path_order(signatures_under(p))
 
 
-def signatures_under(p: str | os.PathLike) -> dict[str, str]:
-  """{path or URL: `signature`} of every file below directory `p`, from one listing."""
-  if not is_remote(p):
-    return {f: signature(f) for f in files_under(p)}
-  fs, where = _fs(os.fspath(p))
+def signatures_under(url: str) -> dict[str, str]:
+  """{URL: `signature`} of every object below the prefix `url`, from one listing."""
+  fs, where = _fs(url)
   fs.invalidate_cache(where)
-  base, root = os.fspath(p).rstrip("/"), where.rstrip("/")
+  base, root = url.rstrip("/"), where.rstrip("/")
   found = fs.find(where, detail=True)
   return {join(base, name[len(root) :].lstrip("/")): _object_signature(info) for name, info in found.items()}
 
 
 def glob(pattern: str) -> list[str]:
   """The paths (or URLs, for a URL pattern) of the files matching a glob pattern (`**` spans
-  directories), sorted."""
+  directories), in path order."""
   if not is_remote(pattern):
     import glob as _glob
 
-    return sorted(_glob.glob(pattern, recursive=True))
+    return _in_path_order(p for p in _glob.glob(pattern, recursive=True) if os.path.isfile(p))
   fs, where = _fs(pattern)
   fs.invalidate_cache()
   scheme = pattern.split("://", 1)[0]
   found = fs.glob(where, detail=True)
-  return sorted(f"{scheme}://{name}" for name, info in found.items() if info.get("type") == "file")
+  return _in_path_order(f"{scheme}://{name}" for name, info in found.items() if info.get("type") == "file")
 
 
 _VERSION_FIELDS = ("generation", "VersionId", "md5Hash", "ETag", "crc32c", "mtime", "LastModified")

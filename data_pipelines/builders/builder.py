@@ -59,12 +59,12 @@ class Builder:
     return {"audio": audio.audio_items, "video": video.video_items, "text": text.text_items}[self.kind](inputs)
 
   def make(self, item: Item, warn: Warn) -> Episode:
-    """The validated episode of `item` (its files copied here first when they are remote); raises
-    DataError naming the input when it cannot be built."""
+    """The validated episode of `item` (media and their transcripts copied here first when they
+    are remote); raises DataError naming the input when it cannot be built."""
     o = self.options
+    if self.kind == "text":  # read where it is: a .jsonl line is a byte range of its file
+      return text.text_episode(item, warn, o["words_per_second"])
     with local_copy(item) as local:
-      if self.kind == "text":
-        return text.text_episode(local, warn, o["words_per_second"])
       transcripts = transcript_options(o["user_tier"], o["model_tier"], o["ctm_channels"])
       if self.kind == "audio":
         return audio.audio_episode(local, warn, o["swap_channels"], o["allow_truncated"], transcripts)

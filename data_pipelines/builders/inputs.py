@@ -44,33 +44,22 @@ class Item:
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike], suffixes: Sequence[str]) -> list:
-  """Files named by `inputs` (files, directories searched recursively, glob patterns), sorted and
-  unique: `pathlib.Path`s, or `etils.epath.Path`s for URLs."""
-  found: list = []
+  """Files named by `inputs` (files, directories searched recursively, glob patterns), unique, each
+  directory's and pattern's in path order (by component, as pathlib sorts, locally and on object
+  storage alike): `pathlib.Path`s, or `etils.epath.Path`s for URLs."""
+  found: list[str] = []
   wanted = tuple(s.lower() for s in suffixes)
   for item in inputs:
     text = os.fspath(item)
-    if paths.is_remote(text):
-      if glob.has_magic(text):
-        found.extend(paths.path(p) for p in paths.glob(text) if p.lower().endswith(wanted))
-      elif paths.is_file(text):
-        found.append(paths.path(text))
-      elif paths.is_dir(text):
-        found.extend(paths.path(p) for p in paths.files_under(text) if p.lower().endswith(wanted))
-      else:
-        raise FileNotFoundError(f"{text}: no such object, prefix or glob match")
-      continue
-    path = pathlib.Path(text)
-    if path.is_dir():
-      found.extend(p for p in sorted(path.rglob("*")) if p.is_file() and p.name.lower().endswith(wanted))
-    elif path.is_file():
-      found.append(path)
+    if paths.is_dir(text):
+      found.extend(p for p in paths.files_under(text) if p.lower().endswith(wanted))
+    elif paths.is_file(text):
+      found.append(text)
     elif glob.has_magic(text):
-      matches = sorted(pathlib.Path(p) for p in glob.glob(text, recursive=True))
-      found.extend(p for p in matches if p.is_file() and p.name.lower().endswith(wanted))
+      found.extend(p for p in paths.glob(text) if p.lower().endswith(wanted))
     else:
       raise FileNotFoundError(f"{text}: no such file, directory or glob match")
-  return list(dict.fromkeys(found))  # unique, in order
+  return [paths.path(p) for p in dict.fromkeys(found)]  # unique, in order
 
 
 @contextlib.contextmanager

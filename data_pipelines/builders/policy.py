@@ -44,6 +44,14 @@ class Policy:
       self.warnings[kind] += 1
 
 
+def _undecodable(text: str) -> bool:
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return True
+  return False
+
+
 def build_each(items: Iterable[Item], make: Callable[[Item, Warn], Episode], policy: Policy) -> Iterator[Episode]:
   """Runs `make(item, warn)` (which validates) on each item in turn, yielding each episode built.
 
@@ -54,6 +62,9 @@ def build_each(items: Iterable[Item], make: Callable[[Item, Warn], Episode], pol
   for item in items:
     notes: list[tuple[str, str]] = []
     try:
+      if not item.id.isprintable() or _undecodable(item.id):
+        where = item.where.encode("utf-8", "backslashreplace").decode()
+        raise DataError("schema", where, f"episode id {item.id!r} (the file name) is not printable UTF-8; rename it")
       if item.id in seen:
         raise DataError(
           "duplicate", item.where, f"episode id {item.id!r} (the file stem) is already taken by another input"

@@ -63,25 +63,24 @@ def _paragraphs(text: str) -> list[list[str]]:
 def text_items(inputs: Iterable[str | os.PathLike]) -> list[Item]:
   """One item per .txt file and per non-blank line of a .jsonl file (its byte range; the text is
   read when the item is built), in input order. JSON Lines end at "\\n" only (a "\\r" before it is
-  dropped; U+2028 and its kind are text). An unreadable or non-UTF-8 file is one item that fails."""
+  dropped; U+2028 and its kind are text). An unreadable or non-UTF-8 .jsonl file is one item that
+  fails; a .txt file is read only when it is built."""
   items = []
   for path in expand_inputs(inputs, TEXT_SUFFIXES):
     where = str(path)
+    if path.suffix.lower() == ".txt":  # read when it is built
+      items.append(Item(id=path.stem, where=where, files=(where,)))
+      continue
     lines: list[Item] = []
     try:
       with paths.open(where, "rb") as f:
-        if path.suffix.lower() == ".txt":
-          f.read().decode("utf-8")
-          lines.append(Item(id=path.stem, where=where, files=(where,)))
-        else:
-          offset = 0
-          for lineno, line in enumerate(f, 1):  # binary lines end at b"\n" only; one read at a time
-            text = line.decode("utf-8")
-            if text.strip():
-              lines.append(
-                Item(id=f"{path.stem}-{lineno}", where=where, files=(where,), part=(lineno, offset, len(line)))
-              )
-            offset += len(line)
+        offset = 0
+        for lineno, line in enumerate(f, 1):  # binary lines end at b"\n" only; one read at a time
+          if line.decode("utf-8").strip():
+            lines.append(
+              Item(id=f"{path.stem}-{lineno}", where=where, files=(where,), part=(lineno, offset, len(line)))
+            )
+          offset += len(line)
     except (OSError, UnicodeDecodeError) as e:
       lines = [Item(id=path.stem, where=where, files=(where,), error=f"cannot read: {e}")]
     items += lines
@@ -109,7 +108,8 @@ def _jsonl_turns(line: str, where: str, lineno: int) -> list[tuple[str, str]]:
   try:
     doc = json.loads(line)
   except json.JSONDecodeError as e:
-    raise DataError("transcript", where, f"line {lineno}: invalid JSON: {e.msg}") from None
+    why = " (the lines of a .jsonl file end at \\n; this one holds a \\r)" if "\r" in line.rstrip("\r\n") else ""
+    raise DataError("transcript", where, f"line {lineno}: invalid JSON: {e.msg}{why}") from None
   turns = doc.get("turns") if isinstance(doc, dict) else None
   if not isinstance(turns, list):
     raise DataError("transcript", where, f'line {lineno}: want an object with a "turns" list')

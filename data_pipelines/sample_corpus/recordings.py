@@ -26,6 +26,9 @@ BAD = {
   "length": "length",
   "missing": "missing",
   "duplicate": "duplicate",
+  "mono": "audio",
+  "rates": "sample_rate",
+  "truncated": "truncated",
 }
 
 
@@ -111,6 +114,15 @@ def _write_bad(root: pathlib.Path, seconds: float, seed: int) -> None:
   (root / "length.json").write_text(transcript)
   sf.write(root / "missing.user.wav", audio[:, 0], SAMPLE_RATE)
   (root / "missing.json").write_text(transcript)
+  sf.write(root / "mono.wav", audio[:, 0], SAMPLE_RATE)  # one file must be stereo
+  (root / "mono.json").write_text(transcript)
+  sf.write(root / "rates.user.wav", audio[:, 0], SAMPLE_RATE)
+  sf.write(root / "rates.model.wav", audio[::2, 1], SAMPLE_RATE // 2)
+  (root / "rates.json").write_text(transcript)
+  sf.write(root / "truncated.wav", audio, SAMPLE_RATE)
+  whole = (root / "truncated.wav").read_bytes()
+  (root / "truncated.wav").write_bytes(whole[: len(whole) // 2])  # its header promises twice what it holds
+  (root / "truncated.json").write_text(transcript)
   for folder in ("duplicate_a", "duplicate_b"):  # two inputs with the episode id "duplicate"
     (root / folder).mkdir(exist_ok=True)
     sf.write(root / folder / "duplicate.wav", audio, SAMPLE_RATE)
