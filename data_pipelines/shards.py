@@ -5,20 +5,23 @@
 the items whose ids hash to it, in input order. `write_shard` builds those items one at a time and
 streams their records into the shard's ArrayRecord file, then writes the shard's part, a small
 JSON file under `build/` beside the shards: its episodes, its skips by reason, its warnings by kind,
-the statistics of its episodes (`data_pipelines.stats`), the SHA-256 of the shard, and the digest
-of everything the shard was built from (its items, their files' sizes and versions, the builder's
-options). `merge` joins the parts, in shard order, into `manifest.json`; the dataset is complete
-when that file is there (a build removes an earlier one before it writes a shard).
+the statistics of its episodes (`data_pipelines.stats`), the SHA-256 (and MD5) of the shard, and
+the digest of everything the shard was built from (`Plan.digest`: its items, the versions of their
+files and transcripts, the builder's options, the build code's and codec libraries' versions).
+`merge` joins the parts, in shard order, into `manifest.json`; the dataset is complete when that
+file is there (a build removes an earlier one before it writes a shard).
 
-Any process may write any shard, in any order: the same inputs give byte-identical shards and
-manifest however many workers build them (`data_pipelines.beam` runs `write_shard` on Apache Beam;
-`build_in_process` runs it in a loop). A rerun reuses every shard whose part has the digest the
-plan expects and whose file still has the SHA-256 its part records (`is_complete`), so a build that
-was killed resumes where it stopped and ends as an uninterrupted one would.
+Any process may write any shard, in any order, under temporary names of its own: the same inputs
+give byte-identical shards and manifest however many workers build them (`data_pipelines.beam`
+runs `write_shard` on Apache Beam; `build_in_process` runs it in a loop). A rerun reuses every
+shard whose part has the digest the plan expects and whose file still has the checksum its part
+records (`is_complete`), so a build that was killed resumes where it stopped and ends as an
+uninterrupted one would.
 
 The output may be a local directory or an object-store URL: a shard is written to a local
 temporary file first (ArrayRecord cannot write to object storage) and copied when complete.
-Memory holds one episode, never a shard or the corpus.
+Memory holds one episode's media, never a shard's or the corpus's; what grows with the corpus is
+the listing and the manifest's entries (a few hundred bytes per episode).
 """
 
 from __future__ import annotations
