@@ -90,16 +90,15 @@ def check_paths(runner: str, inputs: Sequence[str], out: str) -> None:
     raise SystemExit(f"--runner={runner}: its workers run on other machines; {local[0]} is a local path (use gs://)")
 
 
-def build(plan: shards.Plan, runner: str, args: Sequence[str] = ()) -> tuple[dict, int, int]:
-  """Writes the shards of `plan` that are not complete on Beam, then merges them here; returns
-  (manifest, shards written, shards reused). Raises PipelineError when the pipeline fails; the
-  shards written by then are kept for a rerun."""
+def build(plan: shards.Plan, options) -> tuple[dict, int, int]:
+  """Writes the shards of `plan` that are not complete on Beam, with the `pipeline_options` given,
+  then merges them here; returns (manifest, shards written, shards reused). Raises PipelineError
+  when the pipeline fails; the shards written by then are kept for a rerun."""
   beam = _beam()
-  options = pipeline_options(runner, args)
   todo = shards.prepare(plan)
   with concurrent.futures.ThreadPoolExecutor(16) as pool:  # one object per shard on object storage
     list(pool.map(lambda s: shards.save_items(plan, s), todo))
-  skeleton = plan.only(())
+  skeleton = plan.without_items()
   quiet = logging.getLogger("apache_beam")
   level = quiet.level
   quiet.setLevel(logging.CRITICAL)  # the runner's own report of a worker's failure is many tracebacks long

@@ -166,14 +166,14 @@ def build_dataset(
   check_out(out)
   if runner:  # a bad runner or option fails before any input is read
     inputs = list(map(os.fspath, inputs))
-    beam.pipeline_options(runner, runner_args)
+    options_of_runner = beam.pipeline_options(runner, runner_args)
     beam.check_paths(runner, inputs, os.fspath(out))
   plan = shards.plan(
     Builder(kind, options), inputs, out, episodes_per_shard=episodes_per_shard, num_shards=num_shards, on_error=on_error
   )
   try:
     if runner:
-      manifest, written, reused = beam.build(plan, runner, runner_args)
+      manifest, written, reused = beam.build(plan, options_of_runner)
     else:
       manifest, written, reused = shards.build_in_process(plan, progress=print)
   except beam.PipelineError as e:

@@ -41,7 +41,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -80,8 +80,8 @@ def _versions() -> dict[str, str]:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What a build writes to `out`: `items[s]` are shard s's items, in input order, and
-  `signatures[s]` the versions of each one's `Item.versioned` files. A plan may hold the items of
-  some shards only (`only`): what a worker needs to write them."""
+  `signatures[s]` the versions of each one's `Item.versioned` files. A worker's plan holds only the
+  items of the shard it writes (`without_items`, then `load_items`)."""
 
   builder: Builder
   out: str
@@ -100,11 +100,13 @@ class Plan:
   def part(self, s: int) -> str:
     return paths.join(self.out, PARTS, self.name(s).removesuffix(".array_record") + ".json")
 
-  def only(self, keep: Iterable[int]) -> Plan:
-    """This plan with the items of the shards in `keep` and no others."""
-    keep = set(keep)
-    pick = lambda rows: tuple(row if s in keep else () for s, row in enumerate(rows))
-    return dataclasses.replace(self, items=pick(self.items), signatures=pick(self.signatures))
+  def without_items(self) -> Plan:
+    """This plan with no shard's items: what a worker starts from (`load_items`)."""
+    return dataclasses.replace(self, items=((),) * self.shards, signatures=((),) * self.shards)
+
+  def rows(self, s: int) -> list[list]:
+    """Shard s's items, each as [its fields, its files' versions]: what `digest` hashes and `save_items` saves."""
+    return [[dataclasses.astuple(it), list(sig)] for it, sig in zip(self.items[s], self.signatures[s])]
 
   def digest(self, s: int) -> str:
     """What shard s is built from, hashed: the builder and its options, the code and libraries
@@ -116,7 +118,7 @@ class Plan:
       "chunk_seconds": self.chunk_seconds,
       "on_error": self.on_error,
       "shard": [s, self.shards],
-      "items": [[dataclasses.astuple(it), list(sig)] for it, sig in zip(self.items[s], self.signatures[s])],
+      "items": self.rows(s),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
@@ -213,8 +215,7 @@ def _items_file(p: Plan, s: int) -> str:
 
 def save_items(p: Plan, s: int) -> None:
   """Writes shard s's items and their versions beside its part, for a worker to `load_items`."""
-  rows = [[dataclasses.astuple(it), list(sig)] for it, sig in zip(p.items[s], p.signatures[s])]
-  _write_json(_items_file(p, s), rows)
+  _write_json(_items_file(p, s), p.rows(s))
 
 
 def load_items(p: Plan, s: int) -> Plan:
@@ -256,8 +257,9 @@ def is_complete(p: Plan, s: int) -> bool:
 
 def write_shard(p: Plan, s: int) -> dict:
   """Builds shard s's items one at a time into its ArrayRecord file, then writes its part; returns
-  the part. A shard with no episode has a part and no file. DataErrors are raised under
-  `on_error="raise"`; a failed write raises OSError or RuntimeError (ArrayRecord's)."""
+  the part. A shard with no episode has a part and no file (`merge` removes an earlier build's).
+  DataErrors are raised under `on_error="raise"`; a failed write raises OSError or RuntimeError
+  (ArrayRecord's)."""
   name = p.name(s)
   target = paths.join(p.out, name)
   policy = Policy(p.on_error)
@@ -294,8 +296,6 @@ def write_shard(p: Plan, s: int) -> dict:
         paths.upload(local, target)
       else:
         os.replace(local, target)
-    elif paths.is_file(target):  # an earlier build's shard of this name
-      paths.remove(target)
   part = {
     "digest": p.digest(s),
     "shard": name if entries else None,

@@ -21,6 +21,7 @@ import sys
 from absl import flags
 
 from data_pipelines.episode import MANIFEST, DataError, Episode, EpisodeReader, Word
+from data_pipelines.episode.manifest import load_manifest
 from tmlx import cli, paths
 
 STAT_KEYS = (
@@ -132,21 +133,8 @@ def dataset_stats(directory: str) -> dict:
   and "warnings" are None when the manifest does not record them. Raises FileNotFoundError without
   a manifest, DataError for a malformed manifest or episode."""
   where = paths.join(directory, MANIFEST)
-  try:
-    text = paths.read_text(where)
-  except (FileNotFoundError, NotADirectoryError):
-    raise FileNotFoundError(
-      f"{where}: no episode manifest here; build a dataset with `python -m data_pipelines.build`"
-    ) from None
-  try:
-    manifest = json.loads(text)
-  except ValueError as e:
-    raise DataError("schema", where, f"malformed manifest: {e}") from None
-  if not isinstance(manifest, dict):
-    raise DataError("schema", where, "malformed manifest: it is not a JSON object")
+  manifest = load_manifest(paths.path(directory))
   shards = manifest.get("shards", [])
-  if not isinstance(shards, list):
-    raise DataError("schema", where, "malformed manifest: field 'shards' is not a list")
   skipped, warnings = _counts(manifest, "skipped", where), _counts(manifest, "warnings", where)
   stats = manifest.get("stats")
   if stats is not None:

@@ -192,8 +192,7 @@ def signature(p: str | os.PathLike) -> str:
   if not is_remote(p):
     st = os.stat(p)
     return f"{st.st_size}:{st.st_mtime_ns}"
-  fs, where = _fs(os.fspath(p))
-  return _object_signature(fs.info(where))
+  return _object_signature(info(os.fspath(p)))
 
 
 def download(src: str | os.PathLike, local: str | os.PathLike) -> None:

@@ -44,14 +44,6 @@ class Policy:
       self.warnings[kind] += 1
 
 
-def _undecodable(text: str) -> bool:
-  try:
-    text.encode("utf-8")
-  except UnicodeEncodeError:
-    return True
-  return False
-
-
 def build_each(items: Iterable[Item], make: Callable[[Item, Warn], Episode], policy: Policy) -> Iterator[Episode]:
   """Runs `make(item, warn)` (which validates) on each item in turn, yielding each episode built.
 
@@ -62,7 +54,7 @@ def build_each(items: Iterable[Item], make: Callable[[Item, Warn], Episode], pol
   for item in items:
     notes: list[tuple[str, str]] = []
     try:
-      if not item.id.isprintable() or _undecodable(item.id):
+      if not item.id.isprintable():  # what is not UTF-8 (a surrogate) is not printable either
         where = item.where.encode("utf-8", "backslashreplace").decode()
         raise DataError("schema", where, f"episode id {item.id!r} (the file name) is not printable UTF-8; rename it")
       if item.id in seen:

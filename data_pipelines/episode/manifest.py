@@ -42,9 +42,9 @@ def write_manifest(directory: pathlib.Path, shards: list[str], entries: list[Epi
   (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def read_manifest(directory) -> list[EpisodeInfo]:
-  """The entries of `directory`'s manifest (`directory` a pathlib or epath path), checked; raises
-  FileNotFoundError without one, DataError "schema" for a malformed one."""
+def load_manifest(directory) -> dict:
+  """`directory`'s manifest (`directory` a pathlib or epath path) as JSON: an object of this schema
+  whose 'shards' is a list; raises FileNotFoundError without one, DataError "schema" otherwise."""
   path = directory / MANIFEST
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no episode manifest here; build a dataset with `python -m data_pipelines.build`")
@@ -54,11 +54,22 @@ def read_manifest(directory) -> list[EpisodeInfo]:
       raise ValueError("it is not a JSON object")
     if manifest.get("schema") != SCHEMA_VERSION:
       raise ValueError(f"schema {manifest.get('schema')!r}, this reader reads {SCHEMA_VERSION}")
-    episodes = [EpisodeInfo(**e) for e in manifest["episodes"]]
-    shards = manifest.get("shards", [])
-    if not isinstance(shards, list):
+    if not isinstance(manifest.get("shards", []), list):
       raise ValueError("field 'shards' is not a list")
-  except (ValueError, KeyError, TypeError) as e:
+  except ValueError as e:
+    raise DataError("schema", str(path), f"malformed manifest: {e}") from None
+  return manifest
+
+
+def read_manifest(directory) -> list[EpisodeInfo]:
+  """The entries of `directory`'s manifest (`directory` a pathlib or epath path), checked; raises
+  FileNotFoundError without one, DataError "schema" for a malformed one."""
+  path = directory / MANIFEST
+  manifest = load_manifest(directory)
+  shards = manifest.get("shards", [])
+  try:
+    episodes = [EpisodeInfo(**e) for e in manifest["episodes"]]
+  except (KeyError, TypeError) as e:
     raise DataError("schema", str(path), f"malformed manifest: {e}") from None
   for k, info in enumerate(episodes):
     for name, value, low in (
