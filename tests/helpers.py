@@ -1,8 +1,9 @@
-"""Shared test helpers: tiny configs and synthetic batches."""
+"""Shared test helpers: tiny configs, synthetic batches, and the commands run in subprocesses."""
 
 import importlib
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 
@@ -48,3 +49,20 @@ def run_main(config: str, workdir, *overrides: str, timeout: int = 300) -> subpr
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   cmd = [sys.executable, "-m", "tmlx.main", f"--config={config}", f"--workdir={workdir}", *overrides]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_build(
+  *args: str, memory_limit: int | None = None, file_size_limit: int | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+  """Runs `python -m data_pipelines.build ARGS` in a subprocess, optionally under an address-space
+  or file-size limit in bytes."""
+  limits = [(resource.RLIMIT_AS, memory_limit), (resource.RLIMIT_FSIZE, file_size_limit)]
+  limits = [(kind, n) for kind, n in limits if n is not None]
+  return subprocess.run(
+    [sys.executable, "-m", "data_pipelines.build", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    preexec_fn=(lambda: [resource.setrlimit(kind, (n, n)) for kind, n in limits]) if limits else None,
+  )

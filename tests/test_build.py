@@ -2,8 +2,6 @@
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from data_pipelines import build, video
 from data_pipelines.contract import SAMPLE_RATE
 from data_pipelines.episode import DataError, EpisodeReader, Event, Word
 from data_pipelines.transcripts import load_transcript
+from tests.helpers import run_build
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -208,9 +207,7 @@ def test_bad_inputs_are_skipped_and_counted_or_raised(tmp_path):
 
 def test_cli_prints_the_summary_and_fails_when_nothing_is_written(tmp_path):
   root = bad_inputs(tmp_path / "in")
-  run = lambda *args: subprocess.run(
-    [sys.executable, "-m", "data_pipelines.build", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-  )
+  run = lambda *args: run_build(*args, timeout=120)
   done = run("audio", str(root), f"--out={tmp_path / 'out'}")
   assert done.returncode == 0, done.stderr
   assert "episodes written: 1\nskipped: 4\n  length: 1\n  non_finite: 1\n  timestamps: 2\n" in done.stdout

@@ -22,17 +22,10 @@ from data_pipelines import build, shards, stats
 from data_pipelines.builders import Builder
 from data_pipelines.episode import DataError, EpisodeReader
 from data_pipelines.sample_corpus.recordings import BAD, write_recordings
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_build
 
 MULTI = ["--direct_running_mode=multi_processing"]
 LOUD = "--default_sdk_harness_log_level=INFO"  # workers log which process wrote each shard
-
-
-def run_build(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-  done = subprocess.run(
-    [sys.executable, "-m", "data_pipelines.build", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-  )
-  return done
 
 
 def digests(out: pathlib.Path) -> dict[str, str]:

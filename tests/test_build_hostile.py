@@ -2,9 +2,6 @@
 
 import fractions
 import pathlib
-import resource
-import subprocess
-import sys
 
 import av
 import numpy as np
@@ -13,6 +10,7 @@ import soundfile as sf
 from data_pipelines import build, video
 from data_pipelines.contract import SAMPLE_RATE
 from data_pipelines.episode import EpisodeReader, Word
+from tests.helpers import run_build
 from tests.test_build import stereo, write_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,20 +19,6 @@ EARLY = {"user": [Word(0.1, 0.2, "hi")], "model": [Word(0.25, 0.4, "hello")]}  #
 
 def write_early_json(path):
   return write_json(path, user=EARLY["user"], model=EARLY["model"], events={})
-
-
-def cli(*args, memory_limit=None, file_size_limit=None):
-  """Runs the build in a subprocess, optionally under an address-space or file-size limit in bytes."""
-  limits = [(resource.RLIMIT_AS, memory_limit), (resource.RLIMIT_FSIZE, file_size_limit)]
-  limits = [(kind, n) for kind, n in limits if n is not None]
-  return subprocess.run(
-    [sys.executable, "-m", "data_pipelines.build", *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    preexec_fn=(lambda: [resource.setrlimit(kind, (n, n)) for kind, n in limits]) if limits else None,
-  )
 
 
 def write_mp4(path, pts, audio, fps=5, faststart=False):
@@ -73,7 +57,7 @@ def test_a_frame_far_past_the_audio_skips_that_video_with_bounded_memory(tmp_pat
   write_mp4(root / "late.mp4", list(range(14)) + [36_000 * 5], audio)  # the last frame is shown at 36,000 s
   write_json(root / "late.json")
   # At 320x240 the old sampler filled 180,000 frames (41 GB) up to the late frame; 3 GiB of address space is plenty.
-  done = cli("video", str(root), f"--out={tmp_path / 'out'}", memory_limit=3 * 2**30)
+  done = run_build("video", str(root), f"--out={tmp_path / 'out'}", memory_limit=3 * 2**30)
   assert done.returncode == 0, done.stderr
   assert "episodes written: 1\nskipped: 1\n  timestamps: 1\n" in done.stdout
   assert "late.mp4" in done.stderr and "36000" in done.stderr
@@ -167,7 +151,7 @@ def test_out_that_cannot_be_a_directory_fails_in_one_line_before_processing(tmp_
   taken = tmp_path / "taken"
   taken.write_text("not a directory\n")
   for out in (taken, taken / "below"):
-    done = cli("audio", str(root), f"--out={out}")
+    done = run_build("audio", str(root), f"--out={out}")
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(out) in lines[0] and "Traceback" not in done.stderr, done.stderr
@@ -184,7 +168,7 @@ def test_a_write_failure_is_one_line_naming_the_path(tmp_path):
   (full / "manifest.json.tmp").symlink_to("/dev/full")
   # And a file may not grow past 20 kB while the shard, more than that, is written (Python ignores SIGXFSZ).
   for out, limit, why in ((full, None, "No space left on device"), (tmp_path / "shard", 20_000, "File too large")):
-    done = cli("audio", str(root), f"--out={out}", file_size_limit=limit)
+    done = run_build("audio", str(root), f"--out={out}", file_size_limit=limit)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr

@@ -350,14 +350,10 @@ def test_a_dataset_build_reads_and_writes_gcs_and_resumes_there(gcs, tmp_path):
     os.utime(f, ns=(0, 0))
   _upload_dir(gcs, raw, "rawrec")
   env = _env(gcs, tmp_path / "jax_cache")
-  build = lambda *args: subprocess.run(
-    [sys.executable, "-m", "data_pipelines.build", "audio", "--num_shards=3", *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  run = lambda module, *args, timeout=300: subprocess.run(
+    [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
   )
+  build = lambda *args: run("data_pipelines.build", "audio", "--num_shards=3", *args)
   local = build(str(raw), f"--out={tmp_path / 'local'}")
   assert local.returncode == 0, local.stderr[-3000:]
   want = {p.name: p.read_bytes() for p in sorted((tmp_path / "local").iterdir()) if p.is_file()}
@@ -386,14 +382,7 @@ def test_a_dataset_build_reads_and_writes_gcs_and_resumes_there(gcs, tmp_path):
   gcs.put("rawrec/rec00001.json", json.dumps(words).encode())
   changed = build(f"gs://{BUCKET}/rawrec", f"--out=gs://{BUCKET}/ds")
   assert changed.returncode == 0 and "shards: 1 written, 2 kept" in changed.stdout, changed.stdout
-  stats = subprocess.run(
-    [sys.executable, "-m", "data_pipelines.inspect", "stats", f"gs://{BUCKET}/ds", "--json"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  stats = run("data_pipelines.inspect", "stats", f"gs://{BUCKET}/ds", "--json", timeout=120)
   assert stats.returncode == 0, stats.stderr[-2000:]
   assert json.loads(stats.stdout)["stats"]["episodes"] == 6
   _no_local_gs_dir(ROOT, tmp_path)
